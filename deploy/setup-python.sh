@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Create the project-local virtual environment (.venv) from requirements.lock.
+# uv keeps one wheel cache per user (~/.cache/uv) and hard-links from it, so a
+# fresh clone on a machine that has seen the project installs torch in seconds
+# without fetching it again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+UV_VERSION=0.13.8
+CACHE="${MLPE_CACHE_DIR:-$HOME/.cache/mlpe}"
+UV_HOME="$CACHE/uv-$UV_VERSION"
+PYTHON="${MLPE_PYTHON:-python3}"
+STAMP=.venv/.mlpe-installed
+
+if [[ -f "$STAMP" ]] && cmp -s "$STAMP" requirements.lock; then
+  exit 0
+fi
+command -v "$PYTHON" >/dev/null || { echo "setup: '$PYTHON' not found (need Python 3.11 or 3.12)" >&2; exit 1; }
+
+if [[ ! -x "$UV_HOME/bin/uv" ]]; then
+  echo "setup: installing uv $UV_VERSION into $UV_HOME"
+  "$PYTHON" -m venv "$UV_HOME"
+  "$UV_HOME/bin/pip" install --quiet --disable-pip-version-check "uv==$UV_VERSION"
+fi
+UV="$UV_HOME/bin/uv"
+
+[[ -x .venv/bin/python ]] || "$UV" venv --quiet --python "$PYTHON" .venv
+export UV_LINK_MODE="${UV_LINK_MODE:-hardlink}"
+echo "setup: syncing .venv with requirements.lock (first time: several GB, torch included)"
+"$UV" pip sync --python .venv/bin/python requirements.lock
+"$UV" pip install --quiet --python .venv/bin/python --no-deps -e .
+cp requirements.lock "$STAMP"
+echo "setup: .venv ready"

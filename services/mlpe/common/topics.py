@@ -1,0 +1,40 @@
+"""The Kafka topics of DESIGN.md, declared once: `mlpe stack up` creates them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+
+
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    partitions: int
+    retention_ms: int
+    key: str
+    value: str
+
+    @property
+    def config(self) -> dict[str, str]:
+        return {"retention.ms": str(self.retention_ms), "compression.type": "producer"}
+
+
+# Partitions bound stream-processor parallelism (one Faust worker per partition
+# at most); metric topics carry the volume, so they get the most.
+GPU_METRICS = Topic("mlpe.metrics.gpu", 8, 6 * HOUR_MS, "node id", "GPU metric batch")
+HOST_METRICS = Topic("mlpe.metrics.host", 4, 6 * HOUR_MS, "node id", "host metric batch")
+TRAIN_EVENTS = Topic("mlpe.events.train", 4, 7 * DAY_MS, "job id", "training step events")
+KERNEL_EVENTS = Topic("mlpe.events.kernel", 4, 7 * DAY_MS, "job id", "kernel timing summaries")
+ALERTS = Topic("mlpe.alerts", 2, 30 * DAY_MS, "alert fingerprint", "alert (firing/resolved)")
+DEAD_LETTER = Topic("mlpe.deadletter", 1, 30 * DAY_MS, "source topic", "refused bytes + reason")
+
+ALL_TOPICS: tuple[Topic, ...] = (
+    GPU_METRICS,
+    HOST_METRICS,
+    TRAIN_EVENTS,
+    KERNEL_EVENTS,
+    ALERTS,
+    DEAD_LETTER,
+)

@@ -12,7 +12,8 @@ UV_HOME="$CACHE/uv-$UV_VERSION"
 PYTHON="${MLPE_PYTHON:-python3}"
 STAMP=.venv/.mlpe-installed
 
-if [[ -f "$STAMP" ]] && cmp -s "$STAMP" requirements.lock; then
+WANT="$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x .venv/bin/mlpe ]]; then
   exit 0
 fi
 command -v "$PYTHON" >/dev/null || { echo "setup: '$PYTHON' not found (need Python 3.11 or 3.12)" >&2; exit 1; }
@@ -29,5 +30,5 @@ export UV_LINK_MODE="${UV_LINK_MODE:-hardlink}"
 echo "setup: syncing .venv with requirements.lock (first time: several GB, torch included)"
 "$UV" pip sync --python .venv/bin/python requirements.lock
 "$UV" pip install --quiet --python .venv/bin/python --no-deps -e .
-cp requirements.lock "$STAMP"
+echo "$WANT" > "$STAMP"
 echo "setup: .venv ready"

@@ -49,7 +49,8 @@ export RUSTC_WRAPPER="$WORK/bin/rustc-cap-lints"
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-$(nproc)}"
 
 echo "influxd: compiling (libflux is built with LTO; expect 10-30 minutes the first time)"
-go build -tags sqlite_foreign_keys,sqlite_json -o "$OUT.tmp" ./cmd/influxd
+go build -tags sqlite_foreign_keys,sqlite_json \
+  -ldflags "-X main.version=${VERSION#v} -X main.commit=go-module" -o "$OUT.tmp" ./cmd/influxd
 mv "$OUT.tmp" "$OUT"
 "$OUT" version
 echo "influxd $VERSION built: $OUT"

@@ -1,0 +1,73 @@
+"""The local stack (Kafka, InfluxDB, Redis) without Docker: install, up, down, status."""
+
+from __future__ import annotations
+
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from mlpe.common.settings import Settings
+from mlpe.stack.influxdb import InfluxDB
+from mlpe.stack.kafka import Kafka
+from mlpe.stack.process import StackError, Status
+from mlpe.stack.redis import Redis
+
+__all__ = ["COMPONENT_NAMES", "StackError", "Status", "down", "install", "status", "up"]
+
+COMPONENT_NAMES = ("kafka", "influxdb", "redis")
+
+
+def _components(settings: Settings, only: tuple[str, ...] | None = None) -> list:
+    chosen = [Kafka(settings), InfluxDB(settings), Redis(settings)]
+    if only:
+        unknown = set(only) - set(COMPONENT_NAMES)
+        if unknown:
+            raise StackError(f"unknown component(s) {', '.join(sorted(unknown))}; "
+                             f"choose from {', '.join(COMPONENT_NAMES)}")
+        chosen = [c for c in chosen if c.name in only]
+    return chosen
+
+
+@contextmanager
+def _exclusive(settings: Settings) -> Iterator[None]:
+    """One `up`/`down` at a time per state directory (parallel test runs, two shells)."""
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.run_dir / "stack.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def install(settings: Settings, only: tuple[str, ...] | None = None) -> None:
+    """Fetch or build whatever is missing into the per-user cache (idempotent)."""
+    for component in _components(settings, only):
+        component.install()
+
+
+def up(settings: Settings, only: tuple[str, ...] | None = None) -> list[Status]:
+    """Install, start and wait for each component; a running one is left as it is."""
+    with _exclusive(settings):
+        components = _components(settings, only)
+        for component in components:
+            component.install()
+        started = [(component, component.start()) for component in components]
+        for component, proc in started:  # they boot in parallel; wait for each
+            component.wait_ready(proc)
+        return [component.status() for component in components]
+
+
+def down(settings: Settings, only: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+    """Stop what `up` started (never an external server); returns (name, what happened)."""
+    outcome = []
+    with _exclusive(settings):
+        for component in reversed(_components(settings, only)):
+            if component.stop():
+                outcome.append((component.name, "stopped"))
+            elif component.status().state == "up":
+                outcome.append((component.name, "running, but not started by mlpe: left alone"))
+            else:
+                outcome.append((component.name, "not running"))
+    return outcome
+
+
+def status(settings: Settings, only: tuple[str, ...] | None = None) -> list[Status]:
+    return [component.status() for component in _components(settings, only)]

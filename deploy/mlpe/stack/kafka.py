@@ -39,7 +39,7 @@ class Kafka:
         self.config_dir = settings.state_dir / "kafka"
         self.data = settings.data_dir / "kafka"
         self.config = self.config_dir / "server.properties"
-        self.proc = ManagedProcess(self.name, settings.run_dir, settings.logs_dir, str(self.config))
+        self.proc = ManagedProcess(self.name, settings.run_dir, settings.logs_dir)
         self.address = f"{settings.kafka_host}:{settings.kafka_port}"
 
     # -- install -----------------------------------------------------------------
@@ -166,7 +166,7 @@ class Kafka:
 
     def create_topics(self) -> list[str]:
         """Create DESIGN.md's topics that are missing; returns the names created."""
-        return asyncio.run(_create_topics(self.s.kafka_bootstrap))
+        return asyncio.run(create_topics(self.s.kafka_bootstrap))
 
     def stop(self) -> bool:
         return self.proc.stop(timeout=60.0)
@@ -202,7 +202,7 @@ async def _describe_cluster(bootstrap: str):
         await admin.close()
 
 
-async def _create_topics(bootstrap: str) -> list[str]:
+async def create_topics(bootstrap: str) -> list[str]:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)

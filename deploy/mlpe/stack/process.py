@@ -1,8 +1,8 @@
 """Background processes that `mlpe stack up` starts and only `down` stops.
 
-A component's pid file (JSON) records the pid, the version and a marker that
-must appear in the process's command line, so a recycled pid is never mistaken
-for ours and `down` never signals a process it did not start.
+A component's pid file (JSON) records the pid, the version and the process's
+start time (from /proc), so a recycled pid is never mistaken for ours and
+`down` never signals a process it did not start.
 """
 
 from __future__ import annotations
@@ -72,21 +72,19 @@ def wait_until(
 class ManagedProcess:
     """The pid file and log of one component under the state directory."""
 
-    def __init__(self, name: str, run_dir: Path, logs_dir: Path, marker: str):
+    def __init__(self, name: str, run_dir: Path, logs_dir: Path):
         self.name = name
         self.pidfile = run_dir / f"{name}.json"
         self.log = logs_dir / f"{name}.log"
-        self.marker = marker
 
     def record(self) -> dict | None:
         """The pid file's content if its process is alive and ours, else None."""
         try:
             record = json.loads(self.pidfile.read_text())
             pid = int(record["pid"])
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        if self.marker not in cmdline or _is_zombie(pid):
+        if _start_ticks(pid) != record.get("start_ticks") or _is_zombie(pid):
             return None
         return record
 
@@ -105,7 +103,10 @@ class ManagedProcess:
                 start_new_session=True,  # survives the CLI; stopped by `down`
             )
         tmp = self.pidfile.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": proc.pid, "version": version, "started": time.time()}))
+        tmp.write_text(json.dumps({
+            "pid": proc.pid, "start_ticks": _start_ticks(proc.pid),
+            "version": version, "started": time.time(),
+        }))
         tmp.replace(self.pidfile)
         return proc
 
@@ -137,12 +138,22 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def _is_zombie(pid: int) -> bool:
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (which may contain spaces)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None  # field 22: start time since boot
+
+
+def _is_zombie(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is None or fields[0] == "Z"
 
 
 def _alive(pid: int) -> bool:

@@ -1,0 +1,62 @@
+# mlpe: `make run` (the main job) and `make test` (all tests) work from nothing.
+# Installs go to .venv/ and .mlpe/ (git-ignored) and a per-user cache
+# (~/.cache/mlpe, ~/.cache/uv); nothing is installed system-wide.
+
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+MLPE := $(BIN)/mlpe
+PROTOS := $(wildcard proto/mlpe/v1/*.proto)
+
+.PHONY: help setup install run up down status test test-unit lint proto proto-check lock clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.mlpe-installed: requirements.lock pyproject.toml
+	@deploy/setup-python.sh
+
+setup: $(VENV)/.mlpe-installed  ## the pinned Python environment in .venv
+
+install: setup  ## setup + Kafka jars, influxd, Redis into the per-user cache
+	@$(MLPE) stack install
+
+up: install  ## start Kafka, InfluxDB and Redis (harmless if running)
+	@$(MLPE) stack up
+
+down: setup  ## stop what `make up` started
+	@$(MLPE) stack down
+
+status: setup  ## each component's state, version and address
+	@$(MLPE) stack status
+
+run: up  ## the main job (for now: bring the stack up and show its status)
+	@$(MLPE) stack status
+
+lint: setup  ## ruff
+	@$(BIN)/ruff check .
+
+proto: setup  ## regenerate Python from proto/
+	@$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
+		--grpc_python_out=proto $(PROTOS)
+
+proto-check: setup  ## fail if the generated code is not what proto/ generates
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=$$tmp --pyi_out=$$tmp \
+		--grpc_python_out=$$tmp $(PROTOS) && \
+	diff -r -x __pycache__ -x '*.proto' $$tmp/mlpe/v1 proto/mlpe/v1 \
+	|| { echo "generated code is stale: run 'make proto' and commit" >&2; exit 1; }
+
+test: install lint proto-check  ## all tests; starts the stack if needed (stops it after)
+	@$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: setup  ## unit tests only (no stack)
+	@$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+lock:  ## re-pin requirements.lock from pyproject.toml
+	@$(HOME)/.cache/mlpe/uv-0.13.8/bin/uv pip compile pyproject.toml --extra dev \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 -o requirements.lock
+
+clean:  ## remove .venv and .mlpe (data and logs); the per-user cache stays
+	@$(MLPE) stack down 2>/dev/null || true
+	rm -rf $(VENV) .mlpe

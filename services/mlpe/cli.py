@@ -1,0 +1,119 @@
+"""`mlpe`: the one command-line entry point. Later issues add their subcommands here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+
+from mlpe.common import settings as settings_module
+from mlpe.common.settings import SettingsError
+
+
+def mlpe_version() -> str:
+    try:
+        return package_version("mlpe")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _only(value: str | None) -> tuple[str, ...] | None:
+    return tuple(part.strip() for part in value.split(",") if part.strip()) if value else None
+
+
+def _print_statuses(statuses, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([s.as_dict() for s in statuses], indent=2))
+        return
+    rows = [("COMPONENT", "STATE", "VERSION", "ADDRESS", "DETAIL")]
+    rows += [(s.name, s.state, s.version or "-", s.address, s.detail) for s in statuses]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+              + "  " + row[4])
+
+
+def cmd_version(args, settings) -> int:
+    from mlpe.stack.influxdb import VERSION as INFLUXD_VERSION
+    from mlpe.stack.kafka import kafka_version
+
+    print(f"mlpe {mlpe_version()} (python {sys.version.split()[0]}; "
+          f"kafka {kafka_version()}, influxd {INFLUXD_VERSION})")
+    return 0
+
+
+def cmd_stack(args, settings) -> int:
+    from mlpe import stack
+
+    only = _only(args.only)
+    if args.action == "install":
+        stack.install(settings, only)
+        print("stack: everything installed (cached in " f"{settings.cache_dir})")
+        return 0
+    if args.action == "up":
+        statuses = stack.up(settings, only)
+        _print_statuses(statuses, args.json)
+        return 0 if all(s.state == "up" for s in statuses) else 1
+    if args.action == "down":
+        for name, outcome in stack.down(settings, only):
+            print(f"{name}: {outcome}")
+        return 0
+    statuses = stack.status(settings, only)
+    _print_statuses(statuses, args.json)
+    return 0 if all(s.state == "up" for s in statuses) else 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlpe",
+        description="mlpe: see every GPU at 100 Hz, be told what is wrong within seconds, "
+        "and plan and run training that goes faster and fails less.",
+        epilog="Settings come from MLPE_* environment variables; see README.md.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    version = sub.add_parser("version", help="print mlpe's version and its components'")
+    version.set_defaults(func=cmd_version)
+
+    stack = sub.add_parser(
+        "stack",
+        help="the local Kafka, InfluxDB and Redis (no Docker)",
+        description="Install, start, stop and inspect the local stack. Data and logs live "
+        "in .mlpe/ of the clone; downloads and builds are cached per user.",
+    )
+    stack.add_argument(
+        "action",
+        choices=("install", "up", "down", "status"),
+        help="install: fetch/build what is missing; up: install, start and wait until "
+        "ready, create topics (harmless if running); down: stop what up started; "
+        "status: state, version and address of each (exit 3 if any is down)",
+    )
+    stack.add_argument("--only", metavar="NAMES",
+                       help="comma-separated subset of kafka,influxdb,redis")
+    stack.add_argument("--json", action="store_true", help="status as JSON")
+    stack.set_defaults(func=cmd_stack)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mlpe.stack.process import StackError
+
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_module.load()
+        return args.func(args, settings)
+    except SettingsError as err:
+        print(f"mlpe: configuration error: {err}", file=sys.stderr)
+        return 2
+    except StackError as err:
+        print(f"mlpe: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mlpe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

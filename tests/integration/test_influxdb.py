@@ -1,0 +1,44 @@
+"""InfluxDB is real: write points with influxdb-client, read them back with Flux."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from influxdb_client import InfluxDBClient, Point, WritePrecision
+from influxdb_client.client.write_api import SYNCHRONOUS
+
+
+def test_write_then_flux_query(stack_endpoints, unique):
+    e = stack_endpoints
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+        points = [
+            Point("gpu").tag("node", f"n-{unique}").tag("gpu", str(i % 2))
+            .field("util_mean", 50.0 + i).time(start + timedelta(seconds=i), WritePrecision.S)
+            for i in range(10)
+        ]
+        client.write_api(write_options=SYNCHRONOUS).write(bucket=e.influx_bucket, record=points)
+        # Rewriting the same series and timestamp overwrites (idempotent replay).
+        client.write_api(write_options=SYNCHRONOUS).write(bucket=e.influx_bucket, record=points)
+
+        tables = client.query_api().query(f'''
+            from(bucket: "{e.influx_bucket}")
+              |> range(start: -1h)
+              |> filter(fn: (r) => r._measurement == "gpu" and r.node == "n-{unique}")
+              |> group(columns: ["gpu"])
+              |> sum()
+        ''')
+    sums = {t.records[0]["gpu"]: t.records[0].get_value() for t in tables}
+    assert sums == {"0": sum(50.0 + i for i in range(0, 10, 2)),
+                    "1": sum(50.0 + i for i in range(1, 10, 2))}
+
+
+def test_bad_token_is_refused(stack_endpoints):
+    e = stack_endpoints
+    with InfluxDBClient(url=e.influx_url, token="not-the-token", org=e.influx_org) as client:
+        try:
+            client.query_api().query(f'from(bucket: "{e.influx_bucket}") |> range(start: -1m)')
+        except Exception as err:  # noqa: BLE001 - the client raises ApiException
+            assert getattr(err, "status", None) == 401
+        else:
+            raise AssertionError("a wrong token was accepted")

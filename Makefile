@@ -48,7 +48,8 @@ proto-check: setup  ## fail if the generated code is not what proto/ generates
 	|| { echo "generated code is stale: run 'make proto' and commit" >&2; exit 1; }
 
 test: install lint proto-check  ## all tests; starts the stack if needed (stops it after)
-	@$(BIN)/pytest $(PYTEST_ARGS)
+	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 test-unit: setup  ## unit tests only (no stack)
 	@$(BIN)/pytest tests/unit $(PYTEST_ARGS)

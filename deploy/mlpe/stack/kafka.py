@@ -187,7 +187,7 @@ class Kafka:
     def _safe_metadata(self) -> bool:
         try:
             return self._metadata_ok()
-        except Exception:  # noqa: BLE001 - any failure means "not answering"
+        except Exception:
             return False
 
 

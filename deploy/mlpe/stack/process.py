@@ -7,6 +7,7 @@ start time (from /proc), so a recycled pid is never mistaken for ours and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -62,7 +63,7 @@ def wait_until(
         try:
             if ready():
                 return
-        except Exception:  # noqa: BLE001 - not ready yet; the timeout reports it
+        except Exception:
             pass
         if time.monotonic() > deadline:
             raise StackError(f"{name}: not {what} after {timeout:.0f} s; see {log}")
@@ -157,8 +158,6 @@ def _is_zombie(pid: int) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
-    except ChildProcessError:
-        pass
     return Path(f"/proc/{pid}").exists() and not _is_zombie(pid)

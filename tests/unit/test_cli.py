@@ -1,0 +1,48 @@
+"""The CLI as a person runs it: help, version, clear errors and exit codes."""
+
+import os
+import subprocess
+import sys
+
+
+def mlpe(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "mlpe.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=60)
+
+
+def test_help_lists_commands():
+    out = mlpe("--help")
+    assert out.returncode == 0
+    assert "stack" in out.stdout and "version" in out.stdout
+
+
+def test_version():
+    out = mlpe("version")
+    assert out.returncode == 0
+    assert out.stdout.startswith("mlpe ") and "kafka 4." in out.stdout
+
+
+def test_bad_setting_is_one_clear_line_and_exit_2():
+    out = mlpe("stack", "status", env={"MLPE_REDIS_PORT": "six"})
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("mlpe: configuration error: MLPE_REDIS_PORT='six': "
+                                  "expected a TCP port, an integer from 1 to 65535")
+    assert "Traceback" not in out.stderr
+
+
+def test_status_down_is_a_table_not_a_traceback(tmp_path):
+    env = {"MLPE_STATE_DIR": str(tmp_path), "MLPE_KAFKA_PORT": "1",
+           "MLPE_INFLUX_PORT": "3", "MLPE_REDIS_PORT": "5"}
+    out = mlpe("stack", "status", env=env)
+    assert out.returncode == 3
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:4] == ["COMPONENT", "STATE", "VERSION", "ADDRESS"]
+    assert [line.split()[:2] for line in lines[1:]] == [
+        ["kafka", "down"], ["influxdb", "down"], ["redis", "down"]]
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_action_is_refused_by_argparse():
+    out = mlpe("stack", "explode")
+    assert out.returncode == 2
+    assert "invalid choice" in out.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -47,6 +48,8 @@ def cmd_version(args, settings) -> int:
 def cmd_stack(args, settings) -> int:
     from mlpe import stack
 
+    # aiokafka logs every refused connection; the CLI reports the outcome itself.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     only = _only(args.only)
     if args.action == "install":
         stack.install(settings, only)
@@ -56,6 +59,10 @@ def cmd_stack(args, settings) -> int:
         statuses = stack.up(settings, only)
         _print_statuses(statuses, args.json)
         return 0 if all(s.state == "up" for s in statuses) else 1
+    if args.action == "topics":
+        created = stack.ensure_topics(settings)
+        print(f"kafka: created {', '.join(created)}" if created else "kafka: all topics exist")
+        return 0
     if args.action == "down":
         for name, outcome in stack.down(settings, only):
             print(f"{name}: {outcome}")
@@ -85,10 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stack.add_argument(
         "action",
-        choices=("install", "up", "down", "status"),
+        choices=("install", "up", "down", "status", "topics"),
         help="install: fetch/build what is missing; up: install, start and wait until "
         "ready, create topics (harmless if running); down: stop what up started; "
-        "status: state, version and address of each (exit 3 if any is down)",
+        "status: state, version and address of each (exit 3 if any is down); "
+        "topics: create the mlpe topics on the configured Kafka (e.g. docker-compose's)",
     )
     stack.add_argument("--only", metavar="NAMES",
                        help="comma-separated subset of kafka,influxdb,redis")

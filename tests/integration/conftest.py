@@ -85,7 +85,7 @@ def _docker_stack() -> Iterator[Endpoints]:
                 redis_url=f"redis://{redis.get_container_host_ip()}:"
                 f"{redis.get_exposed_port(6379)}/0",
             )
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any container failure fails the run
         pytest.fail(f"the docker stack could not start: {err}", pytrace=False)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from influxdb_client import InfluxDBClient, Point, WritePrecision
 from influxdb_client.client.write_api import SYNCHRONOUS
+from influxdb_client.rest import ApiException
 
 
 def test_write_then_flux_query(stack_endpoints, unique):
@@ -35,10 +37,10 @@ def test_write_then_flux_query(stack_endpoints, unique):
 
 def test_bad_token_is_refused(stack_endpoints):
     e = stack_endpoints
-    with InfluxDBClient(url=e.influx_url, token="not-the-token", org=e.influx_org) as client:
-        try:
+    client = InfluxDBClient(url=e.influx_url, token="not-the-token", org=e.influx_org)
+    try:
+        with pytest.raises(ApiException) as err:
             client.query_api().query(f'from(bucket: "{e.influx_bucket}") |> range(start: -1m)')
-        except Exception as err:
-            assert getattr(err, "status", None) == 401
-        else:
-            raise AssertionError("a wrong token was accepted")
+    finally:
+        client.close()
+    assert err.value.status == 401

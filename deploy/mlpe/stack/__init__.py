@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from mlpe.common.settings import Settings
 from mlpe.stack.influxdb import InfluxDB
-from mlpe.stack.kafka import Kafka
+from mlpe.stack.kafka import Kafka, create_topics
 from mlpe.stack.process import StackError, Status
 from mlpe.stack.redis import Redis
 
-__all__ = ["COMPONENT_NAMES", "StackError", "Status", "down", "install", "status", "up"]
+__all__ = ["COMPONENT_NAMES", "StackError", "Status", "down", "ensure_topics", "install",
+           "status", "up"]
 
 COMPONENT_NAMES = ("kafka", "influxdb", "redis")
 
@@ -67,6 +69,15 @@ def down(settings: Settings, only: tuple[str, ...] | None = None) -> list[tuple[
             else:
                 outcome.append((component.name, "not running"))
     return outcome
+
+
+def ensure_topics(settings: Settings) -> list[str]:
+    """Create the mlpe topics missing on the configured Kafka (local or not)."""
+    try:
+        return asyncio.run(create_topics(settings.kafka_bootstrap))
+    except Exception as err:  # noqa: BLE001 - aiokafka raises several kinds
+        raise StackError(f"kafka: cannot create topics on {settings.kafka_bootstrap}: "
+                         f"{err or type(err).__name__}") from None
 
 
 def status(settings: Settings, only: tuple[str, ...] | None = None) -> list[Status]:

@@ -40,7 +40,7 @@ class Kafka:
         self.data = settings.data_dir / "kafka"
         self.config = self.config_dir / "server.properties"
         self.proc = ManagedProcess(self.name, settings.run_dir, settings.logs_dir)
-        self.address = f"{settings.kafka_host}:{settings.kafka_port}"
+        self.address = settings.kafka_bootstrap
 
     # -- install -----------------------------------------------------------------
     def installed(self) -> bool:
@@ -173,7 +173,7 @@ class Kafka:
 
     def status(self) -> Status:
         record = self.proc.record()
-        reachable = port_open(self.s.kafka_host, self.s.kafka_port) and self._safe_metadata()
+        reachable = self._safe_metadata()
         if reachable:
             detail = f"managed, pid {record['pid']}" if record else "external"
             version = record["version"] if record else "unknown"
@@ -187,7 +187,7 @@ class Kafka:
     def _safe_metadata(self) -> bool:
         try:
             return self._metadata_ok()
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure means "not answering"
             return False
 
 

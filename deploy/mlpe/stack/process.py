@@ -63,7 +63,7 @@ def wait_until(
         try:
             if ready():
                 return
-        except Exception:
+        except Exception:  # noqa: BLE001 - not ready yet; the timeout reports it
             pass
         if time.monotonic() > deadline:
             raise StackError(f"{name}: not {what} after {timeout:.0f} s; see {log}")

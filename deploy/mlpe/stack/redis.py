@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 from mlpe.common.settings import Settings
 from mlpe.stack.process import ManagedProcess, StackError, Status, port_open, wait_until
@@ -49,12 +50,16 @@ class Redis:
 
     def __init__(self, settings: Settings):
         self.s = settings
+        # Served locally on 127.0.0.1:MLPE_REDIS_PORT; status and readiness ask the
+        # address clients use (MLPE_REDIS_URL), which may be another host's.
         self.host = "127.0.0.1"
         self.port = settings.redis_port
+        url = urlparse(settings.redis_url)
+        self.client_host, self.client_port = url.hostname, url.port or 6379
         self.root = settings.cache_dir / "redis"
         self.data = settings.data_dir / "redis"
         self.proc = ManagedProcess(self.name, settings.run_dir, settings.logs_dir)
-        self.address = f"{self.host}:{self.port}"
+        self.address = f"{self.client_host}:{self.client_port}"
 
     # -- install -----------------------------------------------------------------
     def _binary(self) -> tuple[Path, dict[str, str]] | None:
@@ -101,13 +106,13 @@ class Redis:
 
     # -- run -----------------------------------------------------------------------
     def _ping(self) -> bool:
-        return redis_command(self.host, self.port, "PING") == "+PONG"
+        return redis_command(self.client_host, self.client_port, "PING") == "+PONG"
 
     def start(self) -> subprocess.Popen | None:
         if self.proc.record() is not None:
             return None
         if port_open(self.host, self.port):
-            if self._safe_ping():
+            if self._local_ping():
                 return None  # an external server answers: use it, never stop it
             raise StackError(
                 f"redis: port {self.port} is in use by something that is not Redis; "
@@ -139,6 +144,12 @@ class Redis:
     def stop(self) -> bool:
         return self.proc.stop()
 
+    def _local_ping(self) -> bool:
+        try:
+            return redis_command(self.host, self.port, "PING") == "+PONG"
+        except OSError:
+            return False
+
     def _safe_ping(self) -> bool:
         try:
             return self._ping()
@@ -148,7 +159,7 @@ class Redis:
     def status(self) -> Status:
         record = self.proc.record()
         if self._safe_ping():
-            info = redis_command(self.host, self.port, "INFO", "server")
+            info = redis_command(self.client_host, self.client_port, "INFO", "server")
             version = next((line.split(":", 1)[1].strip() for line in info.splitlines()
                             if line.startswith("redis_version:")), "unknown")
             detail = f"managed, pid {record['pid']}" if record else "external"

@@ -1,0 +1,10 @@
+# One image for every mlpe service: `docker run mlpe <command>` (see `mlpe --help`).
+FROM python:3.11-slim
+WORKDIR /app
+ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 MLPE_STATE_DIR=/var/lib/mlpe
+COPY requirements.lock ./
+RUN pip install --no-cache-dir -r requirements.lock
+COPY . .
+RUN pip install --no-cache-dir --no-deps -e .
+ENTRYPOINT ["mlpe"]
+CMD ["--help"]

@@ -1,0 +1,38 @@
+"""docker-compose.yml uses the local stack's variable names, and they validate."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+from mlpe.common.settings import REPO_ROOT, load
+
+COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+
+
+def _substitute(value: str) -> str:
+    # ${NAME:-default} -> default; ${NAME:?msg} / ${NAME} -> a stand-in value
+    value = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+    return re.sub(r"\$\{[A-Z_]+(:\?[^}]*)?\}", "stand-in-secret-value", value)
+
+
+def test_stack_services_present():
+    assert {"kafka", "influxdb", "redis", "grafana"} <= set(COMPOSE["services"])
+
+
+def test_mlpe_environment_is_valid_settings():
+    for name, service in COMPOSE["services"].items():
+        if not name.startswith("mlpe"):
+            continue
+        env = {k: _substitute(str(v)) for k, v in service["environment"].items()}
+        assert all(k.startswith("MLPE_") for k in env), name
+        settings = load(env)
+        assert settings.kafka_bootstrap == "kafka:29092"
+        assert settings.redis_url.startswith("redis://redis:")
+
+
+def test_grafana_mounts_exist():
+    for volume in COMPOSE["services"]["grafana"]["volumes"]:
+        source = volume.split(":")[0]
+        assert (REPO_ROOT / source).resolve().is_dir(), source
+    assert Path(REPO_ROOT / "deploy/grafana/provisioning/datasources/influxdb.yaml").exists()

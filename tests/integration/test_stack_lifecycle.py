@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,11 @@ def statuses(env) -> dict[str, dict]:
 def test_up_twice_then_down(isolated_env):
     first = mlpe(isolated_env, "up")
     assert first.returncode == 0, first.stderr
+    state = Path(isolated_env["MLPE_STATE_DIR"])
+    token = json.loads((state / "secrets" / "influxdb.json").read_text())["token"]
+    assert (state / "secrets" / "influxdb.json").stat().st_mode & 0o077 == 0
+    logs = "".join(log.read_text(errors="replace") for log in (state / "logs").glob("*.log"))
+    assert token not in first.stdout + first.stderr + logs
     up = statuses(isolated_env)
     assert {s["state"] for s in up.values()} == {"up"}
     assert all(s["detail"].startswith("managed, pid ") for s in up.values())

@@ -69,11 +69,14 @@ class Kafka:
     def _java(self) -> str:
         java = shutil.which("java")
         if java is None:
-            raise StackError(f"kafka: Java {MIN_JAVA}+ not found on PATH (install OpenJDK 17)")
+            raise StackError(f"kafka: Java {MIN_JAVA}+ not found on PATH; install OpenJDK 17 "
+                             f"(log: {self.proc.log})")
         out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
         match = re.search(r'version "(\d+)', out)
         if not match or int(match.group(1)) < MIN_JAVA:
-            raise StackError(f"kafka: needs Java {MIN_JAVA}+, found: {out.splitlines()[:1]}")
+            first = out.splitlines()[0] if out else "no version"
+            raise StackError(f"kafka: needs Java {MIN_JAVA}+, found {first!r} "
+                             f"(log: {self.proc.log})")
         return java
 
     def _write_config(self) -> Path:

@@ -15,10 +15,14 @@ class Topic:
     retention_ms: int
     key: str
     value: str
+    compacted: bool = False  # keep the latest value per key (inventories)
 
     @property
     def config(self) -> dict[str, str]:
-        return {"retention.ms": str(self.retention_ms), "compression.type": "producer"}
+        config = {"retention.ms": str(self.retention_ms), "compression.type": "producer"}
+        if self.compacted:
+            config["cleanup.policy"] = "compact"
+        return config
 
 
 # Partitions bound stream-processor parallelism (one Faust worker per partition
@@ -29,6 +33,7 @@ TRAIN_EVENTS = Topic("mlpe.events.train", 4, 7 * DAY_MS, "job id", "training ste
 KERNEL_EVENTS = Topic("mlpe.events.kernel", 4, 7 * DAY_MS, "job id", "kernel timing summaries")
 ALERTS = Topic("mlpe.alerts", 2, 30 * DAY_MS, "alert fingerprint", "alert (firing/resolved)")
 DEAD_LETTER = Topic("mlpe.deadletter", 1, 30 * DAY_MS, "source topic", "refused bytes + reason")
+INVENTORY = Topic("mlpe.inventory", 1, 365 * DAY_MS, "node id", "NodeInventory", compacted=True)
 
 ALL_TOPICS: tuple[Topic, ...] = (
     GPU_METRICS,
@@ -37,4 +42,5 @@ ALL_TOPICS: tuple[Topic, ...] = (
     KERNEL_EVENTS,
     ALERTS,
     DEAD_LETTER,
+    INVENTORY,
 )

@@ -1,0 +1,195 @@
+"""`mlpe agent`: flags, source selection, and the process's life (signals, stats, exit)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from mlpe.common import logs
+from mlpe.common.settings import Settings
+
+SOURCES = ("nvml", "host", "sim")
+
+
+class UsageError(ValueError):
+    """A bad flag value; the message names the flag."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "agent",
+        help="sample GPUs (NVML or simulated) and the host, ship batches to Kafka",
+        description="Sample every GPU at --hz and ship one columnar batch per device per "
+        "flush interval to Kafka (mlpe.metrics.gpu / mlpe.metrics.host), spooling to disk "
+        "while Kafka is away. Default source: NVML (+ host) when a GPU is present, else the "
+        "simulator.",
+    )
+    p.add_argument("--source", default=None, metavar="LIST",
+                   help="comma-separated sources from nvml, host, sim (default: nvml,host with "
+                   "a GPU, else sim)")
+    p.add_argument("--hz", default="100", help="GPU samples per second (default 100)")
+    p.add_argument("--host-hz", default="10", help="host samples per second (default 10)")
+    p.add_argument("--flush-ms", default="100",
+                   help="one Kafka message per device this often (default 100 ms)")
+    p.add_argument("--gpus", default=None,
+                   help="sim: GPUs per node (default 8); nvml: indices to watch, e.g. 0,1,3")
+    p.add_argument("--nodes", default=None, help="sim: number of simulated nodes (default 1)")
+    p.add_argument("--scenario", default=None, metavar="FILE",
+                   help="sim: YAML scenario with faults (format: agents/mlpe/agent/SCENARIOS.md)")
+    p.add_argument("--seed", default=None, help="sim: override the scenario's seed")
+    p.add_argument("--node-id", default=None,
+                   help="node id (default: host name; sim: prefix of simulated node ids)")
+    p.add_argument("--duration", default=None, help="stop after this many seconds")
+    p.add_argument("--spool-dir", default=None,
+                   help="where batches wait while Kafka is away (default .mlpe/spool/agent)")
+    p.add_argument("--spool-max-mb", default="512", help="spool bound in MiB (default 512)")
+    p.set_defaults(func=run)
+
+
+def _number(args, name: str, low: float, high: float, kind=float, unit: str = "") -> float:
+    raw = getattr(args, name.replace("-", "_"))
+    try:
+        value = kind(raw)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not low <= value <= high:
+        what = "an integer" if kind is int else "a number"
+        raise UsageError(f"--{name} {raw!r}: expected {what} from {low:g} to {high:g}{unit}")
+    return value
+
+
+def parse_sources(raw: str | None, gpu_present: bool) -> list[str]:
+    if raw is None:
+        return ["nvml", "host"] if gpu_present else ["sim"]
+    chosen = [part.strip() for part in raw.split(",") if part.strip()]
+    unknown = [s for s in chosen if s not in SOURCES]
+    if unknown or not chosen:
+        raise UsageError(f"--source {raw!r}: unknown source {', '.join(unknown) or '(none)'}; "
+                         f"choose from {', '.join(SOURCES)}")
+    return list(dict.fromkeys(chosen))
+
+
+def build(args, settings: Settings):
+    """Flags -> (Agent, its sources); raises UsageError or ScenarioError on bad input."""
+    from mlpe.agent import scenario as scenario_module
+    from mlpe.agent.agent import Agent, inventory_records
+    from mlpe.agent.shipper import Shipper
+    from mlpe.agent.sources.nvml import nvml_available
+    from mlpe.agent.spool import Spool
+    from mlpe.v1 import metrics_pb2 as pb
+
+    hz = _number(args, "hz", 0.1, 1000, unit=" samples per second")
+    host_hz = _number(args, "host-hz", 0.1, 1000, unit=" samples per second")
+    flush_ms = _number(args, "flush-ms", 1, 60_000, unit=" ms")
+    spool_mb = _number(args, "spool-max-mb", 1, 1 << 20, int, " MiB")
+    duration = _number(args, "duration", 0.01, 1e9, unit=" s") if args.duration else None
+    explicit = args.source is not None
+    gpu_present = not explicit and nvml_available()
+    names = parse_sources(args.source, gpu_present)
+    if not explicit and not gpu_present:
+        print("mlpe agent: no NVIDIA GPU found; using the simulator (--source sim)",
+              file=sys.stderr, flush=True)
+    node_id = args.node_id or socket.gethostname()
+
+    sources = []
+    inventory: dict[str, pb.NodeInventory] = {}
+    if "sim" in names:
+        from mlpe.agent.sources.sim import SimulatedGpus
+
+        scenario = (scenario_module.load(args.scenario) if args.scenario
+                    else scenario_module.Scenario())
+        overrides = {}
+        if args.nodes is not None:
+            overrides["nodes"] = _number(args, "nodes", 1, 10_000, int)
+        if args.gpus is not None:
+            overrides["gpus_per_node"] = _number(args, "gpus", 1, 64, int, " GPUs per node")
+        if args.seed is not None:
+            overrides["seed"] = _number(args, "seed", 0, 2**63 - 1, int)
+        if overrides:
+            scenario = dataclasses.replace(scenario, **overrides)
+        prefix = f"{args.node_id}-" if args.node_id else "sim-node-"
+        sim = SimulatedGpus(scenario, hz, node_prefix=prefix)
+        sources.append((sim, hz))
+        gpus = sim.inventory()
+        for node in dict.fromkeys(d.node_id for d in sim.devices):
+            inventory[node] = pb.NodeInventory(node_id=node, hostname=socket.gethostname(),
+                                               source="sim", gpus=gpus)
+    if "nvml" in names:
+        from mlpe.agent.sources.nvml import NvmlGpus
+
+        indices = None
+        if args.gpus is not None and "sim" not in names:
+            try:
+                indices = [int(i) for i in args.gpus.split(",")]
+            except ValueError:
+                raise UsageError(f"--gpus {args.gpus!r}: expected GPU indices like 0,1,3") \
+                    from None
+        try:
+            nvml = NvmlGpus(hz, node_id, indices)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        except Exception as err:  # noqa: BLE001 - pynvml raises its own hierarchy
+            raise UsageError(f"--source nvml: NVML is not usable here: {err}") from None
+        sources.append((nvml, hz))
+        inventory[node_id] = pb.NodeInventory(node_id=node_id, hostname=socket.gethostname(),
+                                              source="nvml", gpus=nvml.inventory())
+    if "host" in names:
+        from mlpe.agent.sources.host import HostMetrics
+
+        sources.append((HostMetrics(node_id), host_hz))
+        inventory.setdefault(node_id, pb.NodeInventory(node_id=node_id, source="host",
+                                                       hostname=socket.gethostname()))
+    now = time.time_ns()
+    for record in inventory.values():
+        record.time_ns = now
+    spool_dir = Path(args.spool_dir) if args.spool_dir else settings.state_dir / "spool" / "agent"
+    spool = Spool(spool_dir, max_bytes=spool_mb << 20)
+    shipper = Shipper(settings.kafka_bootstrap, spool)
+    agent = Agent(sources, shipper, hz=hz, flush_s=flush_ms / 1000,
+                  inventory=inventory_records(list(inventory), inventory.__getitem__))
+    return agent, duration
+
+
+async def _run(agent, duration, log) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, agent.stop)
+    task = asyncio.create_task(agent.run(duration))
+    started = time.monotonic()
+    while not task.done():
+        await asyncio.wait({task}, timeout=10)
+        s, ship = agent.stats, agent.shipper.stats
+        elapsed = max(time.monotonic() - started, 1e-9)
+        log.info("agent stats", values=s.values, values_per_s=round(s.values / elapsed),
+                 batches=s.batches, sent=ship.sent, spooled=ship.spooled,
+                 spool_records=len(agent.shipper.spool), lost=agent.shipper.spool.lost,
+                 kafka_up=agent.shipper.up, tick_jitter_p99_ms=round(s.jitter_ms(99), 3),
+                 late_ticks=s.late_ticks)
+    task.result()
+
+
+def run(args, settings: Settings) -> int:
+    from mlpe.agent.scenario import ScenarioError
+
+    log = logs.configure("agent", settings.log_level, settings.log_format)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the shipper reports outages
+    try:
+        agent, duration = build(args, settings)
+    except (UsageError, ScenarioError) as err:
+        print(f"mlpe agent: {err}", file=sys.stderr, flush=True)
+        return 2
+    log.info("agent starting", sources=[b.source.name for b in agent.buffers],
+             devices=sum(len(b.source.devices) for b in agent.buffers), hz=agent.hz,
+             kafka=settings.kafka_bootstrap)
+    asyncio.run(_run(agent, duration, log))
+    spool = agent.shipper.spool
+    log.info("agent stopped", sent=agent.shipper.stats.sent, spool_records=len(spool),
+             lost=spool.lost)
+    return 0

@@ -1,0 +1,132 @@
+"""Columnar metric batches: numpy arrays in, protobuf bytes out, and back.
+
+One Kafka message carries every sample of one device over one flush interval:
+a timestamp array plus one packed array per field. Decoding is a handful of
+np.frombuffer calls, never a Python object per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+
+from mlpe.v1 import metrics_pb2 as pb
+
+F = pb.Field
+# Counters and bitmasks need float64 to stay exact; gauges fit float32.
+F64_FIELDS = frozenset({F.GPU_ENERGY, F.GPU_THROTTLE_REASONS, F.GPU_ECC_CORRECTED,
+                        F.GPU_ECC_UNCORRECTED})
+GPU_FIELDS: tuple[int, ...] = tuple(v for v in F.values() if 0 < v < 100)
+HOST_FIELDS: tuple[int, ...] = tuple(v for v in F.values() if v >= 100)
+_DTYPES = {pb.VALUE_TYPE_F32: np.dtype("<f4"), pb.VALUE_TYPE_F64: np.dtype("<f8")}
+
+
+def field_name(number: int) -> str:
+    """GPU_POWER -> "power"; HOST_NET_RX -> "net_rx" (InfluxDB field names, readable output)."""
+    name = F.Name(number).lower()
+    return name.split("_", 1)[1]
+
+
+def value_type(number: int) -> int:
+    return pb.VALUE_TYPE_F64 if number in F64_FIELDS else pb.VALUE_TYPE_F32
+
+
+class BatchError(ValueError):
+    """A batch that cannot be decoded; the message says exactly why."""
+
+
+@dataclass
+class Batch:
+    node_id: str
+    device_kind: int
+    device_index: int
+    device_uuid: str
+    agent_epoch_ns: int
+    batch_seq: int
+    first_sample_seq: int
+    timestamps_ns: np.ndarray              # int64, one per sample
+    columns: dict[int, np.ndarray]         # Field -> float32/float64 array, same length
+    events: list[pb.DeviceEvent] = field(default_factory=list)
+    sample_hz: float = 0.0
+
+    @property
+    def samples(self) -> int:
+        return len(self.timestamps_ns)
+
+    @property
+    def values(self) -> int:
+        return self.samples * len(self.columns)
+
+
+def encode(batch: Batch) -> bytes:
+    ts = np.asarray(batch.timestamps_ns, dtype=np.int64)
+    base = int(ts[0]) if len(ts) else 0
+    offsets_us = (ts - base) // 1000
+    if len(ts) and (offsets_us.min() < 0 or offsets_us.max() > 0xFFFFFFFF):
+        raise BatchError("timestamps must be ascending and span under 71 minutes")
+    message = pb.MetricBatch(
+        node_id=batch.node_id,
+        device_kind=batch.device_kind,
+        device_index=batch.device_index,
+        device_uuid=batch.device_uuid,
+        agent_epoch_ns=batch.agent_epoch_ns,
+        batch_seq=batch.batch_seq,
+        first_sample_seq=batch.first_sample_seq,
+        base_time_ns=base,
+        time_offsets_us=offsets_us.astype("<u4").tobytes(),
+        events=batch.events,
+        sample_hz=batch.sample_hz,
+    )
+    for number, values in batch.columns.items():
+        kind = value_type(number)
+        message.series.add(field=number, type=kind,
+                           values=np.asarray(values, dtype=_DTYPES[kind]).tobytes())
+    return message.SerializeToString()
+
+
+def decode(raw: bytes) -> Batch:
+    """Parse and validate; raises BatchError naming the first problem found."""
+    message = pb.MetricBatch()
+    try:
+        message.ParseFromString(raw)
+    except (ProtobufDecodeError, RuntimeError) as err:
+        raise BatchError(f"not a MetricBatch: {err}") from None
+    if not message.node_id:
+        raise BatchError("MetricBatch: node_id is empty")
+    if message.device_kind not in (pb.DEVICE_KIND_GPU, pb.DEVICE_KIND_HOST):
+        raise BatchError(f"MetricBatch: device_kind {message.device_kind} is not GPU or HOST")
+    if len(message.time_offsets_us) % 4:
+        raise BatchError(f"MetricBatch: time_offsets_us has {len(message.time_offsets_us)} "
+                         "bytes, not a multiple of 4")
+    offsets = np.frombuffer(message.time_offsets_us, dtype="<u4")
+    timestamps = message.base_time_ns + offsets.astype(np.int64) * 1000
+    columns: dict[int, np.ndarray] = {}
+    for series in message.series:
+        if series.field not in F.values() or series.field == F.FIELD_UNSPECIFIED:
+            raise BatchError(f"MetricBatch: unknown field number {series.field}")
+        name = F.Name(series.field)
+        dtype = _DTYPES.get(series.type)
+        if dtype is None:
+            raise BatchError(f"MetricBatch: field {name} has no value type")
+        if len(series.values) != dtype.itemsize * len(offsets):
+            raise BatchError(
+                f"MetricBatch: field {name} has {len(series.values) / dtype.itemsize:g} "
+                f"samples, timestamps has {len(offsets)}")
+        if series.field in columns:
+            raise BatchError(f"MetricBatch: field {name} appears twice")
+        columns[series.field] = np.frombuffer(series.values, dtype=dtype)
+    return Batch(
+        node_id=message.node_id,
+        device_kind=message.device_kind,
+        device_index=message.device_index,
+        device_uuid=message.device_uuid,
+        agent_epoch_ns=message.agent_epoch_ns,
+        batch_seq=message.batch_seq,
+        first_sample_seq=message.first_sample_seq,
+        timestamps_ns=timestamps,
+        columns=columns,
+        events=list(message.events),
+        sample_hz=message.sample_hz,
+    )

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sim: GPUs per node (default 8); nvml: indices to watch, e.g. 0,1,3")
     p.add_argument("--nodes", default=None, help="sim: number of simulated nodes (default 1)")
     p.add_argument("--scenario", default=None, metavar="FILE",
-                   help="sim: YAML scenario with faults (format: agents/mlpe/agent/SCENARIOS.md)")
+                   help="sim: YAML scenario with faults (format: agents/scenarios/README.md)")
     p.add_argument("--seed", default=None, help="sim: override the scenario's seed")
     p.add_argument("--node-id", default=None,
                    help="node id (default: host name; sim: prefix of simulated node ids)")

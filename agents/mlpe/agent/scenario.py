@@ -1,8 +1,8 @@
 """Simulator scenarios: the fleet, its training rhythm and the faults to inject.
 
 A scenario file is YAML and the ground truth for detector evaluation: every
-fault has a node, a GPU (or all GPUs), an onset and a duration. Format in
-agents/mlpe/agent/SCENARIOS.md; errors name the file and the line.
+fault has a node, a GPU (or all GPUs), an onset and a duration. The format is
+in agents/scenarios/README.md; errors name the file and the line.
 """
 
 from __future__ import annotations

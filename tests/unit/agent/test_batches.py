@@ -1,0 +1,87 @@
+"""Columnar batches: encode/decode round trips (property-based) and specific refusals."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from mlpe.common import batches
+from mlpe.v1 import metrics_pb2 as pb
+
+FIELDS = st.lists(st.sampled_from(batches.GPU_FIELDS + batches.HOST_FIELDS), unique=True,
+                  max_size=12)
+
+
+@st.composite
+def a_batch(draw):
+    n = draw(st.integers(0, 40))
+    start = draw(st.integers(1_600_000_000 * 10**9, 1_900_000_000 * 10**9))
+    steps = draw(arrays(np.int64, n, elements=st.integers(0, 10**9)))
+    times = start + np.cumsum(steps // 1000 * 1000) if n else np.zeros(0, dtype=np.int64)
+    columns = {}
+    for f in draw(FIELDS):
+        dtype = np.float64 if batches.value_type(f) == pb.VALUE_TYPE_F64 else np.float32
+        columns[f] = draw(arrays(dtype, n, elements=st.floats(allow_nan=True, width=32)))
+    return batches.Batch(
+        node_id=draw(st.text(min_size=1, max_size=20)),
+        device_kind=draw(st.sampled_from([pb.DEVICE_KIND_GPU, pb.DEVICE_KIND_HOST])),
+        device_index=draw(st.integers(0, 63)),
+        device_uuid=draw(st.text(max_size=40)),
+        agent_epoch_ns=draw(st.integers(0, 2**62)),
+        batch_seq=draw(st.integers(0, 2**62)),
+        first_sample_seq=draw(st.integers(0, 2**62)),
+        timestamps_ns=times,
+        columns=columns,
+        events=[pb.DeviceEvent(time_ns=int(start), kind=pb.EVENT_XID, code=79, detail="x")]
+        if draw(st.booleans()) else [],
+        sample_hz=draw(st.floats(0.1, 1000)),
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(a_batch())
+def test_round_trip(batch):
+    back = batches.decode(batches.encode(batch))
+    for name in ("node_id", "device_kind", "device_index", "device_uuid", "agent_epoch_ns",
+                 "batch_seq", "first_sample_seq", "events", "sample_hz"):
+        assert getattr(back, name) == getattr(batch, name), name
+    np.testing.assert_array_equal(back.timestamps_ns, batch.timestamps_ns)
+    assert set(back.columns) == set(batch.columns)
+    for f, values in batch.columns.items():
+        np.testing.assert_array_equal(back.columns[f], values)  # NaN == NaN here
+        assert back.columns[f].dtype.itemsize == values.dtype.itemsize
+
+
+def _good() -> pb.MetricBatch:
+    raw = batches.encode(batches.Batch("n1", pb.DEVICE_KIND_GPU, 0, "", 1, 0, 0,
+                                       np.array([10**18, 10**18 + 10**7]),
+                                       {pb.GPU_POWER: np.array([1.0, 2.0])}))
+    return pb.MetricBatch.FromString(raw)
+
+
+@pytest.mark.parametrize(("mutate", "reason"), [
+    (lambda m: m.ClearField("node_id"), "node_id is empty"),
+    (lambda m: setattr(m, "device_kind", 0), "is not GPU or HOST"),
+    (lambda m: setattr(m, "time_offsets_us", b"\x00" * 7), "not a multiple of 4"),
+    (lambda m: setattr(m.series[0], "values", b"\x00" * 4), "GPU_POWER has 1 samples, "
+                                                            "timestamps has 2"),
+    (lambda m: setattr(m.series[0], "field", 9999), "unknown field number 9999"),
+    (lambda m: setattr(m.series[0], "type", 0), "GPU_POWER has no value type"),
+    (lambda m: m.series.append(m.series[0]), "GPU_POWER appears twice"),
+])
+def test_invalid_batches_are_refused_with_the_reason(mutate, reason):
+    message = _good()
+    mutate(message)
+    with pytest.raises(batches.BatchError, match=reason):
+        batches.decode(message.SerializeToString())
+
+
+def test_garbage_bytes():
+    with pytest.raises(batches.BatchError, match="not a MetricBatch"):
+        batches.decode(b"\xff\xff\xff\xff garbage")
+
+
+def test_field_names_are_readable():
+    assert batches.field_name(pb.GPU_POWER) == "power"
+    assert batches.field_name(pb.HOST_NET_RX) == "net_rx"

@@ -12,7 +12,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(items):
 class Endpoints:
     kafka_bootstrap: str
     influx_url: str
-    influx_token: str
+    influx_token: str = field(repr=False)
     influx_org: str
     influx_bucket: str
     redis_url: str

@@ -103,11 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--json", action="store_true", help="status as JSON")
     stack.set_defaults(func=cmd_stack)
 
-    from mlpe import tail
+    from mlpe import bench, tail
     from mlpe.agent import main as agent_main
 
     agent_main.register(sub)
     tail.register(sub)
+    bench.register(sub)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,12 +34,15 @@ class AgentStats:
     values: int = 0           # field values taken (samples x fields)
     batches: int = 0
     events: int = 0
-    late_ticks: int = 0       # ticks that started more than one period late
+    stopped_at: float = 0.0   # wall time and process CPU seconds when sampling ended
+    cpu_at_stop: float = 0.0
+    wakeups: int = 0          # sampler wake-ups (every tick with a live source)
+    late_ticks: int = 0       # wake-ups more than one wake period late
     # Lateness of the most recent ticks (a ring: bounded memory however long it runs).
     jitter_s: np.ndarray = field(default_factory=lambda: np.zeros(1 << 16))
 
     def jitter_ms(self, q: float) -> float:
-        recent = self.jitter_s[:min(self.ticks, len(self.jitter_s))]
+        recent = self.jitter_s[:min(self.wakeups, len(self.jitter_s))]
         return float(np.percentile(recent, q) * 1e3) if len(recent) else 0.0
 
 
@@ -52,15 +56,26 @@ class _SourceBuffer:
         self.times = np.empty(capacity, dtype=np.int64)
         self.events: list[list[pb.DeviceEvent]] = [[] for _ in range(n_dev)]
         self.n = 0
+        self.k0 = 0
+        # The simulator evaluates a whole flush interval in one vectorised pass.
+        self.block = hasattr(source, "read_block")
         self.batch_seq = np.zeros(n_dev, dtype=np.int64)
         self.sample_seq = np.zeros(n_dev, dtype=np.int64)
         kind = source.devices[0].kind if source.devices else pb.DEVICE_KIND_GPU
+        self.device_keys = [(d.node_id, d.kind, d.index, d.uuid) for d in source.devices]
+        self.node_keys = [d.node_id.encode() for d in source.devices]
         self.topic = GPU_METRICS.name if kind == pb.DEVICE_KIND_GPU else HOST_METRICS.name
 
     def take(self, k: int, t_ns: int) -> int:
+        """Record one tick; a source that reads in blocks is evaluated at drain()."""
+        if self.n == 0:
+            self.k0 = k
+        self.times[self.n] = t_ns
+        if self.block:
+            self.n += 1
+            return 0
         reading = self.source.read(k, t_ns)
         self.values[self.n] = reading.values
-        self.times[self.n] = t_ns
         self.n += 1
         for row, event in reading.events:
             self.events[row].append(event)
@@ -69,18 +84,17 @@ class _SourceBuffer:
     def drain(self, hz: float) -> list[Record]:
         if self.n == 0:
             return []
-        records = []
-        fields = self.source.fields
-        for d, device in enumerate(self.source.devices):
-            batch = batches.Batch(
-                node_id=device.node_id, device_kind=device.kind, device_index=device.index,
-                device_uuid=device.uuid, agent_epoch_ns=self.epoch_ns,
-                batch_seq=int(self.batch_seq[d]), first_sample_seq=int(self.sample_seq[d]),
-                timestamps_ns=self.times[:self.n],
-                columns={f: self.values[:self.n, d, c] for c, f in enumerate(fields)},
-                events=self.events[d], sample_hz=hz / self.every,
-            )
-            records.append(Record(self.topic, device.node_id.encode(), batches.encode(batch)))
+        if self.block:
+            values, events = self.source.read_block(self.k0, self.times[:self.n])
+            self.values[:self.n] = values
+            for _, row, event in events:
+                self.events[row].append(event)
+        template = pb.MetricBatch(agent_epoch_ns=self.epoch_ns, sample_hz=hz / self.every)
+        encoded = batches.encode_devices(
+            template, self.device_keys, self.times[:self.n], self.values[:self.n],
+            self.source.fields, self.events, self.batch_seq, self.sample_seq)
+        records = [Record(self.topic, key, value)
+                   for key, value in zip(self.node_keys, encoded, strict=True)]
         self.batch_seq += 1
         self.sample_seq += self.n
         self.n = 0
@@ -100,6 +114,8 @@ class Agent:
             every = max(1, round(hz / min(rate, hz)))
             capacity = -(-self.ticks_per_flush // every)
             self.buffers.append(_SourceBuffer(source, capacity, every, self.epoch_ns))
+        live = [buf.every for buf in self.buffers if not buf.block]
+        self.wake_every = math.gcd(self.ticks_per_flush, *live)
         self.shipper = shipper
         self.inventory = list(inventory)
         self.stats = AgentStats()
@@ -109,32 +125,42 @@ class Agent:
         self._stop.set()
 
     def _sample_loop(self, loop: asyncio.AbstractEventLoop, duration_s: float | None) -> None:
+        """Keep the tick schedule; wake only as often as some source must be read live.
+
+        Live sources (NVML, host) are read at their tick; block sources (the simulator)
+        get the scheduled timestamps of every tick and are evaluated at flush. So a
+        simulator-only agent wakes once per flush, an NVML agent every tick.
+        """
         period = 1.0 / self.hz
-        start = time.monotonic()
-        k = 0
+        period_ns = 1e9 / self.hz
+        step = self.wake_every
+        start, start_ns = time.monotonic(), time.time_ns()
         stats = self.stats
+        k = step - 1  # the last tick of the first group
         while not self._stop.is_set():
-            deadline = start + k * period
             if duration_s is not None and k * period >= duration_s:
                 break
+            deadline = start + k * period
             delay = deadline - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            now = time.monotonic()
-            lateness = now - deadline
-            stats.jitter_s[stats.ticks % len(stats.jitter_s)] = lateness
-            if lateness > period:
+            lateness = time.monotonic() - deadline
+            stats.jitter_s[stats.wakeups % len(stats.jitter_s)] = lateness
+            stats.wakeups += 1
+            if lateness > period * step:
                 stats.late_ticks += 1
-            t_ns = time.time_ns()
-            for buf in self.buffers:
-                if k % buf.every == 0:
-                    stats.events += buf.take(k // buf.every, t_ns)
-                    stats.samples += len(buf.source.devices)
-                    stats.values += buf.values.shape[1] * buf.values.shape[2]
-            stats.ticks += 1
-            k += 1
-            if k % self.ticks_per_flush == 0:
+            now_ns = time.time_ns()
+            for j in range(k - step + 1, k + 1):
+                for buf in self.buffers:
+                    if j % buf.every == 0:
+                        t_ns = start_ns + round(j * period_ns) if buf.block else now_ns
+                        stats.events += buf.take(j // buf.every, t_ns)
+                        stats.samples += len(buf.source.devices)
+                        stats.values += buf.values.shape[1] * buf.values.shape[2]
+                stats.ticks += 1
+            if (k + 1) % self.ticks_per_flush == 0:
                 self._flush(loop)
+            k += step
         self._flush(loop)
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -152,12 +178,19 @@ class Agent:
         ship = asyncio.create_task(self.shipper.run())
         if self.inventory:
             self.shipper.submit(self.inventory)
-        sampler = threading.Thread(target=self._sample_loop, args=(loop, duration_s),
-                                   name="mlpe-sampler", daemon=True)
+        finished = asyncio.Event()
+
+        def sample() -> None:
+            try:
+                self._sample_loop(loop, duration_s)
+            finally:
+                loop.call_soon_threadsafe(finished.set)
+
+        sampler = threading.Thread(target=sample, name="mlpe-sampler", daemon=True)
         sampler.start()
         try:
-            while sampler.is_alive():
-                await asyncio.sleep(0.2)
+            await finished.wait()
+            self.stats.stopped_at, self.stats.cpu_at_stop = time.time(), time.process_time()
         finally:
             self._stop.set()
             await asyncio.to_thread(sampler.join)

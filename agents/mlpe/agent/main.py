@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import signal
 import socket
@@ -50,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spool-dir", default=None,
                    help="where batches wait while Kafka is away (default .mlpe/spool/agent)")
     p.add_argument("--spool-max-mb", default="512", help="spool bound in MiB (default 512)")
+    p.add_argument("--stats-json", default=None, metavar="FILE",
+                   help="write final counters (values, batches, jitter, spool) here as JSON")
     p.set_defaults(func=run)
 
 
@@ -189,7 +192,19 @@ def run(args, settings: Settings) -> int:
              devices=sum(len(b.source.devices) for b in agent.buffers), hz=agent.hz,
              kafka=settings.kafka_bootstrap)
     asyncio.run(_run(agent, duration, log))
-    spool = agent.shipper.spool
-    log.info("agent stopped", sent=agent.shipper.stats.sent, spool_records=len(spool),
-             lost=spool.lost)
+    summary = final_stats(agent)
+    log.info("agent stopped", **summary)
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(summary))
     return 0
+
+
+def final_stats(agent) -> dict:
+    s, ship, spool = agent.stats, agent.shipper.stats, agent.shipper.spool
+    return {"ticks": s.ticks, "samples": s.samples, "values": s.values, "batches": s.batches,
+            "events": s.events, "late_ticks": s.late_ticks,
+            "tick_jitter_p50_ms": round(s.jitter_ms(50), 3),
+            "tick_jitter_p99_ms": round(s.jitter_ms(99), 3),
+            "sent": ship.sent, "acked_bytes": ship.acked_bytes, "spooled": ship.spooled,
+            "outages": ship.outages, "spool_records": len(spool), "lost": spool.lost,
+            "stopped_at": s.stopped_at, "cpu_at_stop": s.cpu_at_stop}

@@ -30,6 +30,22 @@ def test_same_seed_same_series_other_seed_differs():
     assert not np.array_equal(a, c)
 
 
+def test_blocks_equal_tick_by_tick():
+    text = ("nodes: 2\nfaults:\n  - {kind: thermal_throttle, gpu: 1, at_s: 0.13, for_s: 0.2}\n"
+            "  - {kind: gpu_lost, node: 1, gpu: 0, at_s: 0.05, for_s: 0.1}\n"
+            "  - {kind: ecc_error, gpu: 2, at_s: 0.21}\n  - {kind: xid, gpu: 3, at_s: 0.3}")
+    _, ticks, tick_events = run(text, 0.5)
+    sim = SimulatedGpus(parse(text), HZ)
+    blocks, block_events = [], []
+    for k0 in range(0, 50, 10):
+        values, events = sim.read_block(k0, np.arange(k0, k0 + 10) * 10**7)
+        blocks.append(values)
+        block_events += [(k0 + i, row, e) for i, row, e in events]
+    np.testing.assert_array_equal(np.concatenate(blocks), ticks)
+    assert sorted((k, r, e.kind) for k, r, e in block_events) == \
+        sorted((k, r, e.kind) for k, r, e in tick_events)
+
+
 def test_training_rhythm_warmup_and_idle_gap():
     _, v, _ = run("training: {step_time_s: 0.5, warmup_s: 2, idle_gaps: [{at_s: 4, for_s: 1}]}",
                   6)

@@ -18,6 +18,18 @@ from mlpe.v1 import metrics_pb2 as pb
 
 F = pb.Field
 COL = {number: i for i, number in enumerate(GPU_FIELDS)}
+# Plain ints, looked up once: protobuf enum attribute access is slow in a hot loop.
+(C_UTIL, C_MEM_UTIL, C_MEM_USED, C_MEM_TOTAL, C_POWER, C_ENERGY, C_TEMP, C_MEM_TEMP, C_SM_CLOCK,
+ C_MEM_CLOCK, C_THROTTLE, C_PCIE_TX, C_PCIE_RX, C_NVLINK_TX, C_NVLINK_RX, C_ECC_CORRECTED,
+ C_ECC_UNCORRECTED, C_POWER_LIMIT, C_SM_CLOCK_MAX) = (COL[f] for f in (
+    F.GPU_UTIL, F.GPU_MEM_UTIL, F.GPU_MEM_USED, F.GPU_MEM_TOTAL, F.GPU_POWER, F.GPU_ENERGY,
+    F.GPU_TEMP, F.GPU_MEM_TEMP, F.GPU_SM_CLOCK, F.GPU_MEM_CLOCK, F.GPU_THROTTLE_REASONS,
+    F.GPU_PCIE_TX, F.GPU_PCIE_RX, F.GPU_NVLINK_TX, F.GPU_NVLINK_RX, F.GPU_ECC_CORRECTED,
+    F.GPU_ECC_UNCORRECTED, F.GPU_POWER_LIMIT, F.GPU_SM_CLOCK_MAX))
+THERMAL_BITS = int(pb.THROTTLE_HW_THERMAL | pb.THROTTLE_SW_THERMAL)
+POWER_CAP_BIT, IDLE_BIT = int(pb.THROTTLE_SW_POWER_CAP), int(pb.THROTTLE_GPU_IDLE)
+EVENT_XID, EVENT_ECC, EVENT_THROTTLE = pb.EVENT_XID, pb.EVENT_ECC_UNCORRECTED, pb.EVENT_THROTTLE
+EVENT_LOST, EVENT_BACK = pb.EVENT_GPU_LOST, pb.EVENT_GPU_RECOVERED
 
 # An H100 SXM, roughly: clocks in MHz, power in W, memory in MiB.
 SM_CLOCK_MAX, SM_CLOCK_IDLE, MEM_CLOCK = 1980.0, 345.0, 2619.0
@@ -52,7 +64,7 @@ class SimulatedGpus:
         self.ecc_uncorrected = np.zeros(self.n)
         self.leaked = np.zeros(self.n)
         self.throttle = np.zeros(self.n, dtype=np.int64)
-        self.lost = np.zeros(self.n, dtype=bool)
+        self.ecc_uncorrected_at: list = []
         self._fault_masks = [(f, self._mask(f)) for f in scenario.faults]
 
     def _mask(self, fault) -> np.ndarray:
@@ -74,109 +86,146 @@ class SimulatedGpus:
         return out
 
     def read(self, k: int, t_ns: int) -> Reading:
-        s, dt, t = self.s, 1.0 / self.hz, k / self.hz
-        phase = ((t / s.step_time_s) + self.phase_offset) % 1.0
+        values, events = self.read_block(k, np.array([t_ns], dtype=np.int64))
+        return Reading(values=values[0], events=[(row, e) for _, row, e in events])
+
+    def read_block(self, k0: int, times_ns: np.ndarray):
+        """Samples k0 .. k0+T-1 at once: (T, devices, fields) values and (tick, row, event).
+
+        The model is a function of the sample index, so evaluating a flush interval
+        in one vectorised pass gives exactly the series tick-by-tick reads would.
+        """
+        s, dt = self.s, 1.0 / self.hz
+        T, n = len(times_ns), self.n
+        k = k0 + np.arange(T)
+        t = (k / self.hz)[:, None]                                  # (T, 1)
+        phase = ((t / s.step_time_s) + self.phase_offset) % 1.0     # (T, n)
         computing = phase < s.compute_fraction
         util = np.where(computing, 97.0, 30.0)
-        if t < s.warmup_s:
-            util = util * (0.2 + 0.8 * t / max(s.warmup_s, 1e-9))
-        if any(gap.at_s <= t < gap.at_s + gap.for_s for gap in s.idle_gaps):
-            util = np.zeros(self.n)
-        clock = np.ones(self.n)
-        limit = np.full(self.n, POWER_MAX)
-        link = np.ones(self.n)
-        heat = np.zeros(self.n)
-        throttle = np.zeros(self.n, dtype=np.int64)
-        events: list[tuple[int, pb.DeviceEvent]] = []
-        onset = round(t * self.hz)
+        if t[0, 0] < s.warmup_s:
+            util *= np.minimum(1.0, 0.2 + 0.8 * t / max(s.warmup_s, 1e-9))
+        for gap in s.idle_gaps:
+            util[((t >= gap.at_s) & (t < gap.at_s + gap.for_s))[:, 0]] = 0.0
+        clock = np.ones((T, n))
+        limit = np.full((T, n), POWER_MAX)
+        link = np.ones((T, n))
+        heat = np.zeros((T, n))
+        throttle = np.zeros((T, n), dtype=np.int64)
+        lost = np.zeros((T, n), dtype=bool)
+        leak_rate = np.zeros((T, n))
+        events: list[tuple[int, int, pb.DeviceEvent]] = []
 
         for fault, mask in self._fault_masks:
-            starts_now = k == round(fault.at_s * self.hz)
-            if fault.kind == "xid" and starts_now:
-                events += [(i, pb.DeviceEvent(time_ns=t_ns, kind=pb.EVENT_XID,
-                                              code=int(fault.magnitude),
-                                              detail=f"Xid {int(fault.magnitude)} (simulated)"))
-                           for i in np.flatnonzero(mask)]
-            elif fault.kind == "ecc_error" and starts_now:
-                self.ecc_uncorrected[mask] += fault.magnitude
-                events += [(i, pb.DeviceEvent(time_ns=t_ns, kind=pb.EVENT_ECC_UNCORRECTED,
-                                              code=int(fault.magnitude),
-                                              detail="uncorrected ECC error (simulated)"))
-                           for i in np.flatnonzero(mask)]
-            if not fault.active(t):
-                if fault.kind == "gpu_lost" and fault.for_s is not None and \
-                        onset == round((fault.at_s + fault.for_s) * self.hz):
-                    self.lost[mask] = False
-                    events += [(i, pb.DeviceEvent(time_ns=t_ns, kind=pb.EVENT_GPU_RECOVERED,
-                                                  detail="GPU answers again (simulated)"))
-                               for i in np.flatnonzero(mask)]
+            onset = round(fault.at_s * self.hz)
+            end = None if fault.for_s is None else round((fault.at_s + fault.for_s) * self.hz)
+            if onset >= k0 + T or (end is not None and end < k0):
+                continue  # not started yet, or over before this block
+            active = (k >= onset) & ((k < end) if end is not None else True)
+            rows = np.flatnonzero(mask)
+            if k0 <= onset < k0 + T:
+                i, t_on = onset - k0, int(times_ns[onset - k0])
+                if fault.kind == "xid":
+                    code = int(fault.magnitude)
+                    events += [(i, r, pb.DeviceEvent(time_ns=t_on, kind=EVENT_XID, code=code,
+                                                     detail=f"Xid {code} (simulated)"))
+                               for r in rows]
+                elif fault.kind == "ecc_error":
+                    events += [(i, r, pb.DeviceEvent(
+                        time_ns=t_on, kind=EVENT_ECC, code=int(fault.magnitude),
+                        detail="uncorrected ECC error (simulated)")) for r in rows]
+                elif fault.kind == "gpu_lost":
+                    events += [(i, r, pb.DeviceEvent(time_ns=t_on, kind=EVENT_LOST, code=15,
+                                                     detail="GPU fell off the bus (simulated)"))
+                               for r in rows]
+            if fault.kind == "gpu_lost" and end is not None and k0 <= end < k0 + T:
+                i = end - k0
+                events += [(i, r, pb.DeviceEvent(time_ns=int(times_ns[i]), kind=EVENT_BACK,
+                                                 detail="GPU answers again (simulated)"))
+                           for r in rows]
+            if fault.kind == "ecc_error":
+                if k0 <= onset < k0 + T:
+                    self.ecc_uncorrected_at.append((onset, mask, fault.magnitude))
                 continue
+            if not active.any():
+                continue
+            on = active[:, None] & mask[None, :]                     # (T, n)
             m = fault.magnitude
             if fault.kind == "thermal_throttle":
-                clock[mask] *= 1.0 - m
-                heat[mask] += 18.0
-                throttle[mask] |= pb.THROTTLE_HW_THERMAL | pb.THROTTLE_SW_THERMAL
+                clock[on] *= 1.0 - m
+                heat[on] += 18.0
+                throttle[on] |= THERMAL_BITS
             elif fault.kind == "power_cap":
-                limit[mask] = POWER_MAX * m
+                limit[on] = POWER_MAX * m
             elif fault.kind == "memory_leak":
-                self.leaked[mask] += m * dt
+                leak_rate[on] += m
             elif fault.kind == "input_starvation":
-                util[mask] *= m
+                util[on] *= m
             elif fault.kind == "straggler":
-                clock[mask] *= 1.0 - m
+                clock[on] *= 1.0 - m
                 # Its peers finish first and wait for it in the collective.
-                peers = (self.node_of[:, None] == self.node_of[mask][None, :]).any(axis=1)
-                peers &= ~mask
-                util[peers] *= 1.0 - m
+                peers = np.isin(self.node_of, self.node_of[mask]) & ~mask
+                util[active[:, None] & peers[None, :]] *= 1.0 - m
             elif fault.kind == "link_degradation":
-                link[mask] *= 1.0 - m
+                link[on] *= 1.0 - m
             elif fault.kind == "stall":
-                util[mask] = 0.0
-                link[mask] = 0.0
-            elif fault.kind == "gpu_lost" and starts_now:
-                self.lost[mask] = True
-                events += [(i, pb.DeviceEvent(time_ns=t_ns, kind=pb.EVENT_GPU_LOST, code=15,
-                                              detail="GPU fell off the bus (simulated)"))
-                           for i in np.flatnonzero(mask)]
+                util[on] = 0.0
+                link[on] = 0.0
+            elif fault.kind == "gpu_lost":
+                lost[on] = True
 
-        noise = self.rng.standard_normal((3, self.n))
+        # Drawn tick by tick, so any block size consumes the random stream identically.
+        noise = self.rng.standard_normal((T, 3, n)).transpose(1, 0, 2)
         util = np.clip(util * (1.0 + 0.015 * noise[0]), 0.0, 100.0)
         wanted = POWER_IDLE + (POWER_MAX - POWER_IDLE) * util / 100.0 * (0.35 + 0.65 * clock)
         capped = wanted > limit
         clock = np.where(capped, clock * limit / wanted, clock)
-        throttle[capped] |= pb.THROTTLE_SW_POWER_CAP
+        throttle[capped] |= POWER_CAP_BIT
         power = np.minimum(wanted, limit) + 3.0 * noise[1]
         idle = util < 1.0
-        throttle[idle] |= pb.THROTTLE_GPU_IDLE
-        self.temp += (TEMP_AMBIENT + TEMP_PER_W * power + heat - self.temp) * dt / TEMP_TAU_S
-        self.energy += power * dt
+        throttle[idle] |= IDLE_BIT
+        temp, energy, leaked = np.empty((T, n)), np.empty((T, n)), np.empty((T, n))
+        for i in range(T):  # state carried tick to tick (thermal lag, counters): a short loop
+            self.temp += (TEMP_AMBIENT + TEMP_PER_W * power[i] + heat[i] - self.temp) \
+                * dt / TEMP_TAU_S
+            self.energy += power[i] * dt
+            self.leaked += leak_rate[i] * dt
+            temp[i], energy[i], leaked[i] = self.temp, self.energy, self.leaked
+        ecc = np.repeat(self.ecc_uncorrected[None, :], T, axis=0)
+        for onset, mask, added in self.ecc_uncorrected_at:
+            if k0 <= onset < k0 + T:
+                ecc[onset - k0:, mask] += added
+                self.ecc_uncorrected[mask] += added
+        self.ecc_uncorrected_at.clear()
         comm = (~computing) & ~idle
 
-        out = np.empty((self.n, len(self.fields)))
-        out[:, COL[F.GPU_UTIL]] = util
-        out[:, COL[F.GPU_MEM_UTIL]] = util * 0.55
-        out[:, COL[F.GPU_MEM_USED]] = np.minimum(self.mem_base + self.leaked, MEM_TOTAL)
-        out[:, COL[F.GPU_MEM_TOTAL]] = MEM_TOTAL
-        out[:, COL[F.GPU_POWER]] = power
-        out[:, COL[F.GPU_ENERGY]] = self.energy
-        out[:, COL[F.GPU_TEMP]] = self.temp + 0.2 * noise[2]
-        out[:, COL[F.GPU_MEM_TEMP]] = self.temp + 6.0
-        out[:, COL[F.GPU_SM_CLOCK]] = np.where(idle, SM_CLOCK_IDLE, SM_CLOCK_MAX * clock)
-        out[:, COL[F.GPU_MEM_CLOCK]] = MEM_CLOCK
-        out[:, COL[F.GPU_THROTTLE_REASONS]] = throttle
-        out[:, COL[F.GPU_PCIE_TX]] = np.where(idle, 0.0, 400.0) * link
-        out[:, COL[F.GPU_PCIE_RX]] = np.where(computing & ~idle, PCIE_LOAD_MBPS, 200.0) * link
-        out[:, COL[F.GPU_NVLINK_TX]] = np.where(comm, NVLINK_COMM_MBPS, 0.0) * link
-        out[:, COL[F.GPU_NVLINK_RX]] = out[:, COL[F.GPU_NVLINK_TX]]
-        out[:, COL[F.GPU_ECC_CORRECTED]] = 0.0
-        out[:, COL[F.GPU_ECC_UNCORRECTED]] = self.ecc_uncorrected
-        out[:, COL[F.GPU_POWER_LIMIT]] = limit
-        out[:, COL[F.GPU_SM_CLOCK_MAX]] = SM_CLOCK_MAX
-        out[self.lost] = np.nan
+        out = np.empty((T, n, len(self.fields)))
+        out[:, :, C_UTIL] = util
+        out[:, :, C_MEM_UTIL] = util * 0.55
+        out[:, :, C_MEM_USED] = np.minimum(self.mem_base + leaked, MEM_TOTAL)
+        out[:, :, C_MEM_TOTAL] = MEM_TOTAL
+        out[:, :, C_POWER] = power
+        out[:, :, C_ENERGY] = energy
+        out[:, :, C_TEMP] = temp + 0.2 * noise[2]
+        out[:, :, C_MEM_TEMP] = temp + 6.0
+        out[:, :, C_SM_CLOCK] = np.where(idle, SM_CLOCK_IDLE, SM_CLOCK_MAX * clock)
+        out[:, :, C_MEM_CLOCK] = MEM_CLOCK
+        out[:, :, C_THROTTLE] = throttle
+        out[:, :, C_PCIE_TX] = np.where(idle, 0.0, 400.0) * link
+        out[:, :, C_PCIE_RX] = np.where(computing & ~idle, PCIE_LOAD_MBPS, 200.0) * link
+        out[:, :, C_NVLINK_TX] = np.where(comm, NVLINK_COMM_MBPS, 0.0) * link
+        out[:, :, C_NVLINK_RX] = out[:, :, C_NVLINK_TX]
+        out[:, :, C_ECC_CORRECTED] = 0.0
+        out[:, :, C_ECC_UNCORRECTED] = ecc
+        out[:, :, C_POWER_LIMIT] = limit
+        out[:, :, C_SM_CLOCK_MAX] = SM_CLOCK_MAX
+        out[lost] = np.nan
 
-        changed = np.flatnonzero((throttle != self.throttle) & ~self.lost)
-        events += [(i, pb.DeviceEvent(time_ns=t_ns, kind=pb.EVENT_THROTTLE, code=int(throttle[i]),
-                                      detail=f"throttle reasons now {int(throttle[i]):#x}"))
-                   for i in changed]
-        self.throttle = throttle
-        return Reading(values=out, events=events)
+        previous = np.concatenate([self.throttle[None, :], throttle[:-1]])
+        for i, r in zip(*np.nonzero((throttle != previous) & ~lost), strict=True):
+            code = int(throttle[i, r])
+            events.append((int(i), int(r), pb.DeviceEvent(
+                time_ns=int(times_ns[i]), kind=EVENT_THROTTLE, code=code,
+                detail=f"throttle reasons now {code:#x}")))
+        self.throttle = throttle[-1].copy()
+        events.sort(key=lambda e: e[0])
+        return out, events

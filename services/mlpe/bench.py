@@ -1,0 +1,30 @@
+"""`mlpe bench …`: benchmarks that print a human summary, then one JSON line of figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mlpe.common.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from mlpe.agent import bench as agent_bench
+
+    p = sub.add_parser("bench", help="benchmarks (last line of output: JSON figures)",
+                       description="Benchmarks against the real stack; each prints a summary "
+                       "and, as its last line, a JSON object with its figures.")
+    which = p.add_subparsers(dest="which", metavar="BENCHMARK", required=True)
+    agent_bench.register(which)
+    p.set_defaults(func=run)
+
+
+def run(args, settings: Settings) -> int:
+    try:
+        result = args.bench(args, settings)
+    except RuntimeError as err:
+        print(f"mlpe bench {args.which}: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(result), flush=True)
+    return 0

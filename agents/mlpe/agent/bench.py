@@ -35,7 +35,7 @@ def register(sub) -> None:
     ingest = sub.add_parser("ingest", help="ingest ceiling: simulated nodes until it saturates")
     ingest.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help="agent processes in parallel (default: one per core)")
-    ingest.add_argument("--nodes", default="8,16,32,48,64,96",
+    ingest.add_argument("--nodes", default="16,32,64,128,192,256,384,512",
                         help="nodes per process to try, in order (8 GPUs each)")
     ingest.add_argument("--seconds", type=float, default=15.0, help="seconds per step (15)")
     ingest.add_argument("--warmup", type=float, default=4.0)
@@ -157,7 +157,7 @@ def bench_ingest(args, settings: Settings) -> dict:
                             for i in range(args.processes)], args.seconds, args.warmup)
         produced = sum(r.stats["values"] for r in runs)
         batches = sum(r.stats["batches"] for r in runs)
-        acked_batches = sum(r.stats["sent"] - 1 for r in runs)
+        acked_batches = sum(r.stats["sent"] for r in runs) - nodes * args.processes  # inventory
         total_s = args.warmup + args.seconds
         acked_values = produced * acked_batches / max(batches, 1)
         cpu = [round(100 * r.cpu_s / r.window_s, 1) for r in runs]

@@ -1,0 +1,31 @@
+import numpy as np
+
+from mlpe import tail
+from mlpe.common import batches
+from mlpe.v1 import alerts_pb2, metrics_pb2 as pb
+
+
+def test_metric_batch_is_summarised():
+    raw = batches.encode(batches.Batch(
+        "node-1", pb.DEVICE_KIND_GPU, 3, "GPU-x", 1, 7, 70,
+        np.array([1_700_000_000_000_000_000, 1_700_000_000_010_000_000]),
+        {pb.GPU_POWER: np.array([300.0, 310.0]), pb.GPU_TEMP: np.array([np.nan, np.nan])},
+        [pb.DeviceEvent(time_ns=1, kind=pb.EVENT_XID, code=79)]))
+    d = tail.describe("mlpe.metrics.gpu", b"node-1", raw)
+    assert (d["node"], d["device"], d["batch_seq"], d["samples"]) == ("node-1", 3, 7, 2)
+    assert d["fields"]["power"] == {"last": 310.0, "mean": 305.0, "min": 300.0, "max": 310.0}
+    assert d["fields"]["temp"] == {"last": None}
+    line = tail.render(d)
+    assert "node-1 dev3 seq=7 n=2 power=310.0" in line and "EVENT_XID" in line
+
+
+def test_undecodable_message_is_reported_not_raised():
+    d = tail.describe("mlpe.metrics.gpu", b"k", b"\xff\xfe garbage")
+    assert "not a MetricBatch" in d["error"]
+    assert "UNDECODABLE" in tail.render(d)
+
+
+def test_other_topics_decode_their_message():
+    alert = alerts_pb2.Alert(fingerprint="f1", rule="gpu_hot", labels={"node": "n1"})
+    d = tail.describe("mlpe.alerts", b"f1", alert.SerializeToString())
+    assert d["rule"] == "gpu_hot" and d["labels"] == {"node": "n1"}

@@ -2,7 +2,8 @@ import numpy as np
 
 from mlpe import tail
 from mlpe.common import batches
-from mlpe.v1 import alerts_pb2, metrics_pb2 as pb
+from mlpe.v1 import alerts_pb2
+from mlpe.v1 import metrics_pb2 as pb
 
 
 def test_metric_batch_is_summarised():

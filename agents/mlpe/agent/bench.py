@@ -35,8 +35,9 @@ def register(sub) -> None:
     ingest = sub.add_parser("ingest", help="ingest ceiling: simulated nodes until it saturates")
     ingest.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help="agent processes in parallel (default: one per core)")
-    ingest.add_argument("--nodes", default="16,32,64,128,192,256,384,512",
-                        help="nodes per process to try, in order (8 GPUs each)")
+    ingest.add_argument("--nodes", default="32,128,256,512,768",
+                        help="nodes per process to try, in order (8 GPUs each); it stops at "
+                        "the first step the machine cannot sustain")
     ingest.add_argument("--seconds", type=float, default=15.0, help="seconds per step (15)")
     ingest.add_argument("--warmup", type=float, default=4.0)
     ingest.set_defaults(bench=bench_ingest)
@@ -165,10 +166,13 @@ def bench_ingest(args, settings: Settings) -> dict:
         wakeups = sum(r.stats["ticks"] for r in runs) / 10
         lagging = acked_batches < 0.99 * batches or any(r.stats["spooled"] for r in runs)
         behind = late > 0.02 * wakeups
+        broker = _broker_cpu(settings)
+        busy = sum(cpu) + (broker or 0.0)
+        saturated = busy > 90 * (os.cpu_count() or 1)
         row = {"nodes": nodes * args.processes, "gpus": 8 * nodes * args.processes,
                "values_per_s": round(acked_values / total_s), "agent_cpu_pct": cpu,
                "late_wakeups": late, "acked_fraction": round(acked_batches / max(batches, 1), 4),
-               "broker_cpu_pct": _broker_cpu(settings)}
+               "broker_cpu_pct": broker}
         rows.append(row)
         print(f"  {row['nodes']:4d} nodes ({row['gpus']} GPUs): {row['values_per_s']:>10,} "
               f"values/s acked, agent CPU {cpu}%, late wake-ups {late}, acked "
@@ -178,6 +182,10 @@ def bench_ingest(args, settings: Settings) -> dict:
                           "Kafka acknowledgements lag production (broker or producer)")
             break
         best = row
+        if saturated:
+            limited_by = (f"CPU: all {os.cpu_count()} cores busy (agents {sum(cpu):.0f}%, "
+                          f"broker {broker or 0:.0f}%); more nodes would fall behind")
+            break
     result = {"bench": "ingest", "values_per_s": best["values_per_s"] if best else 0,
               "nodes": best["nodes"] if best else 0, "gpus": best["gpus"] if best else 0,
               "processes": args.processes, "limited_by": limited_by, "steps": rows}

@@ -4,10 +4,12 @@ Records are grouped per topic-partition (murmur2 of the key, as Kafka's own
 clients do) into one producer batch each, so a flush of eight GPUs costs one
 send, not eight. The producer is idempotent, acks=all, lz4-compressed.
 
-On the first failed delivery the shipper waits for what is in flight, spools
-the failures and everything after them, and appends to the spool until it has
-been replayed, oldest first. Each outage gets a fresh producer, so the
-idempotence sequence starts clean.
+An idempotent producer retries a batch until it is delivered, so an outage
+shows up as a batch not acknowledged within `delivery_timeout_s`. Then the
+shipper aborts the producer (after which nothing it holds can still be
+delivered), spools every unacknowledged record and everything newer, and
+appends to the spool until it has been replayed, oldest first. Each outage gets
+a fresh producer, so the idempotence sequence starts clean.
 """
 
 from __future__ import annotations
@@ -42,12 +44,14 @@ class ShipperStats:
 class Shipper:
     def __init__(self, bootstrap: str, spool: Spool, *, compression: str = "lz4",
                  max_in_flight: int = 50_000, request_timeout_ms: int = 10_000,
-                 linger_ms: int = 200, linger_records: int = 5_000):
+                 linger_ms: int = 200, linger_records: int = 5_000,
+                 delivery_timeout_s: float = 10.0):
         self.bootstrap = bootstrap
         self.spool = spool
         self.compression = compression
         self.max_in_flight = max_in_flight
         self.request_timeout_ms = request_timeout_ms
+        self.delivery_timeout_s = delivery_timeout_s
         # Records wait up to linger_ms (or until linger_records queue) so that several
         # flush intervals share one produce request: far fewer wake-ups per second.
         self.linger_s = linger_ms / 1000
@@ -55,7 +59,7 @@ class Shipper:
         self.pending_since = 0.0
         self.stats = ShipperStats()
         self.pending: deque[Record] = deque()
-        self.inflight: deque[tuple[list[Record], asyncio.Future]] = deque()
+        self.inflight: deque[tuple[list[Record], asyncio.Future, float]] = deque()
         self.inflight_records = 0
         self.producer: AIOKafkaProducer | None = None
         self.partitions: dict[str, list[int]] = {}
@@ -100,10 +104,23 @@ class Shipper:
         return True
 
     async def _disconnect(self) -> None:
+        """Close the producer. stop() flushes first, which never ends while the broker is
+        away (idempotent batches are retried until delivered); then cancel its sender
+        instead, so that nothing it still holds can be delivered behind our back."""
         producer, self.producer, self.up = self.producer, None, False
-        if producer is not None:
+        if producer is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(producer.stop()), timeout=2)
+            return
+        except FAILURES:
+            pass
+        sender = getattr(producer, "_sender", None)  # aiokafka internals, guarded
+        if sender is not None:
             with contextlib.suppress(*FAILURES):
-                await asyncio.wait_for(producer.stop(), timeout=5)
+                await asyncio.wait_for(sender.close(), timeout=5)
+        with contextlib.suppress(*FAILURES):
+            await asyncio.wait_for(producer.client.close(), timeout=5)
 
     # -- sending -------------------------------------------------------------------------
     async def _send(self, records: list[Record]) -> list[tuple[list[Record], asyncio.Future]]:
@@ -131,7 +148,7 @@ class Shipper:
                 batch.close()
                 future = await self.producer.send_batch(batch, topic, partition=partition)
                 future.add_done_callback(lambda _: self._wake.set())
-                sent.append((group[start:end], future))
+                sent.append((group[start:end], future, time.monotonic()))
                 self.stats.sends += 1
                 start = end
         return sent
@@ -145,39 +162,42 @@ class Shipper:
             self.spool.append(records)
             self.stats.spooled += len(records)
 
-    async def _settle_inflight(self) -> list[Record]:
-        """Wait for every in-flight batch; return the records that were not delivered."""
+    def _unacknowledged(self) -> list[Record]:
+        """After the producer is closed: in-flight records never acknowledged, in order."""
         failed: list[Record] = []
-        while self.inflight:
-            records, future = self.inflight.popleft()
-            self.inflight_records -= len(records)
-            try:
-                await future
+        for records, future, _ in self.inflight:
+            if future.done() and not future.cancelled() and future.exception() is None:
                 self._delivered(records)
-            except FAILURES as err:
-                if not failed:
-                    log.warning("kafka: delivery failed (%s); spooling to %s", err, self.spool.dir)
+            else:
                 failed += records
+        self.inflight.clear()
+        self.inflight_records = 0
         return failed
 
     def _reap(self) -> bool:
-        """Collect finished batches in order; False at the first failure."""
+        """Collect finished batches in order; False at a failure or a batch overdue."""
         while self.inflight and self.inflight[0][1].done():
-            records, future = self.inflight[0]
+            records, future, _ = self.inflight[0]
             if future.cancelled() or future.exception() is not None:
                 return False
             self.inflight.popleft()
             self.inflight_records -= len(records)
             self._delivered(records)
-        return True
+        return not (self.inflight and self._overdue_in() == 0.0)
+
+    def _overdue_in(self) -> float:
+        """Seconds until the oldest in-flight batch counts as undeliverable."""
+        return max(0.0, self.inflight[0][2] + self.delivery_timeout_s - time.monotonic())
 
     async def _outage(self) -> None:
-        """Kafka failed: keep order by moving failures, then everything newer, to the spool."""
-        failed = await self._settle_inflight()
-        self._to_spool(failed + list(self.pending))
+        """Kafka is away: abort the producer, then spool, in order, every record it did not
+        acknowledge followed by everything newer."""
+        log.warning("kafka: no acknowledgement for %.0f s; spooling to %s",
+                    self.delivery_timeout_s, self.spool.dir)
+        await self._disconnect()
+        self._to_spool(self._unacknowledged() + list(self.pending))
         self.pending.clear()
         self.stats.outages += 1
-        await self._disconnect()
 
     async def _replay(self) -> bool:
         """Send the spool, oldest first, a chunk at a time, acknowledged before removal."""
@@ -185,7 +205,8 @@ class Shipper:
             chunk = self.spool.peek(REPLAY_CHUNK)
             try:
                 sent = await self._send([record for record, _, _ in chunk])
-                await asyncio.gather(*(future for _, future in sent))
+                await asyncio.wait_for(asyncio.gather(*(future for _, future, _ in sent)),
+                                       timeout=self.delivery_timeout_s)
             except FAILURES as err:
                 log.warning("kafka: replay interrupted: %s", err)
                 await self._disconnect()
@@ -220,9 +241,9 @@ class Shipper:
                         and self._lingering() == 0.0:
                     records = list(self.pending)
                     self.pending.clear()
-                    for group, future in await self._send(records):
-                        self.inflight.append((group, future))
-                        self.inflight_records += len(group)
+                    for entry in await self._send(records):
+                        self.inflight.append(entry)
+                        self.inflight_records += len(entry[0])
             except FAILURES as err:
                 log.warning("kafka: send refused (%s)", err)
                 self.pending.extendleft(reversed(records))
@@ -234,13 +255,14 @@ class Shipper:
                 retry_at = time.monotonic() + 1.0
                 continue
             if self._closing and not self.pending:
-                failed = await self._settle_inflight()
-                if not failed:
+                if not self.inflight:
                     return
-                self._to_spool(failed)
-                await self._disconnect()
-                return
-            await self._wait(self._lingering() if self.pending else 1.0)
+                await self._wait(self._overdue_in())
+                continue
+            timeout = self._lingering() if self.pending else 1.0
+            if self.inflight:
+                timeout = min(timeout, self._overdue_in())
+            await self._wait(timeout)
 
     async def _wait(self, timeout: float) -> None:
         """Sleep until woken (new records, a delivery) or `timeout`; no task per call."""
@@ -264,11 +286,7 @@ class Shipper:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            leftover = [r for records, f in self.inflight
-                        if not (f.done() and not f.cancelled() and f.exception() is None)
-                        for r in records]
-            self._to_spool(leftover + list(self.pending))
-            self.inflight.clear()
-            self.pending.clear()
         await self._disconnect()
+        self._to_spool(self._unacknowledged() + list(self.pending))
+        self.pending.clear()
         self.spool.close()

@@ -90,6 +90,11 @@ class FakeNvml:
         self._count("throttle", h)
         return 0
 
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        self._count("processes", h)
+        return [SimpleNamespace(pid=4242 + h, usedGpuMemory=(3 + h) << 30),
+                SimpleNamespace(pid=7, usedGpuMemory=None)]  # not reported: skipped
+
     def nvmlDeviceGetSamples(self, h, kind, since):
         self._count(f"samples {kind}", h)
         return (0, [SimpleNamespace(timeStamp=since + 1, sampleValue=SimpleNamespace(uiVal=90))])
@@ -148,8 +153,17 @@ def test_xid_events(fake):
     gpus = NvmlGpus(hz=100)
     fake.xids = [(1, 79), (0, 48)]
     r = gpus.read(0, 123)
-    assert [(row, e.kind, e.code) for row, e in r.events] == [
+    assert [(row, e.kind, e.code) for row, e in r.events if e.kind == pb.EVENT_XID] == [
         (1, pb.EVENT_XID, 79), (0, pb.EVENT_XID, 48)]
+
+
+def test_process_memory_once_a_second(fake):
+    gpus = NvmlGpus(hz=100)
+    first = [(row, e.code, e.value) for row, e in gpus.read(0, 0).events
+             if e.kind == pb.EVENT_PROCESS_MEMORY]
+    assert first == [(0, 4242, 3 * 1024), (1, 4243, 4 * 1024)]
+    assert not any(e.kind == pb.EVENT_PROCESS_MEMORY for _, e in gpus.read(1, 1).events)
+    assert fake.calls["processes"] == 2
 
 
 def test_bad_gpu_index(fake):

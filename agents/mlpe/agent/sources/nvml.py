@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 F = pb.Field
 COL = {number: i for i, number in enumerate(GPU_FIELDS)}
 LOST_RETRY_S = 5.0
+PROCESS_EVERY_S = 1.0
 
 
 def nvml_available() -> bool:
@@ -211,7 +212,28 @@ class NvmlGpus:
         out[:, COL[F.GPU_UTIL]] = np.where(self.lost, np.nan, self.util_last[:, 0])
         out[:, COL[F.GPU_MEM_UTIL]] = np.where(self.lost, np.nan, self.util_last[:, 1])
         events += self._poll_xid(t_ns)
+        if k % max(1, round(self.hz * PROCESS_EVERY_S)) == 0:
+            events += self._process_memory(t_ns)
         return Reading(values=out, events=events)
+
+    def _process_memory(self, t_ns: int) -> list[tuple[int, pb.DeviceEvent]]:
+        """Device memory per compute process, where the driver reports it (once a second)."""
+        nv, found = self.nv, []
+        for i, handle in enumerate(self.handles):
+            if self.lost[i]:
+                continue
+            try:
+                procs = self._call("processes", nv.nvmlDeviceGetComputeRunningProcesses, handle)
+            except nv.NVMLError:
+                continue
+            for proc in procs or ():
+                used = getattr(proc, "usedGpuMemory", None)
+                if used is None:  # not available (e.g. under MIG or without permission)
+                    continue
+                found.append((i, pb.DeviceEvent(time_ns=t_ns, kind=pb.EVENT_PROCESS_MEMORY,
+                                                code=int(proc.pid), value=used / 2**20,
+                                                detail=f"pid {proc.pid}: {used >> 20} MiB")))
+        return found
 
     def _read_gpu(self, i, handle, row, counters, t_ns, events) -> None:
         nv = self.nv

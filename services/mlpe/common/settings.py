@@ -68,6 +68,19 @@ def _host_ports(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+def _float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:
+        raise SettingsError(f"{name}={raw!r}: expected a number from {low:g} to {high:g}")
+    return value
+
+
 def _size(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name, default).strip().lower()
     digits = value[:-1] if value[-1:] in "kmg" else value
@@ -97,6 +110,9 @@ class Settings:
 
     redis_port: int
     redis_url: str
+
+    stream_lateness_s: float  # how long a window waits for late samples (event time)
+    stream_app_id: str        # Faust app id = Kafka consumer group of the stream workers
 
     @property
     def logs_dir(self) -> Path:
@@ -148,4 +164,6 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         redis_url=_url(
             env, "MLPE_REDIS_URL", f"redis://127.0.0.1:{redis_port}/0", ("redis", "rediss")
         ),
+        stream_lateness_s=_float(env, "MLPE_STREAM_LATENESS_S", 0.5, 0.0, 60.0),
+        stream_app_id=_text(env, "MLPE_STREAM_APP_ID", "mlpe-stream"),
     )

@@ -1,0 +1,138 @@
+"""`mlpe stream`: the Faust app that turns metric batches into InfluxDB aggregates.
+
+Topics and agents are declared at module level, Faust style. Offsets are
+acknowledged only once every window a batch contributed to is in InfluxDB, so a
+killed worker resumes from data whose windows were not yet written, recomputes
+them and overwrites (same series, same timestamp): nothing missing, nothing
+doubled. Undecodable batches go to the dead-letter topic with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import faust
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from mlpe.common import batches
+from mlpe.common import settings as settings_module
+from mlpe.common.topics import DEAD_LETTER, GPU_METRICS, HOST_METRICS
+from mlpe.stream.influx import InfluxWriter
+from mlpe.stream.windows import WindowSet
+from mlpe.v1 import deadletter_pb2
+
+log = logging.getLogger("mlpe.stream")
+settings = settings_module.load()
+(settings.state_dir / "stream").mkdir(parents=True, exist_ok=True)  # Faust's datadir
+
+app = faust.App(
+    settings.stream_app_id,
+    broker=f"kafka://{settings.kafka_bootstrap}",
+    value_serializer="raw",
+    store="memory://",
+    web_enabled=False,
+    consumer_auto_offset_reset="earliest",
+    broker_commit_interval=1.0,
+    # Events are held until their windows are written; on shutdown or rebalance do not
+    # wait for them: the next owner of the partition replays them from the last commit.
+    stream_wait_empty=False,
+    # A killed worker's partitions move to the others after this, not after 60 s.
+    broker_session_timeout=10.0,
+    broker_heartbeat_interval=1.0,
+    datadir=str(settings.state_dir / "stream"),
+    topic_partitions=GPU_METRICS.partitions,
+)
+metric_topics = app.topic(GPU_METRICS.name, HOST_METRICS.name, value_type=bytes,
+                          value_serializer="raw", key_serializer="raw")
+dead_letters = app.topic(DEAD_LETTER.name, value_type=bytes, value_serializer="raw",
+                         key_serializer="raw")
+
+IDLE_S = 3.0  # a partition silent this long gets its open windows written anyway
+WINDOWS = [WindowSet(width, settings.stream_lateness_s, IDLE_S) for width in (1.0, 10.0)]
+EARLIEST_NS = 1_577_836_800 * 10**9  # 2020-01-01: anything older is a broken clock
+FUTURE_S = 86_400                    # more than a day ahead: a broken clock too
+writer = InfluxWriter(settings)
+counters = {"batches": 0, "values": 0, "dead_letters": 0, "windows_written": 0}
+
+
+class Hold:
+    """One consumed event, acknowledged when the last window holding its data is written."""
+    __slots__ = ("event", "refs")
+
+    def __init__(self, event):
+        self.event, self.refs = event, 0
+
+    def release(self) -> None:
+        self.refs -= 1
+        if self.refs == 0:
+            self.event.ack()
+
+
+def validate(batch: batches.Batch) -> None:
+    if batch.samples:
+        first, last = int(batch.timestamps_ns[0]), int(batch.timestamps_ns[-1])
+        if first < EARLIEST_NS or last > time.time_ns() + FUTURE_S * 10**9:
+            raise batches.BatchError(
+                f"MetricBatch: timestamps {first}..{last} ns are not a plausible time")
+
+
+async def dead_letter(event, reason: str) -> None:
+    message = event.message
+    refused_at = Timestamp()
+    refused_at.GetCurrentTime()
+    letter = deadletter_pb2.DeadLetter(
+        source_topic=message.topic, source_partition=message.partition,
+        source_offset=message.offset, key=message.key or b"", value=message.value or b"",
+        reason=reason, refused_by="stream", refused_at=refused_at)
+    await dead_letters.send(key=message.topic.encode(), value=letter.SerializeToString())
+    counters["dead_letters"] += 1
+    log.warning("dead letter: %s (topic %s, partition %d, offset %d)", reason, message.topic,
+                message.partition, message.offset)
+
+
+@app.agent(metric_topics)
+async def aggregate(stream):
+    async for event in stream.noack().events():
+        try:
+            batch = batches.decode(event.value)
+            validate(batch)
+        except batches.BatchError as err:
+            await dead_letter(event, str(err))
+            event.ack()
+            continue
+        hold = Hold(event)
+        for windows in WINDOWS:
+            hold.refs += windows.add((event.message.topic, event.message.partition), batch,
+                                     hold)
+        counters["batches"] += 1
+        counters["values"] += batch.values
+        if hold.refs == 0:  # every sample fell in windows already written
+            event.ack()
+
+
+@app.timer(interval=0.25)
+async def write_closed_windows() -> None:
+    closed = [c for windows in WINDOWS for c in windows.close_ready()]
+    if not closed:
+        return
+    await writer.write([c.line for c in closed])  # retries until InfluxDB takes them
+    counters["windows_written"] += len(closed)
+    for window in closed:
+        for hold in window.tokens:
+            hold.release()
+
+
+@app.on_partitions_revoked.connect
+async def forget_revoked(app, revoked, **kwargs) -> None:
+    """Open windows of partitions we no longer own are dropped unwritten (never a partial
+    window): their new owner replays those events from the last commit."""
+    partitions = {(tp.topic, tp.partition) for tp in revoked}
+    for windows in WINDOWS:
+        windows.drop_partitions(partitions)
+
+
+@app.timer(interval=10.0)
+async def report() -> None:
+    late = sum(w.late_samples for w in WINDOWS)
+    log.info("stream stats: %s late_samples=%d", counters, late)

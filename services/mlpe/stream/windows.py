@@ -1,0 +1,155 @@
+"""Tumbling windows over columnar batches: min, mean, max, p95 and last per field.
+
+Pure numpy and no Faust, so it is tested on its own. A window closes when the
+event time seen on its partition passes its end plus an allowed lateness (so a
+replay after a crash recomputes exactly the same windows), or when the partition
+has been silent for a while (a node that stopped sending still gets its last
+window written). Each closed window becomes one InfluxDB point whose timestamp
+is the window start: rewriting it on replay overwrites, never duplicates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mlpe.common import batches
+from mlpe.v1 import metrics_pb2 as pb
+
+STATS = ("min", "mean", "max", "p95", "last")
+MEASUREMENT = {pb.DEVICE_KIND_GPU: "gpu", pb.DEVICE_KIND_HOST: "host"}
+
+
+@dataclass
+class _Window:
+    start_ns: int
+    parts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (times, values)
+    fields: tuple[int, ...] = ()
+    tokens: list[object] = field(default_factory=list)  # whatever the caller acks afterwards
+
+
+@dataclass(frozen=True)
+class Closed:
+    """A finished window: its InfluxDB line and the tokens whose data it held."""
+    line: str
+    tokens: list[object]
+    end_ns: int
+
+
+def _escape_tag(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+
+
+class WindowSet:
+    """All open windows of one width, keyed by (partition, node, kind, device); a
+    partition is any hashable, e.g. (topic, partition number)."""
+
+    def __init__(self, width_s: float, lateness_s: float, idle_s: float):
+        self.width_ns = int(width_s * 1e9)
+        self.label = f"{width_s:g}s"
+        self.lateness_ns = int(lateness_s * 1e9)
+        self.idle_s = idle_s
+        self.open: dict[tuple, dict[int, _Window]] = defaultdict(dict)
+        self.watermark: dict = {}               # partition -> max event time seen (ns)
+        self.last_seen: dict = {}               # partition -> monotonic time of last batch
+        self.late_samples = 0
+
+    def add(self, partition: Hashable, batch: batches.Batch, token: object) -> int:
+        """Add a batch's samples to their windows; `token` comes back with each window.
+        Returns how many windows now hold some of it."""
+        joined = 0
+        if not batch.samples:
+            return joined
+        key = (partition, batch.node_id, batch.device_kind, batch.device_index)
+        fields = tuple(sorted(batch.columns))
+        matrix = np.column_stack([batch.columns[f].astype(np.float64) for f in fields]) \
+            if fields else np.empty((batch.samples, 0))
+        starts = batch.timestamps_ns - batch.timestamps_ns % self.width_ns
+        closed_before = self.watermark.get(partition, -1) - self.lateness_ns
+        for start in np.unique(starts):
+            if start + self.width_ns <= closed_before and start not in self.open[key]:
+                self.late_samples += int((starts == start).sum())  # that window is written
+                continue
+            rows = starts == start
+            window = self.open[key].setdefault(int(start), _Window(int(start), fields=fields))
+            window.parts.append((batch.timestamps_ns[rows], matrix[rows]))
+            window.tokens.append(token)
+            joined += 1
+        self.watermark[partition] = max(self.watermark.get(partition, 0),
+                                        int(batch.timestamps_ns.max()))
+        self.last_seen[partition] = time.monotonic()
+        return joined
+
+    def drop_partitions(self, partitions: set) -> None:
+        for key in [k for k in self.open if k[0] in partitions]:
+            del self.open[key]
+        for partition in partitions:
+            self.watermark.pop(partition, None)
+            self.last_seen.pop(partition, None)
+
+    def close_ready(self, now: float | None = None, flush_all: bool = False) -> list[Closed]:
+        """Windows whose end (plus lateness) the event time has passed, or whose partition
+        has been idle for idle_s; all of them with flush_all."""
+        now = time.monotonic() if now is None else now
+        out = []
+        for key, windows in list(self.open.items()):
+            partition = key[0]
+            idle = now - self.last_seen.get(partition, now) >= self.idle_s
+            horizon = self.watermark.get(partition, 0) - self.lateness_ns
+            for start in sorted(windows):
+                end = start + self.width_ns
+                if flush_all or idle or end <= horizon:
+                    out.append(self._close(key, windows.pop(start)))
+            if not windows:
+                del self.open[key]
+        return out
+
+    def _close(self, key: tuple, window: _Window) -> Closed:
+        _, node, kind, device = key
+        times = np.concatenate([t for t, _ in window.parts])
+        values = np.concatenate([v for _, v in window.parts])
+        order = np.argsort(times, kind="stable")
+        values = values[order]
+        parts = []
+        with np.errstate(all="ignore"):
+            finite = np.isfinite(values)
+            counts = finite.sum(axis=0)
+            masked = np.where(finite, values, np.nan)
+            if len(values):
+                stats = {
+                    "min": _nan_safe(np.nanmin, masked, counts),
+                    "mean": _nan_safe(np.nanmean, masked, counts),
+                    "max": _nan_safe(np.nanmax, masked, counts),
+                    "p95": _nan_safe(lambda a, axis: np.nanpercentile(a, 95, axis=axis),
+                                     masked, counts),
+                    "last": _last_finite(masked),
+                }
+        for j, number in enumerate(window.fields):
+            if counts[j] == 0:
+                continue
+            name = batches.field_name(number)
+            parts += [f"{name}_{stat}={float(stats[stat][j])!r}" for stat in STATS]
+        parts.append(f"samples={len(values)}i")
+        tags = f"node={_escape_tag(node)},window={self.label}"
+        if kind == pb.DEVICE_KIND_GPU:
+            tags += f",gpu={device}"
+        line = f"{MEASUREMENT.get(kind, 'device')},{tags} {','.join(parts)} {window.start_ns}"
+        return Closed(line=line, tokens=window.tokens, end_ns=window.start_ns + self.width_ns)
+
+
+def _nan_safe(fn, values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    out = np.full(values.shape[1], np.nan)
+    ok = counts > 0
+    if ok.any():
+        out[ok] = fn(values[:, ok], axis=0)
+    return out
+
+
+def _last_finite(values: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(values)
+    idx = np.where(finite.any(axis=0), len(values) - 1 - np.argmax(finite[::-1], axis=0), 0)
+    return values[idx, np.arange(values.shape[1])]

@@ -1,0 +1,159 @@
+"""The stream processor end to end: agent → Kafka → `mlpe stream` → InfluxDB, dead letters,
+and a kill -9 mid-run that leaves no window missing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from influxdb_client import InfluxDBClient
+
+from mlpe.agent.agent import Agent
+from mlpe.agent.scenario import Scenario
+from mlpe.agent.shipper import Shipper
+from mlpe.agent.sources.sim import SimulatedGpus
+from mlpe.agent.spool import Spool
+from mlpe.common.topics import DEAD_LETTER, GPU_METRICS
+from mlpe.v1 import deadletter_pb2
+
+
+def start_stream(unique: str, log_path) -> subprocess.Popen:
+    env = {**os.environ, "MLPE_STREAM_APP_ID": f"test-stream-{unique}",
+           "MLPE_STATE_DIR": str(log_path.parent / "state"), "MLPE_LOG_LEVEL": "info"}
+    for name in ("MLPE_KAFKA_BOOTSTRAP", "MLPE_INFLUX_URL", "MLPE_INFLUX_TOKEN"):
+        env.pop(name, None)
+    env["MLPE_INFLUX_TOKEN"] = os.environ["MLPE_TEST_INFLUX_TOKEN"]
+    log = log_path.open("ab")
+    return subprocess.Popen([sys.executable, "-m", "mlpe.cli", "stream"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def stream_env(stack_endpoints, monkeypatch):
+    monkeypatch.setenv("MLPE_TEST_INFLUX_TOKEN", stack_endpoints.influx_token)
+    monkeypatch.setenv("MLPE_KAFKA_BOOTSTRAP", stack_endpoints.kafka_bootstrap)
+    monkeypatch.setenv("MLPE_INFLUX_URL", stack_endpoints.influx_url)
+    return stack_endpoints
+
+
+def windows(e, prefix: str) -> dict[tuple[str, str, int], int]:
+    """{(node, gpu, window start s): samples} of the 1 s GPU windows of nodes `prefix…`."""
+    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+        tables = client.query_api().query(f'''
+            from(bucket: "{e.influx_bucket}") |> range(start: -1h)
+              |> filter(fn: (r) => r._measurement == "gpu" and r.window == "1s"
+                                   and strings.hasPrefix(v: r.node, prefix: "{prefix}")
+                                   and r._field == "samples")
+        '''.replace("from(", 'import "strings"\nfrom(', 1))
+    return {(r["node"], r["gpu"], int(r.get_time().timestamp())): int(r.get_value())
+            for t in tables for r in t.records}
+
+
+async def run_agent(bootstrap: str, tmp_path, prefix: str, seconds: float) -> Agent:
+    sim = SimulatedGpus(Scenario(seed=3, nodes=2, gpus_per_node=2), 100, node_prefix=prefix)
+    agent = Agent([(sim, 100)], Shipper(bootstrap, Spool(tmp_path / "spool")), hz=100)
+    await agent.run(duration_s=seconds)
+    return agent
+
+
+def complete_interior(found: dict, prefix: str) -> tuple[int, list]:
+    """Every full second between each device's first and last window holds 100 samples."""
+    by_device: dict[tuple[str, str], dict[int, int]] = {}
+    for (node, gpu, second), samples in found.items():
+        by_device.setdefault((node, gpu), {})[second] = samples
+    problems = []
+    for device, seconds in by_device.items():
+        first, last = min(seconds), max(seconds)
+        for s in range(first + 1, last):
+            if seconds.get(s) != 100:
+                problems.append((device, s, seconds.get(s)))
+    return len(by_device), problems
+
+
+async def wait_for(condition, timeout: float, what: str, stream=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stream is not None and stream.poll() is not None:
+            raise AssertionError(f"the stream worker exited ({stream.returncode}) while "
+                                 f"waiting for {what}")
+        result = condition()
+        if result:
+            return result
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+async def test_aggregates_reach_influxdb(stream_env, unique, tmp_path):
+    prefix = f"s{unique}-"
+    stream = start_stream(unique, tmp_path / "stream.log")
+    try:
+        await run_agent(stream_env.kafka_bootstrap, tmp_path, prefix, seconds=6)
+        found = await wait_for(lambda: len(windows(stream_env, prefix)) >= 4 * 6 and
+                               windows(stream_env, prefix), 60, "1 s windows in InfluxDB", stream)
+        devices, problems = complete_interior(found, prefix)
+        assert devices == 4 and problems == []
+    finally:
+        stream.terminate()
+        stream.wait(timeout=30)
+
+
+async def test_kill_9_mid_run_leaves_no_window_missing(stream_env, unique, tmp_path):
+    prefix = f"k{unique}-"
+    log = tmp_path / "stream.log"
+    stream = start_stream(unique, log)
+    agent_task = asyncio.create_task(
+        run_agent(stream_env.kafka_bootstrap, tmp_path, prefix, seconds=20))
+    try:
+        await wait_for(lambda: len(windows(stream_env, prefix)) >= 8, 60, "first windows", stream)
+        os.kill(stream.pid, signal.SIGKILL)
+        stream.wait()
+        stream = start_stream(unique, log)  # resumes from the last acknowledged offsets
+        await agent_task
+        ended = int(time.time())
+        await wait_for(lambda: max((s for *_, s in windows(stream_env, prefix)), default=0)
+                       >= ended - 2, 90, "windows up to the end of the run", stream)
+        devices, problems = complete_interior(windows(stream_env, prefix), prefix)
+        assert devices == 4 and problems == [], log.read_text()[-2000:]
+    finally:
+        stream.terminate()
+        stream.wait(timeout=30)
+
+
+async def test_garbage_goes_to_dead_letters_and_processing_goes_on(stream_env, unique,
+                                                                   tmp_path):
+    prefix = f"d{unique}-"
+    stream = start_stream(unique, tmp_path / "stream.log")
+    consumer = AIOKafkaConsumer(DEAD_LETTER.name, bootstrap_servers=stream_env.kafka_bootstrap,
+                                auto_offset_reset="latest", group_id=f"t-{unique}")
+    await consumer.start()
+    await consumer.getmany(timeout_ms=1000)  # position at the end before sending
+    producer = AIOKafkaProducer(bootstrap_servers=stream_env.kafka_bootstrap)
+    await producer.start()
+    try:
+        garbage_key = f"{prefix}garbage".encode()
+        await producer.send_and_wait(GPU_METRICS.name, b"\x08\x96\x01 not a batch",
+                                     key=garbage_key)
+        letter = None
+        async with asyncio.timeout(60):
+            while letter is None:
+                for records in (await consumer.getmany(timeout_ms=1000)).values():
+                    for r in records:
+                        d = deadletter_pb2.DeadLetter.FromString(r.value)
+                        if d.key == garbage_key:
+                            letter = d
+        assert letter.source_topic == GPU_METRICS.name and letter.refused_by == "stream"
+        assert letter.value == b"\x08\x96\x01 not a batch" and letter.reason
+        await run_agent(stream_env.kafka_bootstrap, tmp_path, prefix, seconds=3)
+        await wait_for(lambda: windows(stream_env, prefix), 60, "windows after the garbage", stream)
+        assert stream.poll() is None
+    finally:
+        await producer.stop()
+        await consumer.stop()
+        stream.terminate()
+        stream.wait(timeout=30)

@@ -1,0 +1,89 @@
+"""Tumbling windows: exact statistics, event-time closing, lateness, idle partitions."""
+
+import numpy as np
+import pytest
+
+from mlpe.common import batches
+from mlpe.stream.windows import WindowSet
+from mlpe.v1 import metrics_pb2 as pb
+
+T0 = 1_700_000_000 * 10**9  # a whole second
+
+
+def batch(first: int, n: int, values, node="n1", gpu=0, fields=(pb.GPU_POWER,)):
+    times = T0 + (first + np.arange(n)) * 10_000_000  # 100 Hz
+    cols = {f: np.asarray(values, dtype=np.float64) + i for i, f in enumerate(fields)}
+    return batches.Batch(node, pb.DEVICE_KIND_GPU, gpu, "", 1, 0, 0, times, cols)
+
+
+def parse(line: str) -> tuple[str, dict, int]:
+    head, body, ts = line.split(" ")
+    fields = {}
+    for kv in body.split(","):
+        k, v = kv.split("=")
+        fields[k] = int(v[:-1]) if v.endswith("i") else float(v)
+    return head, fields, int(ts)
+
+
+def test_one_second_window_statistics():
+    w = WindowSet(1.0, lateness_s=0.5, idle_s=60)
+    values = np.arange(100, dtype=float)
+    for i in range(10):
+        w.add(0, batch(10 * i, 10, values[10 * i:10 * i + 10]), token=i)
+    assert w.close_ready() == []              # event time has not passed end + lateness
+    w.add(0, batch(150, 10, np.zeros(10)), token=10)
+    closed = w.close_ready()
+    assert len(closed) == 1
+    head, f, ts = parse(closed[0].line)
+    assert head == "gpu,node=n1,window=1s,gpu=0" and ts == T0
+    assert (f["power_min"], f["power_max"], f["power_last"], f["samples"]) == (0, 99, 99, 100)
+    assert f["power_mean"] == pytest.approx(49.5)
+    assert f["power_p95"] == pytest.approx(np.percentile(values, 95))
+    assert closed[0].tokens == list(range(10))
+
+
+def test_nan_is_skipped_and_all_nan_field_left_out():
+    w = WindowSet(1.0, 0.0, 60)
+    v = np.array([1.0, np.nan, 3.0, np.nan])
+    w.add(0, batch(0, 4, v, fields=(pb.GPU_POWER, pb.GPU_TEMP)), token="a")
+    w.add(0, batch(0, 4, np.full(4, np.nan), fields=(pb.GPU_UTIL,), gpu=1), token="b")
+    closed = {c.line.split(" ")[0]: parse(c.line)[1] for c in w.close_ready(flush_all=True)}
+    gpu0 = closed["gpu,node=n1,window=1s,gpu=0"]
+    assert (gpu0["power_mean"], gpu0["power_last"], gpu0["temp_max"]) == (2.0, 3.0, 4.0)
+    assert not any(k.startswith("util") for k in closed["gpu,node=n1,window=1s,gpu=1"])
+
+
+def test_batch_spanning_two_windows_and_ten_second_width():
+    w1, w10 = WindowSet(1.0, 0.0, 60), WindowSet(10.0, 0.0, 60)
+    for w in (w1, w10):
+        w.add(0, batch(95, 10, np.arange(10)), token="x")  # 0.95 s .. 1.04 s
+        w.add(0, batch(1000, 1, [0]), token="y")            # pushes event time to 10 s
+    ones = [parse(c.line) for c in w1.close_ready()]
+    assert [(ts - T0, f["samples"]) for _, f, ts in ones] == [(0, 5), (10**9, 5)]
+    tens = w10.close_ready()
+    assert [parse(c.line)[1]["samples"] for c in tens] == [10]
+
+
+def test_late_data_for_a_written_window_is_counted_not_rewritten():
+    w = WindowSet(1.0, 0.0, 60)
+    w.add(0, batch(0, 10, np.ones(10)), token=1)
+    w.add(0, batch(200, 10, np.ones(10)), token=2)
+    assert len(w.close_ready()) == 1
+    w.add(0, batch(10, 10, np.ones(10)), token=3)  # belongs to the window already written
+    assert w.late_samples == 10
+
+
+def test_idle_partition_flushes_its_windows():
+    w = WindowSet(1.0, 0.5, idle_s=2.0)
+    w.add(3, batch(0, 10, np.ones(10)), token=1)
+    assert w.close_ready(now=w.last_seen[3] + 1.0) == []
+    assert len(w.close_ready(now=w.last_seen[3] + 2.5)) == 1
+
+
+def test_partitions_and_nodes_are_separate():
+    w = WindowSet(1.0, 0.0, 60)
+    w.add(0, batch(0, 10, np.ones(10), node="a"), token=1)
+    w.add(1, batch(0, 10, np.ones(10), node="b"), token=2)
+    w.add(0, batch(200, 1, [1], node="a"), token=3)
+    closed = w.close_ready()
+    assert [c.line.split(",")[1] for c in closed] == ["node=a"]  # b's partition has not moved

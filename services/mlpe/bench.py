@@ -11,12 +11,14 @@ from mlpe.common.settings import Settings
 
 def register(sub: argparse._SubParsersAction) -> None:
     from mlpe.agent import bench as agent_bench
+    from mlpe.stream import bench as stream_bench
 
     p = sub.add_parser("bench", help="benchmarks (last line of output: JSON figures)",
                        description="Benchmarks against the real stack; each prints a summary "
                        "and, as its last line, a JSON object with its figures.")
     which = p.add_subparsers(dest="which", metavar="BENCHMARK", required=True)
     agent_bench.register(which)
+    stream_bench.register(which)
     p.set_defaults(func=run)
 
 

@@ -34,6 +34,16 @@ def start_stream(unique: str, log_path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
+def stop(stream: subprocess.Popen) -> None:
+    stream.terminate()
+    try:
+        assert stream.wait(timeout=30) is not None
+    except subprocess.TimeoutExpired:
+        stream.kill()
+        stream.wait()
+        raise AssertionError("the stream worker ignored SIGTERM for 30 s") from None
+
+
 @pytest.fixture
 def stream_env(stack_endpoints, monkeypatch):
     monkeypatch.setenv("MLPE_TEST_INFLUX_TOKEN", stack_endpoints.influx_token)
@@ -99,8 +109,7 @@ async def test_aggregates_reach_influxdb(stream_env, unique, tmp_path):
         devices, problems = complete_interior(found, prefix)
         assert devices == 4 and problems == []
     finally:
-        stream.terminate()
-        stream.wait(timeout=30)
+        stop(stream)
 
 
 async def test_kill_9_mid_run_leaves_no_window_missing(stream_env, unique, tmp_path):
@@ -121,8 +130,7 @@ async def test_kill_9_mid_run_leaves_no_window_missing(stream_env, unique, tmp_p
         devices, problems = complete_interior(windows(stream_env, prefix), prefix)
         assert devices == 4 and problems == [], log.read_text()[-2000:]
     finally:
-        stream.terminate()
-        stream.wait(timeout=30)
+        stop(stream)
 
 
 async def test_garbage_goes_to_dead_letters_and_processing_goes_on(stream_env, unique,
@@ -155,5 +163,4 @@ async def test_garbage_goes_to_dead_letters_and_processing_goes_on(stream_env, u
     finally:
         await producer.stop()
         await consumer.stop()
-        stream.terminate()
-        stream.wait(timeout=30)
+        stop(stream)

@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", default=None, help="stop after this many seconds")
     p.add_argument("--spool-dir", default=None,
                    help="where batches wait while Kafka is away (default .mlpe/spool/agent)")
+    p.add_argument("--linger-ms", default="200",
+                   help="how long batches wait to share a Kafka request (default 200 ms: "
+                   "fewer wake-ups, lower CPU; less = lower latency)")
     p.add_argument("--spool-max-mb", default="512", help="spool bound in MiB (default 512)")
     p.add_argument("--stats-json", default=None, metavar="FILE",
                    help="write final counters (values, batches, jitter, spool) here as JSON")
@@ -92,6 +95,7 @@ def build(args, settings: Settings):
     host_hz = _number(args, "host-hz", 0.1, 1000, unit=" samples per second")
     flush_ms = _number(args, "flush-ms", 1, 60_000, unit=" ms")
     spool_mb = _number(args, "spool-max-mb", 1, 1 << 20, int, " MiB")
+    linger_ms = _number(args, "linger-ms", 0, 10_000, unit=" ms")
     duration = _number(args, "duration", 0.01, 1e9, unit=" s") if args.duration else None
     explicit = args.source is not None
     gpu_present = not explicit and nvml_available()
@@ -154,7 +158,7 @@ def build(args, settings: Settings):
         record.time_ns = now
     spool_dir = Path(args.spool_dir) if args.spool_dir else settings.state_dir / "spool" / "agent"
     spool = Spool(spool_dir, max_bytes=spool_mb << 20)
-    shipper = Shipper(settings.kafka_bootstrap, spool)
+    shipper = Shipper(settings.kafka_bootstrap, spool, linger_ms=linger_ms)
     agent = Agent(sources, shipper, hz=hz, flush_s=flush_ms / 1000,
                   inventory=inventory_records(list(inventory), inventory.__getitem__))
     return agent, duration

@@ -69,10 +69,12 @@ class Shipper:
 
     def submit(self, records: list[Record]) -> None:
         """Queue records (event-loop thread only; the sampler uses call_soon_threadsafe)."""
-        if not self.pending:
+        first = not self.pending
+        if first:
             self.pending_since = time.monotonic()
         self.pending.extend(records)
-        if len(self.pending) >= self.linger_records or not self.up:
+        # Wake the sender to start the linger clock (or to send now when enough waits).
+        if first or len(self.pending) >= self.linger_records or not self.up:
             self._wake.set()
 
     def _lingering(self) -> float:

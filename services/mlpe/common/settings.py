@@ -113,6 +113,7 @@ class Settings:
 
     stream_lateness_s: float  # how long a window waits for late samples (event time)
     stream_app_id: str        # Faust app id = Kafka consumer group of the stream workers
+    stream_start: str         # where a new consumer group starts: earliest or latest
 
     @property
     def logs_dir(self) -> Path:
@@ -164,6 +165,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         redis_url=_url(
             env, "MLPE_REDIS_URL", f"redis://127.0.0.1:{redis_port}/0", ("redis", "rediss")
         ),
-        stream_lateness_s=_float(env, "MLPE_STREAM_LATENESS_S", 0.5, 0.0, 60.0),
+        stream_lateness_s=_float(env, "MLPE_STREAM_LATENESS_S", 0.3, 0.0, 60.0),
         stream_app_id=_text(env, "MLPE_STREAM_APP_ID", "mlpe-stream"),
+        stream_start=_choice(env, "MLPE_STREAM_START", "earliest", ("earliest", "latest")),
     )

@@ -9,10 +9,13 @@ doubled. Undecodable batches go to the dead-letter topic with the reason.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import deque
 
 import faust
+import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from mlpe.common import batches
@@ -32,7 +35,7 @@ app = faust.App(
     value_serializer="raw",
     store="memory://",
     web_enabled=False,
-    consumer_auto_offset_reset="earliest",
+    consumer_auto_offset_reset=settings.stream_start,
     broker_commit_interval=1.0,
     # Events are held until their windows are written; on shutdown or rebalance do not
     # wait for them: the next owner of the partition replays them from the last commit.
@@ -48,12 +51,14 @@ metric_topics = app.topic(GPU_METRICS.name, HOST_METRICS.name, value_type=bytes,
 dead_letters = app.topic(DEAD_LETTER.name, value_type=bytes, value_serializer="raw",
                          key_serializer="raw")
 
-IDLE_S = 3.0  # a partition silent this long gets its open windows written anyway
+IDLE_S = 2.0  # a partition silent this long gets its open windows written anyway
 WINDOWS = [WindowSet(width, settings.stream_lateness_s, IDLE_S) for width in (1.0, 10.0)]
 EARLIEST_NS = 1_577_836_800 * 10**9  # 2020-01-01: anything older is a broken clock
 FUTURE_S = 86_400                    # more than a day ahead: a broken clock too
 writer = InfluxWriter(settings)
 counters = {"batches": 0, "values": 0, "dead_letters": 0, "windows_written": 0}
+close_delays: deque[float] = deque(maxlen=10_000)  # seconds from 1 s window end to written
+arrival_delays: deque[float] = deque(maxlen=10_000)  # seconds from last sample to consumed
 
 
 class Hold:
@@ -106,18 +111,29 @@ async def aggregate(stream):
             hold.refs += windows.add((event.message.topic, event.message.partition), batch,
                                      hold)
         counters["batches"] += 1
+        arrival_delays.append(time.time() - batch.timestamps_ns[-1] / 1e9 if batch.samples else 0)
         counters["values"] += batch.values
         if hold.refs == 0:  # every sample fell in windows already written
             event.ack()
 
 
-@app.timer(interval=0.25)
+@app.task
 async def write_closed_windows() -> None:
+    """Every 100 ms, write the windows that closed and release their events."""
+    while not app.should_stop:
+        await asyncio.sleep(0.1)
+        await write_once()
+
+
+async def write_once() -> None:
     closed = [c for windows in WINDOWS for c in windows.close_ready()]
     if not closed:
         return
     await writer.write([c.line for c in closed])  # retries until InfluxDB takes them
     counters["windows_written"] += len(closed)
+    now_ns = time.time_ns()
+    close_delays.extend((now_ns - c.end_ns) / 1e9 for c in closed if c.end_ns - c.start_ns
+                        == 10**9)
     for window in closed:
         for hold in window.tokens:
             hold.release()
@@ -135,4 +151,8 @@ async def forget_revoked(app, revoked, **kwargs) -> None:
 @app.timer(interval=10.0)
 async def report() -> None:
     late = sum(w.late_samples for w in WINDOWS)
-    log.info("stream stats: %s late_samples=%d", counters, late)
+    delays = np.array(close_delays) if close_delays else np.zeros(1)
+    arrivals = np.array(arrival_delays) if arrival_delays else np.zeros(1)
+    log.info("stream stats: %s late_samples=%d window_written_after_end_p50=%.2fs p99=%.2fs "
+             "batch_arrival_p50=%.2fs p99=%.2fs", counters, late, np.percentile(delays, 50),
+             np.percentile(delays, 99), np.percentile(arrivals, 50), np.percentile(arrivals, 99))

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="A Faust worker of the stream processor: consumes mlpe.metrics.gpu and "
         "mlpe.metrics.host, writes 1 s and 10 s min/mean/max/p95/last per field to InfluxDB, "
         "sends undecodable input to mlpe.deadletter. Start several to share the partitions. "
-        "MLPE_STREAM_LATENESS_S (default 0.5) is how long a window waits for late samples.",
+        "MLPE_STREAM_LATENESS_S (default 0.3) is how long a window waits for late samples.",
     )
     p.set_defaults(func=run)
 

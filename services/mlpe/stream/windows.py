@@ -37,6 +37,7 @@ class Closed:
     """A finished window: its InfluxDB line and the tokens whose data it held."""
     line: str
     tokens: list[object]
+    start_ns: int
     end_ns: int
 
 
@@ -138,7 +139,8 @@ class WindowSet:
         if kind == pb.DEVICE_KIND_GPU:
             tags += f",gpu={device}"
         line = f"{MEASUREMENT.get(kind, 'device')},{tags} {','.join(parts)} {window.start_ns}"
-        return Closed(line=line, tokens=window.tokens, end_ns=window.start_ns + self.width_ns)
+        return Closed(line=line, tokens=window.tokens, start_ns=window.start_ns,
+                      end_ns=window.start_ns + self.width_ns)
 
 
 def _nan_safe(fn, values: np.ndarray, counts: np.ndarray) -> np.ndarray:

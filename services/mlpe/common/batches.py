@@ -19,6 +19,7 @@ F = pb.Field
 # Counters and bitmasks need float64 to stay exact; gauges fit float32.
 F64_FIELDS = frozenset({F.GPU_ENERGY, F.GPU_THROTTLE_REASONS, F.GPU_ECC_CORRECTED,
                         F.GPU_ECC_UNCORRECTED})
+FIELD_NAMES: dict[int, str] = {v: F.Name(v) for v in F.values() if v}  # enum lookups are slow
 GPU_FIELDS: tuple[int, ...] = tuple(v for v in F.values() if 0 < v < 100)
 HOST_FIELDS: tuple[int, ...] = tuple(v for v in F.values() if v >= 100)
 _DTYPES = {pb.VALUE_TYPE_F32: np.dtype("<f4"), pb.VALUE_TYPE_F64: np.dtype("<f8")}
@@ -59,6 +60,17 @@ class Batch:
     @property
     def values(self) -> int:
         return self.samples * len(self.columns)
+
+    def matrix(self) -> tuple[tuple[int, ...], np.ndarray]:
+        """(sorted field numbers, float64 array of shape (samples, fields)); computed once."""
+        cached = self.__dict__.get("_matrix")
+        if cached is None:
+            fields = tuple(sorted(self.columns))
+            out = np.empty((self.samples, len(fields)))
+            for j, f in enumerate(fields):
+                out[:, j] = self.columns[f]
+            cached = self.__dict__["_matrix"] = (fields, out)
+        return cached
 
 
 def encode(batch: Batch) -> bytes:
@@ -175,9 +187,9 @@ def decode(raw: bytes) -> Batch:
     timestamps = message.base_time_ns + offsets.astype(np.int64) * 1000
     columns: dict[int, np.ndarray] = {}
     for series in message.series:
-        if series.field not in F.values() or series.field == F.FIELD_UNSPECIFIED:
+        name = FIELD_NAMES.get(series.field)
+        if name is None:
             raise BatchError(f"MetricBatch: unknown field number {series.field}")
-        name = F.Name(series.field)
         dtype = _DTYPES.get(series.type)
         if dtype is None:
             raise BatchError(f"MetricBatch: field {name} has no value type")

@@ -66,18 +66,19 @@ class WindowSet:
         if not batch.samples:
             return joined
         key = (partition, batch.node_id, batch.device_kind, batch.device_index)
-        fields = tuple(sorted(batch.columns))
-        matrix = np.column_stack([batch.columns[f].astype(np.float64) for f in fields]) \
-            if fields else np.empty((batch.samples, 0))
-        starts = batch.timestamps_ns - batch.timestamps_ns % self.width_ns
+        fields, matrix = batch.matrix()
+        times = batch.timestamps_ns
+        starts = times - times % self.width_ns
         closed_before = self.watermark.get(partition, -1) - self.lateness_ns
-        for start in np.unique(starts):
+        # Nearly every batch lies inside one window: skip the masks then.
+        groups = [(int(starts[0]), slice(None))] if starts[0] == starts[-1] else \
+            [(int(s), starts == s) for s in np.unique(starts)]
+        for start, rows in groups:
             if start + self.width_ns <= closed_before and start not in self.open[key]:
-                self.late_samples += int((starts == start).sum())  # that window is written
+                self.late_samples += len(times[rows])  # that window is already written
                 continue
-            rows = starts == start
-            window = self.open[key].setdefault(int(start), _Window(int(start), fields=fields))
-            window.parts.append((batch.timestamps_ns[rows], matrix[rows]))
+            window = self.open[key].setdefault(start, _Window(start, fields=fields))
+            window.parts.append((times[rows], matrix[rows]))
             window.tokens.append(token)
             joined += 1
         self.watermark[partition] = max(self.watermark.get(partition, 0),
@@ -125,8 +126,9 @@ class WindowSet:
                     "min": _nan_safe(np.nanmin, masked, counts),
                     "mean": _nan_safe(np.nanmean, masked, counts),
                     "max": _nan_safe(np.nanmax, masked, counts),
-                    "p95": _nan_safe(lambda a, axis: np.nanpercentile(a, 95, axis=axis),
-                                     masked, counts),
+                    "p95": (np.percentile(values, 95, axis=0) if finite.all() else
+                            _nan_safe(lambda a, axis: np.nanpercentile(a, 95, axis=axis),
+                                      masked, counts)),
                     "last": _last_finite(masked),
                 }
         for j, number in enumerate(window.fields):

@@ -105,10 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mlpe import bench, tail
     from mlpe.agent import main as agent_main
+    from mlpe.notify import main as notify_main
     from mlpe.stream import main as stream_main
 
     agent_main.register(sub)
     stream_main.register(sub)
+    notify_main.register(sub)
     tail.register(sub)
     bench.register(sub)
     return parser

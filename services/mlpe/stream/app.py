@@ -20,7 +20,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from mlpe.common import batches
 from mlpe.common import settings as settings_module
-from mlpe.common.topics import DEAD_LETTER, GPU_METRICS, HOST_METRICS
+from mlpe.common.topics import ALERTS, DEAD_LETTER, GPU_METRICS, HOST_METRICS
+from mlpe.stream.detectors import events as events_detector
 from mlpe.stream.influx import InfluxWriter
 from mlpe.stream.windows import WindowSet
 from mlpe.v1 import deadletter_pb2
@@ -48,6 +49,8 @@ app = faust.App(
 )
 metric_topics = app.topic(GPU_METRICS.name, HOST_METRICS.name, value_type=bytes,
                           value_serializer="raw", key_serializer="raw")
+alerts_topic = app.topic(ALERTS.name, value_type=bytes, value_serializer="raw",
+                         key_serializer="raw")
 dead_letters = app.topic(DEAD_LETTER.name, value_type=bytes, value_serializer="raw",
                          key_serializer="raw")
 
@@ -56,7 +59,7 @@ WINDOWS = [WindowSet(width, settings.stream_lateness_s, IDLE_S) for width in (1.
 EARLIEST_NS = 1_577_836_800 * 10**9  # 2020-01-01: anything older is a broken clock
 FUTURE_S = 86_400                    # more than a day ahead: a broken clock too
 writer = InfluxWriter(settings)
-counters = {"batches": 0, "values": 0, "dead_letters": 0, "windows_written": 0}
+counters = {"batches": 0, "values": 0, "dead_letters": 0, "windows_written": 0, "alerts": 0}
 close_delays: deque[float] = deque(maxlen=10_000)  # seconds from 1 s window end to written
 arrival_delays: deque[float] = deque(maxlen=10_000)  # seconds from last sample to consumed
 
@@ -106,6 +109,10 @@ async def aggregate(stream):
             await dead_letter(event, str(err))
             event.ack()
             continue
+        for alert in events_detector.detect(batch, time.time_ns()):
+            await alerts_topic.send(key=alert.fingerprint.encode(),
+                                    value=alert.SerializeToString())
+            counters["alerts"] += 1
         hold = Hold(event)
         for windows in WINDOWS:
             hold.refs += windows.add((event.message.topic, event.message.partition), batch,

@@ -15,29 +15,32 @@ from mlpe.agent.scenario import parse
 from mlpe.agent.shipper import Shipper
 from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.spool import Spool
+from mlpe.stream.bench import wait_group_stable
 
 from .test_notify import received, start_sink
 from .test_stream import start_stream, stop, stream_env  # noqa: F401 - fixture
 
 
-async def test_xid_reaches_the_webhook_once(stream_env, unique, tmp_path):  # noqa: F811
+async def run_fault_to_webhook(endpoints, unique, tmp_path, fault: str, seconds: float):
+    """Run one simulated fault through the whole path; return the webhook posts for it."""
     runner, base = await start_sink()
     env = {**os.environ, "MLPE_SLACK_WEBHOOK_URL": f"{base}/hook",
            "MLPE_NOTIFY_GROUP_ID": f"test-notify-{unique}",
-           "MLPE_NOTIFY_REDIS_PREFIX": f"test:{unique}"}
+           "MLPE_NOTIFY_REDIS_PREFIX": f"test:{unique}",
+           "MLPE_NOTIFY_START": "latest"}  # ready (below) before the scenario starts
     notify = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "notify", "--group-wait", "0.5"],
                               env=env, stdout=(tmp_path / "notify.log").open("wb"),
                               stderr=subprocess.STDOUT)
+    # Both consumers ready before the first sample: the timeline is the scenario's.
+    wait_group_stable(endpoints.kafka_bootstrap, f"test-notify-{unique}", 1, [notify])
     stream = start_stream(unique, tmp_path / "stream.log")
     node = f"x{unique}"
     try:
-        scenario = parse("nodes: 1\ngpus_per_node: 2\nfaults:\n"
-                         "  - {kind: xid, node: 0, gpu: 1, at_s: 2, code: 79}\n")
+        scenario = parse(f"nodes: 1\ngpus_per_node: 2\nfaults:\n  - {fault}\n")
         sim = SimulatedGpus(scenario, 100, node_prefix=f"{node}-")
-        agent = Agent([(sim, 100)], Shipper(stream_env.kafka_bootstrap,
+        agent = Agent([(sim, 100)], Shipper(endpoints.kafka_bootstrap,
                                             Spool(tmp_path / "spool")), hz=100)
-        started = time.time()
-        await agent.run(duration_s=6)
+        await agent.run(duration_s=seconds)
         mine = []
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and not mine:
@@ -45,14 +48,27 @@ async def test_xid_reaches_the_webhook_once(stream_env, unique, tmp_path):  # no
                 assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()[-2000:]
             mine = [r for r in (await received(base))["received"] if node in r["body"]]
             await asyncio.sleep(0.2)
-        await asyncio.sleep(2)  # would a second message for the same Xid arrive? it must not
-        mine = [r for r in (await received(base))["received"] if node in r["body"]]
-        assert len(mine) == 1, mine
-        text = json.loads(mine[0]["body"])["text"]
-        assert text == f"[FIRING] Xid 79 on GPU 1 on {node}-00"
-        print(f"xid delay onset→webhook: {mine[0]['received_at'] - (started + 2):.2f} s")
+        await asyncio.sleep(2)  # would a second message for the same fault arrive? it must not
+        bodies = [json.loads(r["body"]) for r in (await received(base))["received"]
+                  if node in r["body"]]
+        return node, [b["text"] for b in bodies]
     finally:
         stop(stream)
         notify.terminate()
         notify.wait(timeout=30)
         await runner.cleanup()
+
+
+async def test_xid_reaches_the_webhook_once(stream_env, unique, tmp_path):  # noqa: F811
+    node, texts = await run_fault_to_webhook(
+        stream_env, unique, tmp_path, "{kind: xid, node: 0, gpu: 1, at_s: 2, code: 79}", 6)
+    assert texts == [f"[FIRING] Xid 79 on GPU 1 on {node}-00"]
+
+
+async def test_power_cap_rule_fires_and_resolves(stream_env, unique, tmp_path):  # noqa: F811
+    # deploy/rules/default.yaml: power limit below 600 W for 2 s -> warning.
+    node, texts = await run_fault_to_webhook(
+        stream_env, unique, tmp_path,
+        "{kind: power_cap, node: 0, gpu: 0, at_s: 1, for_s: 5, magnitude: 0.5}", 9)
+    assert texts == [f"[FIRING] GPU 0 on {node}-00 power-capped",
+                     f"[RESOLVED] GPU 0 on {node}-00 power-capped"]

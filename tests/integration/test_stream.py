@@ -20,18 +20,24 @@ from mlpe.agent.shipper import Shipper
 from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.spool import Spool
 from mlpe.common.topics import DEAD_LETTER, GPU_METRICS
+from mlpe.stream.bench import wait_group_stable
 from mlpe.v1 import deadletter_pb2
 
 
-def start_stream(unique: str, log_path) -> subprocess.Popen:
+def start_stream(unique: str, log_path, start: str = "latest") -> subprocess.Popen:
+    # "latest": the group is ready (below) before the test's data flows, and earlier
+    # tests' data is not replayed. A restart must say "earliest": a partition with no
+    # commit yet would otherwise skip what arrived while the worker was down.
     env = {**os.environ, "MLPE_STREAM_APP_ID": f"test-stream-{unique}",
+           "MLPE_STREAM_START": start,
            "MLPE_STATE_DIR": str(log_path.parent / "state"), "MLPE_LOG_LEVEL": "info"}
-    for name in ("MLPE_KAFKA_BOOTSTRAP", "MLPE_INFLUX_URL", "MLPE_INFLUX_TOKEN"):
-        env.pop(name, None)
     env["MLPE_INFLUX_TOKEN"] = os.environ["MLPE_TEST_INFLUX_TOKEN"]
     log = log_path.open("ab")
-    return subprocess.Popen([sys.executable, "-m", "mlpe.cli", "stream"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    stream = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "stream"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    # Ready = the worker's consumer group is Stable with it as a member.
+    wait_group_stable(env["MLPE_KAFKA_BOOTSTRAP"], env["MLPE_STREAM_APP_ID"], 1, [stream])
+    return stream
 
 
 def stop(stream: subprocess.Popen) -> None:
@@ -122,7 +128,7 @@ async def test_kill_9_mid_run_leaves_no_window_missing(stream_env, unique, tmp_p
         await wait_for(lambda: len(windows(stream_env, prefix)) >= 8, 60, "first windows", stream)
         os.kill(stream.pid, signal.SIGKILL)
         stream.wait()
-        stream = start_stream(unique, log)  # resumes from the last acknowledged offsets
+        stream = start_stream(unique, log, "earliest")  # resumes from the last commits
         await agent_task
         ended = int(time.time())
         await wait_for(lambda: max((s for *_, s in windows(stream_env, prefix)), default=0)

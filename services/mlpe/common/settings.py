@@ -114,6 +114,7 @@ class Settings:
     stream_lateness_s: float  # how long a window waits for late samples (event time)
     stream_app_id: str        # Faust app id = Kafka consumer group of the stream workers
     stream_start: str         # where a new consumer group starts: earliest or latest
+    rules_path: str           # threshold rules for the stream ("" = none)
 
     @property
     def logs_dir(self) -> Path:
@@ -168,4 +169,5 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         stream_lateness_s=_float(env, "MLPE_STREAM_LATENESS_S", 0.3, 0.0, 60.0),
         stream_app_id=_text(env, "MLPE_STREAM_APP_ID", "mlpe-stream"),
         stream_start=_choice(env, "MLPE_STREAM_START", "earliest", ("earliest", "latest")),
+        rules_path=env.get("MLPE_RULES", str(REPO_ROOT / "deploy" / "rules" / "default.yaml")),
     )

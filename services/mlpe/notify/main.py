@@ -43,7 +43,9 @@ async def consume(settings: Settings, notifier, stop: asyncio.Event, log) -> Non
     consumer = AIOKafkaConsumer(ALERTS.name, bootstrap_servers=settings.kafka_bootstrap,
                                 group_id=os.environ.get("MLPE_NOTIFY_GROUP_ID", "mlpe-notify"),
                                 enable_auto_commit=False,
-                                auto_offset_reset="earliest")
+                                # A new group reads what is retained, unless told otherwise.
+                                auto_offset_reset=os.environ.get("MLPE_NOTIFY_START",
+                                                                 "earliest"))
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
     await consumer.start()
     await producer.start()

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from typing import ClassVar
 
 import faust
 import numpy as np
@@ -21,10 +22,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from mlpe.common import batches
 from mlpe.common import settings as settings_module
 from mlpe.common.topics import ALERTS, DEAD_LETTER, GPU_METRICS, HOST_METRICS
+from mlpe.stream import rules as rules_module
 from mlpe.stream.detectors import events as events_detector
 from mlpe.stream.influx import InfluxWriter
 from mlpe.stream.windows import WindowSet
-from mlpe.v1 import deadletter_pb2
+from mlpe.v1 import alerts_pb2, deadletter_pb2, metrics_pb2
 
 log = logging.getLogger("mlpe.stream")
 settings = settings_module.load()
@@ -64,17 +66,63 @@ close_delays: deque[float] = deque(maxlen=10_000)  # seconds from 1 s window end
 arrival_delays: deque[float] = deque(maxlen=10_000)  # seconds from last sample to consumed
 
 
+RULES = rules_module.load(settings.rules_path) if settings.rules_path else []
+rule_states: dict[str, dict] = {}  # in memory: a restart re-arms hold timers (see README)
+
+
+def evaluate_rules(batch: batches.Batch) -> list[alerts_pb2.Alert]:
+    kind = "gpu" if batch.device_kind == metrics_pb2.DEVICE_KIND_GPU else "host"
+    labels = {"node": batch.node_id}
+    if kind == "gpu":
+        labels["gpu"] = str(batch.device_index)
+    out = []
+    t_ns = int(batch.timestamps_ns[-1]) if batch.samples else 0
+    for rule in RULES:
+        values = batch.columns.get(rule.field)
+        if rule.measurement != kind or values is None or not rule.matches(labels):
+            continue
+        value = rules_module.batch_stat(values, rule.stat)
+        if value is None:
+            continue
+        key = f"{rule.name}|{batch.node_id}|{labels.get('gpu', '')}"
+        rule_states[key], state = rules_module.step(rule, rule_states.get(key), value, t_ns)
+        if state is None:
+            continue
+        hold = f"{rule.hold_s:g}s"
+        text = dict(labels, gpu=labels.get("gpu", ""), value=value,
+                    threshold=rule.threshold, **{"for": hold})
+        firing = state == alerts_pb2.ALERT_FIRING
+        since = rule_states[key]["since"] if firing else rule_states[key].get("last_since", 0)
+        out.append(alerts_pb2.Alert(
+            fingerprint=events_detector.fingerprint(rule.name, batch.node_id,
+                                                    labels.get("gpu", "")),
+            rule=rule.name, detector="rule", severity=rule.severity, state=state,
+            labels=labels, value=value, threshold=rule.threshold, starts_at_ns=since,
+            ends_at_ns=0 if firing else t_ns, detected_at_ns=time.time_ns(),
+            summary=rules_module.render(rule.summary, **text),
+            explanation=rules_module.render(rule.explanation, **text) if firing else
+            f"Cleared: {rule.when} no longer holds (now {value:g})."))
+    return out
+
+
 class Hold:
-    """One consumed event, acknowledged when the last window holding its data is written."""
-    __slots__ = ("event", "refs")
+    """One consumed event, acknowledged when the last window holding its data is written
+    and every earlier event of its partition is acknowledged: acks stay contiguous, so the
+    committed offset can never skip a held event (faust-streaming#312)."""
+    __slots__ = ("event", "queue", "refs")
+    queues: ClassVar[dict[tuple[str, int], deque]] = {}
 
     def __init__(self, event):
         self.event, self.refs = event, 0
+        message = event.message
+        self.queue = Hold.queues.setdefault((message.topic, message.partition), deque())
+        self.queue.append(self)
 
     def release(self) -> None:
         self.refs -= 1
-        if self.refs == 0:
-            self.event.ack()
+        if self.refs <= 0:
+            while self.queue and self.queue[0].refs <= 0:
+                self.queue.popleft().event.ack()
 
 
 def validate(batch: batches.Batch) -> None:
@@ -107,9 +155,11 @@ async def aggregate(stream):
             validate(batch)
         except batches.BatchError as err:
             await dead_letter(event, str(err))
-            event.ack()
+            refused = Hold(event)  # in order with the rest of its partition
+            refused.refs = 1
+            refused.release()
             continue
-        for alert in events_detector.detect(batch, time.time_ns()):
+        for alert in [*events_detector.detect(batch, time.time_ns()), *evaluate_rules(batch)]:
             await alerts_topic.send(key=alert.fingerprint.encode(),
                                     value=alert.SerializeToString())
             counters["alerts"] += 1
@@ -121,7 +171,8 @@ async def aggregate(stream):
         arrival_delays.append(time.time() - batch.timestamps_ns[-1] / 1e9 if batch.samples else 0)
         counters["values"] += batch.values
         if hold.refs == 0:  # every sample fell in windows already written
-            event.ack()
+            hold.refs = 1
+            hold.release()
 
 
 @app.task
@@ -153,6 +204,8 @@ async def forget_revoked(app, revoked, **kwargs) -> None:
     partitions = {(tp.topic, tp.partition) for tp in revoked}
     for windows in WINDOWS:
         windows.drop_partitions(partitions)
+    for partition in partitions:
+        Hold.queues.pop(partition, None)
 
 
 @app.timer(interval=10.0)

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ def _cpu(pid: int | None) -> float | None:
         return None
 
 
-def _wait_group_stable(bootstrap: str, group: str, members: int, workers, timeout=90.0):
+def wait_group_stable(bootstrap: str, group: str, members: int, workers, timeout=90.0):
     """Until the stream workers' consumer group is Stable with all of them in it."""
     import asyncio
 
@@ -72,7 +73,9 @@ def _wait_group_stable(bootstrap: str, group: str, members: int, workers, timeou
         if any(w.poll() is not None for w in workers):
             raise RuntimeError("a stream worker exited while joining its group")
         try:
-            group_state, joined = asyncio.run(state())
+            # A thread of its own, so this also works when called inside an event loop.
+            with ThreadPoolExecutor(1) as pool:
+                group_state, joined = pool.submit(asyncio.run, state()).result()
         except Exception:  # noqa: BLE001 - not there yet
             group_state, joined = "", 0
         if group_state == "Stable" and joined == members:
@@ -104,7 +107,7 @@ def _step(settings: Settings, nodes: int, args, workdir: Path) -> dict:
     workers = [subprocess.Popen([sys.executable, "-m", "mlpe.cli", "stream"], env=env,
                                 stdout=(workdir / f"w{run_id}{i}.log").open("wb"),
                                 stderr=subprocess.STDOUT) for i in range(args.workers)]
-    _wait_group_stable(settings.kafka_bootstrap, f"bench-stream-{run_id}", args.workers,
+    wait_group_stable(settings.kafka_bootstrap, f"bench-stream-{run_id}", args.workers,
                        workers)
     per_agent = -(-nodes // args.agents)
     agents = [subprocess.Popen(

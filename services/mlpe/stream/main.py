@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from mlpe.common.settings import Settings
 
@@ -18,9 +19,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=run)
 
+    rules = sub.add_parser("rules", help="threshold rules: check a rules file")
+    rules.add_argument("action", choices=("check",))
+    rules.add_argument("file", help="rules YAML (format: deploy/rules/README.md)")
+    rules.set_defaults(func=check_rules)
+
+
+def check_rules(args, settings: Settings) -> int:
+    from mlpe.common.batches import field_name
+    from mlpe.stream.rules import RulesError, load
+
+    try:
+        rules = load(args.file)
+    except RulesError as err:
+        print(f"mlpe rules: {err}", file=sys.stderr)
+        return 2
+    for rule in rules:
+        print(f"  {rule.name}: {rule.measurement}.{field_name(rule.field)}.{rule.stat} "
+              f"{rule.op} {rule.threshold:g} "
+              f"for {rule.hold_s:g}s")
+    print(f"{args.file}: {len(rules)} rule(s) OK")
+    return 0
+
 
 def run(args, settings: Settings) -> int:
     from faust.worker import Worker
+
+    from mlpe.stream.rules import RulesError, load
+
+    if settings.rules_path:
+        try:
+            load(settings.rules_path)
+        except RulesError as err:  # refuse to start, pointing at the line
+            print(f"mlpe stream: {err}", file=sys.stderr)
+            return 2
 
     from mlpe.stream.app import app
 

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+
+from mlpe.common.settings import REPO_ROOT
+from mlpe.stream.rules import RulesError, batch_stat, load, parse, step
+from mlpe.v1 import alerts_pb2 as al
+from mlpe.v1 import metrics_pb2 as pb
+
+GOOD = """rules:
+  - name: hot
+    when: gpu.temp.max > 85
+    for: 2s
+    severity: critical
+    labels: {node: "rack1-*"}
+  - name: busy_host
+    when: host.cpu_util >= 95
+    severity: warning
+"""
+
+
+def test_parse_good_file_and_shipped_defaults():
+    hot, busy = parse(GOOD)
+    assert (hot.measurement, hot.field, hot.stat, hot.op, hot.threshold, hot.hold_s) == (
+        "gpu", pb.GPU_TEMP, "max", ">", 85.0, 2.0)
+    assert hot.matches({"node": "rack1-07"}) and not hot.matches({"node": "rack2-01"})
+    assert (busy.field, busy.stat, busy.hold_s) == (pb.HOST_CPU_UTIL, "mean", 0.0)
+    assert len(load(REPO_ROOT / "deploy" / "rules" / "default.yaml")) >= 3
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("rules:\n  - name: a\n    when: gpu.tmp > 3\n    severity: warning\n",
+     "line 3: gpu has no field 'tmp'"),
+    ("rules:\n  - name: a\n    when: gpu.temp >> 3\n    severity: warning\n",
+     "line 3: cannot read 'gpu.temp >> 3'"),
+    ("rules:\n  - name: a\n    when: gpu.temp > 3\n    severity: loud\n",
+     "line 4: severity must be one of"),
+    ("rules:\n  - name: a\n    when: gpu.temp > 3\n    severity: info\n    for: soon\n",
+     "line 5: 'for': 'soon' is not a duration"),
+    ("rules:\n  - name: a\n    when: gpu.temp > 3\n    severity: info\n    colour: red\n",
+     "line 5: unknown key 'colour'"),
+    ("rules:\n  - {name: a, when: gpu.temp > 3, severity: info}\n"
+     "  - {name: a, when: gpu.temp > 4, severity: info}\n", "line 3: rule 'a' defined twice"),
+    ("rules:\n  - {name: a, severity: info}\n", "line 2: rule has no 'when'"),
+    ("rules: [", "not valid YAML"),
+])
+def test_errors_point_to_the_line(text, message):
+    with pytest.raises(RulesError) as err:
+        parse(text, "r.yaml")
+    assert str(err.value).startswith("r.yaml, ") and message in str(err.value)
+
+
+def test_hold_then_fire_once_then_resolve():
+    [rule] = parse("rules:\n  - {name: a, when: gpu.temp > 80, for: 2s, severity: info}\n")
+    s, out = None, []
+    for second, temp in enumerate([70, 90, 90, 90, 90, 70, 70]):
+        s, alert = step(rule, s, temp, second * 10**9)
+        out.append(alert)
+    assert out == [None, None, None, al.ALERT_FIRING, None, al.ALERT_RESOLVED, None]
+
+
+def test_condition_broken_before_hold_never_fires():
+    [rule] = parse("rules:\n  - {name: a, when: gpu.temp > 80, for: 2s, severity: info}\n")
+    s = None
+    for second, temp in enumerate([90, 90, 70, 90, 90]):
+        s, alert = step(rule, s, temp, second * 10**9)
+        assert alert is None
+
+
+def test_batch_stat_skips_nan():
+    v = np.array([1.0, np.nan, 5.0])
+    assert (batch_stat(v, "min"), batch_stat(v, "max"), batch_stat(v, "last")) == (1, 5, 5)
+    assert batch_stat(np.array([np.nan]), "mean") is None

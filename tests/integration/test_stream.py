@@ -88,7 +88,7 @@ def complete_interior(found: dict, prefix: str) -> tuple[int, list]:
         first, last = min(seconds), max(seconds)
         for s in range(first + 1, last):
             if seconds.get(s) != 100:
-                problems.append((device, s, seconds.get(s)))
+                problems.append((device, s - first, seconds.get(s), last - first))
     return len(by_device), problems
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -67,8 +68,9 @@ async def consume(settings: Settings, notifier, stop: asyncio.Event, log) -> Non
             if batch:
                 await consumer.commit()  # recorded in Redis: safe to move on
     finally:
-        await consumer.stop()
-        await producer.stop()
+        for client in (consumer, producer):  # never hang a shutdown on a stuck client
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.stop(), timeout=10)
 
 
 async def serve(settings: Settings, args, log) -> None:

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import faust
 import numpy as np
+from faust.types import TP
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from mlpe.common import batches
@@ -163,6 +164,7 @@ async def aggregate(stream):
             await alerts_topic.send(key=alert.fingerprint.encode(),
                                     value=alert.SerializeToString())
             counters["alerts"] += 1
+        last_offsets[(event.message.topic, event.message.partition)] = event.message.offset
         hold = Hold(event)
         for windows in WINDOWS:
             hold.refs += windows.add((event.message.topic, event.message.partition), batch,
@@ -183,8 +185,20 @@ async def write_closed_windows() -> None:
         await write_once()
 
 
+last_offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset processed
+
+
+def backlog(partition: tuple[str, int]) -> bool:
+    """Is there unread data on this partition? (Then silence is only us being busy.)"""
+    try:
+        highwater = app.consumer.highwater(TP(*partition))
+    except Exception:  # noqa: BLE001 - not assigned or not known yet: assume busy
+        return True
+    return highwater is None or last_offsets.get(partition, -1) + 1 < highwater
+
+
 async def write_once() -> None:
-    closed = [c for windows in WINDOWS for c in windows.close_ready()]
+    closed = [c for windows in WINDOWS for c in windows.close_ready(backlog=backlog)]
     if not closed:
         return
     await writer.write([c.line for c in closed])  # retries until InfluxDB takes them

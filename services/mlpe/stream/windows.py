@@ -58,6 +58,8 @@ class WindowSet:
         self.watermark: dict = {}               # partition -> max event time seen (ns)
         self.last_seen: dict = {}               # partition -> monotonic time of last batch
         self.late_samples = 0
+        self.skip_before: dict[tuple, int] = {}  # key -> first window start it may write
+        self.partial_skipped = 0
 
     def add(self, partition: Hashable, batch: batches.Batch, token: object) -> int:
         """Add a batch's samples to their windows; `token` comes back with each window.
@@ -69,11 +71,20 @@ class WindowSet:
         fields, matrix = batch.matrix()
         times = batch.timestamps_ns
         starts = times - times % self.width_ns
+        if key not in self.skip_before:
+            # The first data of a device after a (re)start may begin mid-window: after a
+            # crash the rest of that window was consumed (and written) before the last
+            # commit. Never overwrite a window with such a tail: skip it.
+            first = int(starts[0])
+            self.skip_before[key] = first if times[0] == first else first + self.width_ns
         closed_before = self.watermark.get(partition, -1) - self.lateness_ns
         # Nearly every batch lies inside one window: skip the masks then.
         groups = [(int(starts[0]), slice(None))] if starts[0] == starts[-1] else \
             [(int(s), starts == s) for s in np.unique(starts)]
         for start, rows in groups:
+            if start < self.skip_before[key]:
+                self.partial_skipped += len(times[rows])
+                continue
             if start + self.width_ns <= closed_before and start not in self.open[key]:
                 self.late_samples += len(times[rows])  # that window is already written
                 continue
@@ -89,18 +100,28 @@ class WindowSet:
     def drop_partitions(self, partitions: set) -> None:
         for key in [k for k in self.open if k[0] in partitions]:
             del self.open[key]
+        for key in [k for k in self.skip_before if k[0] in partitions]:
+            del self.skip_before[key]
         for partition in partitions:
             self.watermark.pop(partition, None)
             self.last_seen.pop(partition, None)
 
-    def close_ready(self, now: float | None = None, flush_all: bool = False) -> list[Closed]:
+    def close_ready(self, now: float | None = None, flush_all: bool = False,
+                    backlog=lambda partition: False) -> list[Closed]:
         """Windows whose end (plus lateness) the event time has passed, or whose partition
-        has been idle for idle_s; all of them with flush_all."""
+        has been idle for idle_s with nothing left to read (`backlog` says whether unread
+        data waits: a worker busy elsewhere must not mistake that for silence); all of
+        them with flush_all."""
         now = time.monotonic() if now is None else now
         out = []
+        idle_checked: dict = {}
         for key, windows in list(self.open.items()):
             partition = key[0]
-            idle = now - self.last_seen.get(partition, now) >= self.idle_s
+            idle = idle_checked.get(partition)
+            if idle is None:
+                idle = now - self.last_seen.get(partition, now) >= self.idle_s and \
+                    not backlog(partition)
+                idle_checked[partition] = idle
             horizon = self.watermark.get(partition, 0) - self.lateness_ns
             for start in sorted(windows):
                 end = start + self.width_ns

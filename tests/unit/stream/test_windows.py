@@ -56,12 +56,25 @@ def test_nan_is_skipped_and_all_nan_field_left_out():
 def test_batch_spanning_two_windows_and_ten_second_width():
     w1, w10 = WindowSet(1.0, 0.0, 60), WindowSet(10.0, 0.0, 60)
     for w in (w1, w10):
-        w.add(0, batch(95, 10, np.arange(10)), token="x")  # 0.95 s .. 1.04 s
+        w.add(0, batch(0, 10, np.arange(10)), token="w")    # the device starts at 0 s
+        w.add(0, batch(95, 10, np.arange(10)), token="x")   # 0.95 s .. 1.04 s
         w.add(0, batch(1000, 1, [0]), token="y")            # pushes event time to 10 s
     ones = [parse(c.line) for c in w1.close_ready()]
-    assert [(ts - T0, f["samples"]) for _, f, ts in ones] == [(0, 5), (10**9, 5)]
+    assert [(ts - T0, f["samples"]) for _, f, ts in ones] == [(0, 15), (10**9, 5)]
     tens = w10.close_ready()
-    assert [parse(c.line)[1]["samples"] for c in tens] == [10]
+    assert [parse(c.line)[1]["samples"] for c in tens] == [20]
+
+
+def test_first_data_mid_window_is_not_written():
+    """After a crash, replay can start mid-window (the rest was committed and written
+    before): that tail must not overwrite the complete window."""
+    w = WindowSet(1.0, 0.0, 60)
+    w.add(0, batch(40, 10, np.ones(10)), token="tail")   # 0.40 s: mid-window
+    w.add(0, batch(100, 10, np.ones(10)), token="next")  # 1.00 s: a whole window starts
+    w.add(0, batch(300, 1, [1]), token="push")
+    closed = w.close_ready()
+    assert [parse(c.line)[2] - T0 for c in closed] == [10**9]
+    assert w.partial_skipped == 10
 
 
 def test_late_data_for_a_written_window_is_counted_not_rewritten():
@@ -87,3 +100,11 @@ def test_partitions_and_nodes_are_separate():
     w.add(0, batch(200, 1, [1], node="a"), token=3)
     closed = w.close_ready()
     assert [c.line.split(",")[1] for c in closed] == ["node=a"]  # b's partition has not moved
+
+
+def test_silence_with_unread_data_is_not_idleness():
+    w = WindowSet(1.0, 0.5, idle_s=2.0)
+    w.add(3, batch(0, 10, np.ones(10)), token=1)
+    later = w.last_seen[3] + 5
+    assert w.close_ready(now=later, backlog=lambda p: True) == []  # busy, not silent
+    assert len(w.close_ready(now=later, backlog=lambda p: False)) == 1

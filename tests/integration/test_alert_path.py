@@ -31,11 +31,12 @@ async def run_fault_to_webhook(endpoints, unique, tmp_path, fault: str, seconds:
     notify = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "notify", "--group-wait", "0.5"],
                               env=env, stdout=(tmp_path / "notify.log").open("wb"),
                               stderr=subprocess.STDOUT)
-    # Both consumers ready before the first sample: the timeline is the scenario's.
-    wait_group_stable(endpoints.kafka_bootstrap, f"test-notify-{unique}", 1, [notify])
-    stream = start_stream(unique, tmp_path / "stream.log")
+    stream = None
     node = f"x{unique}"
     try:
+        # Both consumers ready before the first sample: the timeline is the scenario's.
+        wait_group_stable(endpoints.kafka_bootstrap, f"test-notify-{unique}", 1, [notify])
+        stream = start_stream(unique, tmp_path / "stream.log")
         scenario = parse(f"nodes: 1\ngpus_per_node: 2\nfaults:\n  - {fault}\n")
         sim = SimulatedGpus(scenario, 100, node_prefix=f"{node}-")
         agent = Agent([(sim, 100)], Shipper(endpoints.kafka_bootstrap,
@@ -53,9 +54,14 @@ async def run_fault_to_webhook(endpoints, unique, tmp_path, fault: str, seconds:
                   if node in r["body"]]
         return node, [b["text"] for b in bodies]
     finally:
-        stop(stream)
+        if stream is not None:
+            stop(stream)
         notify.terminate()
-        notify.wait(timeout=30)
+        try:
+            notify.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            notify.kill()
+            notify.wait()
         await runner.cleanup()
 
 

@@ -161,5 +161,10 @@ async def test_alerts_from_kafka_to_the_sink(stack_endpoints, unique, tmp_path):
     finally:
         await producer.stop()
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("mlpe notify ignored SIGTERM for 30 s") from None
         await runner.cleanup()

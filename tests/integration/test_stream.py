@@ -36,7 +36,12 @@ def start_stream(unique: str, log_path, start: str = "latest") -> subprocess.Pop
     stream = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "stream"], env=env, stdout=log,
                               stderr=subprocess.STDOUT)
     # Ready = the worker's consumer group is Stable with it as a member.
-    wait_group_stable(env["MLPE_KAFKA_BOOTSTRAP"], env["MLPE_STREAM_APP_ID"], 1, [stream])
+    try:
+        wait_group_stable(env["MLPE_KAFKA_BOOTSTRAP"], env["MLPE_STREAM_APP_ID"], 1, [stream])
+    except BaseException:
+        stream.kill()  # never leave a worker behind
+        stream.wait()
+        raise
     return stream
 
 

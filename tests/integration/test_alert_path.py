@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+from influxdb_client import InfluxDBClient
+
 from mlpe.agent.agent import Agent
 from mlpe.agent.scenario import parse
 from mlpe.agent.shipper import Shipper
@@ -69,6 +71,15 @@ async def test_xid_reaches_the_webhook_once(stream_env, unique, tmp_path):  # no
     node, texts = await run_fault_to_webhook(
         stream_env, unique, tmp_path, "{kind: xid, node: 0, gpu: 1, at_s: 2, code: 79}", 6)
     assert texts == [f"[FIRING] Xid 79 on GPU 1 on {node}-00"]
+    # ... and it is an annotation for Grafana in InfluxDB.
+    e = stream_env
+    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+        tables = client.query_api().query(f'''
+            from(bucket: "{e.influx_bucket}") |> range(start: -1h)
+              |> filter(fn: (r) => r._measurement == "alert" and r.node == "{node}-00"
+                                   and r._field == "summary")''')
+    assert [r.get_value() for t in tables for r in t.records] == [
+        f"Xid 79 on GPU 1 on {node}-00"]
 
 
 async def test_power_cap_rule_fires_and_resolves(stream_env, unique, tmp_path):  # noqa: F811

@@ -25,7 +25,7 @@ from mlpe.common import settings as settings_module
 from mlpe.common.topics import ALERTS, DEAD_LETTER, GPU_METRICS, HOST_METRICS
 from mlpe.stream import rules as rules_module
 from mlpe.stream.detectors import events as events_detector
-from mlpe.stream.influx import InfluxWriter
+from mlpe.stream.influx import InfluxWriter, alert_line
 from mlpe.stream.windows import WindowSet
 from mlpe.v1 import alerts_pb2, deadletter_pb2, metrics_pb2
 
@@ -163,6 +163,7 @@ async def aggregate(stream):
         for alert in [*events_detector.detect(batch, time.time_ns()), *evaluate_rules(batch)]:
             await alerts_topic.send(key=alert.fingerprint.encode(),
                                     value=alert.SerializeToString())
+            annotations.append(alert_line(alert))
             counters["alerts"] += 1
         last_offsets[(event.message.topic, event.message.partition)] = event.message.offset
         hold = Hold(event)
@@ -197,11 +198,15 @@ def backlog(partition: tuple[str, int]) -> bool:
     return highwater is None or last_offsets.get(partition, -1) + 1 < highwater
 
 
+annotations: list[str] = []  # alert points for Grafana, written with the next windows
+
+
 async def write_once() -> None:
     closed = [c for windows in WINDOWS for c in windows.close_ready(backlog=backlog)]
-    if not closed:
+    notes, annotations[:] = list(annotations), []
+    if not closed and not notes:
         return
-    await writer.write([c.line for c in closed])  # retries until InfluxDB takes them
+    await writer.write([c.line for c in closed] + notes)  # retries until InfluxDB takes them
     counters["windows_written"] += len(closed)
     now_ns = time.time_ns()
     close_delays.extend((now_ns - c.end_ns) / 1e9 for c in closed if c.end_ns - c.start_ns

@@ -15,6 +15,30 @@ log = logging.getLogger("mlpe.stream.influx")
 CHUNK = 5_000  # lines per HTTP request
 
 
+def _tag(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+
+
+def _text(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def alert_line(alert) -> str:
+    """An alert as an InfluxDB point (measurement `alert`) for Grafana annotations; its
+    timestamp is when the condition began (firing) or ended (resolved)."""
+    from mlpe.v1 import alerts_pb2
+
+    firing = alert.state == alerts_pb2.ALERT_FIRING
+    tags = [f"rule={_tag(alert.rule)}", f"severity={alerts_pb2.Severity.Name(alert.severity)}"]
+    tags += [f"{_tag(k)}={_tag(v)}" for k, v in sorted(alert.labels.items()) if v]
+    fields = [f"state={_text('firing' if firing else 'resolved')}",
+              f"summary={_text(alert.summary)}", f"explanation={_text(alert.explanation)}",
+              f"value={float(alert.value)!r}", f"threshold={float(alert.threshold)!r}",
+              f"fingerprint={_text(alert.fingerprint)}"]
+    ts = (alert.starts_at_ns if firing else alert.ends_at_ns) or alert.detected_at_ns
+    return f"alert,{','.join(tags)} {','.join(fields)} {ts}"
+
+
 class InfluxWriter:
     def __init__(self, settings: Settings):
         from mlpe.stack.influxdb import read_token

@@ -48,3 +48,14 @@ def test_lost_then_recovered_share_a_fingerprint():
                                    pb.DeviceEvent(time_ns=2, kind=pb.EVENT_GPU_RECOVERED)), 3)
     assert (lost.state, back.state) == (al.ALERT_FIRING, al.ALERT_RESOLVED)
     assert lost.fingerprint == back.fingerprint
+
+
+def test_alert_becomes_an_annotation_point():
+    from mlpe.stream.influx import alert_line
+
+    [a] = detect(batch_with(pb.DeviceEvent(time_ns=5, kind=pb.EVENT_XID, code=79)), now_ns=9)
+    line = alert_line(a)
+    head, _, ts = line.rpartition(" ")
+    assert head.startswith("alert,rule=gpu_xid,severity=SEVERITY_CRITICAL,gpu=3,node=node-7 ")
+    assert 'state="firing"' in line and 'summary="Xid 79 on GPU 3 on node-7"' in line
+    assert ts == "5"

@@ -6,7 +6,6 @@ final JSON line. CPU is read from the kernel (/proc, wait4), not estimated.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -19,6 +18,8 @@ from pathlib import Path
 import psutil
 
 from mlpe.common.settings import Settings
+from mlpe.stack.kafka import kafka_reachable
+from mlpe.stack.process import ManagedProcess
 
 GPU_FIELDS_COUNT = 19
 
@@ -50,15 +51,6 @@ class AgentRun:
     window_s: float
     startup_cpu_s: float
     rss_mb: float
-
-
-def _kafka_reachable(bootstrap: str) -> bool:
-    from mlpe.stack.kafka import _describe_cluster
-
-    try:
-        return asyncio.run(_describe_cluster(bootstrap)) is not None
-    except Exception:  # noqa: BLE001 - any failure means "not reachable"
-        return False
 
 
 def _start_agent(args: list[str], workdir: Path, name: str) -> tuple[subprocess.Popen, Path]:
@@ -100,7 +92,7 @@ def _run_agents(specs: list[list[str]], duration: float, warmup: float) -> list[
 
 
 def bench_agent(args, settings: Settings) -> dict:
-    if not _kafka_reachable(settings.kafka_bootstrap):
+    if not kafka_reachable(settings.kafka_bootstrap):
         raise SystemExit(f"mlpe bench agent: Kafka at {settings.kafka_bootstrap} is not "
                          "reachable; start it with `mlpe stack up`")
     print(f"bench agent: simulator, {args.gpus} GPUs, {len_fields()} fields, {args.hz:g} Hz, "
@@ -140,7 +132,7 @@ def len_fields() -> int:
 
 
 def bench_ingest(args, settings: Settings) -> dict:
-    if not _kafka_reachable(settings.kafka_bootstrap):
+    if not kafka_reachable(settings.kafka_bootstrap):
         raise SystemExit(f"mlpe bench ingest: Kafka at {settings.kafka_bootstrap} is not "
                          "reachable; start it with `mlpe stack up`")
     try:
@@ -197,10 +189,10 @@ _BROKER_MARK: dict[int, tuple[float, float]] = {}
 
 def _broker_cpu(settings: Settings) -> float | None:
     """CPU % of the local broker since the previous call (None if it is not ours)."""
+    record = ManagedProcess("kafka", settings.run_dir, settings.logs_dir).record()
     try:
-        record = json.loads((settings.run_dir / "kafka.json").read_text())
         times = psutil.Process(int(record["pid"])).cpu_times()
-    except (OSError, ValueError, KeyError, psutil.Error):
+    except (TypeError, psutil.Error):
         return None
     now, cpu = time.monotonic(), times.user + times.system
     previous = _BROKER_MARK.get(0)

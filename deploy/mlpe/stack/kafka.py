@@ -167,6 +167,9 @@ class Kafka:
     def _metadata_ok(self) -> bool:
         return asyncio.run(_describe_cluster(self.s.kafka_bootstrap)) is not None
 
+    def reachable(self) -> bool:
+        return kafka_reachable(self.s.kafka_bootstrap)
+
     def create_topics(self) -> list[str]:
         """Create DESIGN.md's topics that are missing; returns the names created."""
         return asyncio.run(create_topics(self.s.kafka_bootstrap))
@@ -176,7 +179,7 @@ class Kafka:
 
     def status(self) -> Status:
         record = self.proc.record()
-        reachable = self._safe_metadata()
+        reachable = self.reachable()
         if reachable:
             detail = f"managed, pid {record['pid']}" if record else "external"
             version = record["version"] if record else "unknown"
@@ -187,11 +190,13 @@ class Kafka:
         )
         return Status(self.name, "down", self.version, self.address, why)
 
-    def _safe_metadata(self) -> bool:
-        try:
-            return self._metadata_ok()
-        except Exception:  # noqa: BLE001 - any failure means "not answering"
-            return False
+
+def kafka_reachable(bootstrap: str) -> bool:
+    """Does a broker at `bootstrap` answer a metadata request?"""
+    try:
+        return asyncio.run(_describe_cluster(bootstrap)) is not None
+    except Exception:  # noqa: BLE001 - any failure means "not answering"
+        return False
 
 
 async def _describe_cluster(bootstrap: str):

@@ -23,6 +23,7 @@ import numpy as np
 import psutil
 
 from mlpe.common.settings import Settings
+from mlpe.stack.process import ManagedProcess
 
 LAG_TARGET_S = 2.0
 
@@ -38,10 +39,9 @@ def register(sub) -> None:
 
 
 def _pid(settings: Settings, name: str) -> int | None:
-    try:
-        return int(json.loads((settings.run_dir / f"{name}.json").read_text())["pid"])
-    except (OSError, ValueError, KeyError):
-        return None
+    """The pid of a stack component `mlpe stack up` started (None if not ours)."""
+    record = ManagedProcess(name, settings.run_dir, settings.logs_dir).record()
+    return int(record["pid"]) if record else None
 
 
 def _cpu(pid: int | None) -> float | None:

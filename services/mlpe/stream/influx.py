@@ -10,13 +10,10 @@ from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 
 from mlpe.common.logs import register_secret
 from mlpe.common.settings import Settings
+from mlpe.stream.windows import escape_tag
 
 log = logging.getLogger("mlpe.stream.influx")
 CHUNK = 5_000  # lines per HTTP request
-
-
-def _tag(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
 
 
 def _text(value: str) -> str:
@@ -29,8 +26,9 @@ def alert_line(alert) -> str:
     from mlpe.v1 import alerts_pb2
 
     firing = alert.state == alerts_pb2.ALERT_FIRING
-    tags = [f"rule={_tag(alert.rule)}", f"severity={alerts_pb2.Severity.Name(alert.severity)}"]
-    tags += [f"{_tag(k)}={_tag(v)}" for k, v in sorted(alert.labels.items()) if v]
+    severity = alerts_pb2.Severity.Name(alert.severity)
+    tags = [f"rule={escape_tag(alert.rule)}", f"severity={severity}"]
+    tags += [f"{escape_tag(k)}={escape_tag(v)}" for k, v in sorted(alert.labels.items()) if v]
     fields = [f"state={_text('firing' if firing else 'resolved')}",
               f"summary={_text(alert.summary)}", f"explanation={_text(alert.explanation)}",
               f"value={float(alert.value)!r}", f"threshold={float(alert.threshold)!r}",

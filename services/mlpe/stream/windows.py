@@ -41,7 +41,7 @@ class Closed:
     end_ns: int
 
 
-def _escape_tag(value: str) -> str:
+def escape_tag(value: str) -> str:
     return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
 
 
@@ -158,7 +158,7 @@ class WindowSet:
             name = batches.field_name(number)
             parts += [f"{name}_{stat}={float(stats[stat][j])!r}" for stat in STATS]
         parts.append(f"samples={len(values)}i")
-        tags = f"node={_escape_tag(node)},window={self.label}"
+        tags = f"node={escape_tag(node)},window={self.label}"
         if kind == pb.DEVICE_KIND_GPU:
             tags += f",gpu={device}"
         line = f"{MEASUREMENT.get(kind, 'device')},{tags} {','.join(parts)} {window.start_ns}"

@@ -149,7 +149,7 @@ class DeviceEvent(_message.Message):
     def __init__(self, time_ns: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., code: _Optional[int] = ..., value: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class MetricBatch(_message.Message):
-    __slots__ = ("node_id", "device_kind", "device_index", "device_uuid", "agent_epoch_ns", "batch_seq", "first_sample_seq", "base_time_ns", "time_offsets_us", "series", "events", "sample_hz")
+    __slots__ = ("node_id", "device_kind", "device_index", "device_uuid", "agent_epoch_ns", "batch_seq", "first_sample_seq", "base_time_ns", "time_offsets_us", "series", "events", "sample_hz", "job_id")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class MetricBatch(_message.Message):
     SERIES_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_HZ_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     device_kind: DeviceKind
     device_index: int
@@ -174,7 +175,8 @@ class MetricBatch(_message.Message):
     series: _containers.RepeatedCompositeFieldContainer[Series]
     events: _containers.RepeatedCompositeFieldContainer[DeviceEvent]
     sample_hz: float
-    def __init__(self, node_id: _Optional[str] = ..., device_kind: _Optional[_Union[DeviceKind, str]] = ..., device_index: _Optional[int] = ..., device_uuid: _Optional[str] = ..., agent_epoch_ns: _Optional[int] = ..., batch_seq: _Optional[int] = ..., first_sample_seq: _Optional[int] = ..., base_time_ns: _Optional[int] = ..., time_offsets_us: _Optional[bytes] = ..., series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[DeviceEvent, _Mapping]]] = ..., sample_hz: _Optional[float] = ...) -> None: ...
+    job_id: str
+    def __init__(self, node_id: _Optional[str] = ..., device_kind: _Optional[_Union[DeviceKind, str]] = ..., device_index: _Optional[int] = ..., device_uuid: _Optional[str] = ..., agent_epoch_ns: _Optional[int] = ..., batch_seq: _Optional[int] = ..., first_sample_seq: _Optional[int] = ..., base_time_ns: _Optional[int] = ..., time_offsets_us: _Optional[bytes] = ..., series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[DeviceEvent, _Mapping]]] = ..., sample_hz: _Optional[float] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class NvLink(_message.Message):
     __slots__ = ("link", "peer_pci_bus_id", "peer_gpu_index", "active")

@@ -52,6 +52,7 @@ class Batch:
     columns: dict[int, np.ndarray]         # Field -> float32/float64 array, same length
     events: list[pb.DeviceEvent] = field(default_factory=list)
     sample_hz: float = 0.0
+    job_id: str = ""
 
     @property
     def samples(self) -> int:
@@ -91,6 +92,7 @@ def encode(batch: Batch) -> bytes:
         time_offsets_us=offsets_us.astype("<u4").tobytes(),
         events=batch.events,
         sample_hz=batch.sample_hz,
+        job_id=batch.job_id,
     )
     for number, values in batch.columns.items():
         kind = value_type(number)
@@ -212,4 +214,5 @@ def decode(raw: bytes) -> Batch:
         columns=columns,
         events=list(message.events),
         sample_hz=message.sample_hz,
+        job_id=message.job_id,
     )

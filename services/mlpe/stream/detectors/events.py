@@ -9,9 +9,8 @@ dropped by the notifier).
 
 from __future__ import annotations
 
-import hashlib
-
 from mlpe.common import batches
+from mlpe.stream.detectors.alert import fingerprint
 from mlpe.v1 import alerts_pb2 as al
 from mlpe.v1 import metrics_pb2 as pb
 
@@ -46,10 +45,6 @@ THROTTLE_REASONS = {  # bit: (name, severity, why it matters)
 }
 # Not here: SW power cap. A busy H100 sits at its power limit as a matter of course;
 # a *lowered* limit is what matters, and that is a rule on GPU_POWER_LIMIT with a hold.
-
-
-def fingerprint(*parts: str) -> str:
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
 
 
 def _alert(batch: batches.Batch, event: pb.DeviceEvent, rule: str, severity: int,

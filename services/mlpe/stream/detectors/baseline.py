@@ -1,0 +1,69 @@
+"""Statistical detector: a robust baseline per GPU series, for spikes and drifts upward.
+
+Each watched field keeps an exponentially weighted mean and mean absolute deviation
+of its 1 s means (memory about two minutes). A point above mean + max(K x deviation,
+a floor in the field's unit) is abnormal; HOLD abnormal points in a row fire, CLEAR
+normal ones resolve. Abnormal points are not learned, so a drift stays visible
+instead of becoming the new normal. Nothing is judged before WARMUP points: a GPU
+heating up after the job starts is not an incident. Temperatures only: they have
+no benign reason to jump (an idle gap cools, it never heats).
+
+State is a plain dict (stored in a Faust table); `step` is pure.
+"""
+
+from __future__ import annotations
+
+from mlpe.stream.detectors.alert import CRITICAL, WARNING, build
+
+WATCHED = {  # field: (floor above baseline, unit, severity, why it matters)
+    "temp": (8.0, "°C", WARNING, "cooling is failing or the GPU works harder than its peers; "
+             "thermal throttling follows"),
+    "mem_temp": (8.0, "°C", WARNING, "HBM is heating up; memory errors and throttling follow"),
+}
+ALPHA = 1 / 120
+K = 6.0
+WARMUP, HOLD, CLEAR = 60, 2, 3
+
+
+def step(state: dict | None, node: str, gpu: str, t_ns: int, values: dict[str, float],
+         now_ns: int) -> tuple[dict, list]:
+    """Feed one 1 s point per watched field; returns (new state, alerts)."""
+    state = dict(state or {})
+    alerts = []
+    for name, (floor, unit, severity, why) in WATCHED.items():
+        x = values.get(name)
+        if x is None or x != x:  # missing or NaN (GPU lost): nothing to learn or judge
+            continue
+        s = dict(state.get(name) or {"n": 0, "mean": x, "dev": 0.0, "bad": 0, "good": 0,
+                                     "since": 0, "firing": False})
+        limit = s["mean"] + max(K * s["dev"], floor)
+        abnormal = s["n"] >= WARMUP and x > limit
+        if abnormal:
+            s["bad"], s["good"] = s["bad"] + 1, 0
+            s["since"] = s["since"] or t_ns
+        else:
+            s["bad"], s["good"] = 0, s["good"] + 1
+            s["dev"] += ALPHA * (abs(x - s["mean"]) - s["dev"])
+            s["mean"] += ALPHA * (x - s["mean"])
+            s["n"] += 1
+        labels = {"node": node, "gpu": gpu, "field": name}
+        rule = f"gpu_{name}_above_baseline"
+        if abnormal and s["bad"] >= HOLD and not s["firing"]:
+            s["firing"] = True
+            alerts.append(build(
+                "statistical", rule, CRITICAL if x > limit + 2 * floor else severity, True,
+                labels, x, limit, s["since"], now_ns,
+                f"GPU {gpu} on {node}: {name.replace('_', ' ')} {x - s['mean']:+.0f} {unit} "
+                "above its baseline",
+                f"{name.replace('_', ' ')} is {x:.1f} {unit}, {x - s['mean']:.1f} {unit} above "
+                f"its usual {s['mean']:.1f} {unit} (limit {limit:.1f}): {why}."))
+        elif s["firing"] and s["good"] >= CLEAR:
+            alerts.append(build(
+                "statistical", rule, severity, False, labels, x, limit, s["since"], now_ns,
+                f"GPU {gpu} on {node}: {name.replace('_', ' ')} back to normal",
+                f"{name.replace('_', ' ')} is {x:.1f} {unit}, within its baseline again."))
+            s["firing"], s["since"] = False, 0
+        if not abnormal and not s["firing"]:
+            s["since"] = 0
+        state[name] = s
+    return state, alerts

@@ -1,0 +1,142 @@
+"""Training detector: non-finite loss, loss spikes, throughput regressions and stalls.
+
+Fed every rank's TrainStep of a job (topic mlpe.events.train, keyed by job id, so
+one worker sees a whole job). Per job it keeps EWMAs of the loss (level and mean
+absolute deviation) and of tokens/s (a slow baseline and a fast recent value),
+weighted per step however many ranks report. Nothing is judged during the first
+WARMUP_STEPS steps, when the loss falls fast and throughput ramps up. A step
+replayed after a crash (not newer than its rank's last) changes nothing.
+
+- NaN or inf loss: critical at once; resolves at the next finite loss.
+- Loss spike: loss above mean + max(K x deviation, 50% of the mean).
+- Throughput regression: recent tokens/s below 80% of the baseline for
+  REGRESSION_STEPS steps (one slow step, e.g. the one after a checkpoint pause,
+  is not a regression). The baseline does not learn while it is low.
+- Stall: no step for max(STALL_MIN_S, STALL_STEPS x the usual step time); judged
+  by `stall_alert` from a timer, since a stall is the absence of events.
+
+State is a plain dict (stored in a Faust table); the functions are pure.
+"""
+
+from __future__ import annotations
+
+import math
+
+from mlpe.stream.detectors.alert import CRITICAL, WARNING, build
+
+WARMUP_STEPS = 20
+LOSS_K, LOSS_FLOOR = 6.0, 0.5
+LOSS_ALPHA, BASE_ALPHA, FAST_ALPHA, STEP_ALPHA = 0.1, 0.02, 0.5, 0.1  # per step
+REGRESSION, RECOVERED, REGRESSION_STEPS = 0.8, 0.9, 4
+STALL_MIN_S, STALL_STEPS = 30.0, 20
+
+
+def _per_message(alpha: float, world: int) -> float:
+    """An EWMA weight per rank's message that gives `alpha` per step of `world` ranks."""
+    return 1 - (1 - alpha) ** (1 / max(world, 1))
+
+
+def step(state: dict | None, msg, now_ns: int) -> tuple[dict, list]:
+    """Feed one rank's TrainStep; returns (new state, alerts)."""
+    state = {"ranks": {}, "t": 0, "steps": 0, "first_step": msg.step, "loss": None,
+             "tps": None, "step_s": None, "firing": {}, **(state or {})}
+    ranks = dict(state["ranks"])
+    if msg.step <= ranks.get(str(msg.rank), 0):
+        return state, []  # seen before: a replay
+    ranks[str(msg.rank)] = msg.step
+    firing = dict(state["firing"])
+    state.update(ranks=ranks, t=max(state["t"], msg.time_ns), steps=max(state["steps"],
+                 msg.step), firing=firing)
+    job, world = msg.job_id, msg.world_size or len(ranks)
+    labels = {"job": job}
+    warm = msg.step - state["first_step"] >= WARMUP_STEPS
+    alerts = []
+
+    def fire(rule, severity, value, threshold, summary, explanation):
+        if rule not in firing:
+            firing[rule] = msg.time_ns
+            alerts.append(build("training", rule, severity, True, labels, value, threshold,
+                                msg.time_ns, now_ns, summary, explanation))
+
+    def resolve(rule, value, threshold, summary, explanation):
+        if rule in firing:
+            since = firing.pop(rule)
+            alerts.append(build("training", rule, WARNING, False, labels, value, threshold,
+                                since, now_ns, summary, explanation))
+
+    # Loss.
+    loss = msg.loss
+    if not math.isfinite(loss):
+        fire("training_loss_nonfinite", CRITICAL, loss, 0.0,
+             f"Job {job}: loss is {loss} at step {msg.step}",
+             f"Rank {msg.rank} reported a {loss} loss at step {msg.step}: the run has "
+             "diverged (learning rate, bad batch, overflow); roll back to a checkpoint.")
+    else:
+        resolve("training_loss_nonfinite", loss, 0.0, f"Job {job}: loss finite again",
+                f"Loss is {loss:.4g} at step {msg.step}.")
+        s = dict(state["loss"] or {"mean": loss, "dev": 0.0})
+        limit = s["mean"] + max(LOSS_K * s["dev"], LOSS_FLOOR * abs(s["mean"]))
+        if warm and loss > limit:
+            fire("training_loss_spike", WARNING, loss, limit,
+                 f"Job {job}: loss spiked to {loss:.3g} at step {msg.step}",
+                 f"Loss {loss:.4g} against a running mean of {s['mean']:.4g} (limit "
+                 f"{limit:.4g}): a bad batch or the start of a divergence.")
+        else:
+            if loss <= limit:
+                resolve("training_loss_spike", loss, limit, f"Job {job}: loss back to normal",
+                        f"Loss {loss:.4g}, running mean {s['mean']:.4g}.")
+            a = _per_message(LOSS_ALPHA, world)
+            s["dev"] += a * (abs(loss - s["mean"]) - s["dev"])
+            s["mean"] += a * (loss - s["mean"])
+        state["loss"] = s
+
+    # Throughput and step time.
+    tps = msg.tokens_per_s
+    if math.isfinite(tps) and tps >= 0:
+        s = dict(state["tps"] or {"base": tps, "fast": tps, "low_since": 0})
+        s["fast"] += _per_message(FAST_ALPHA, world) * (tps - s["fast"])
+        low = warm and s["fast"] < REGRESSION * s["base"]
+        if low:
+            s["low_since"] = s["low_since"] or msg.step
+            if msg.step - s["low_since"] >= REGRESSION_STEPS:
+                drop = 1 - s["fast"] / s["base"]
+                fire("training_throughput_regression", WARNING, s["fast"], s["base"],
+                     f"Job {job}: throughput down {drop:.0%}",
+                     f"{s['fast']:,.0f} tokens/s per rank over the last steps against "
+                     f"{s['base']:,.0f} usually: something slowed every rank (a throttled "
+                     "or straggling GPU, input pipeline, network).")
+        else:
+            s["low_since"] = 0
+            s["base"] += _per_message(BASE_ALPHA, world) * (tps - s["base"])
+            if s["fast"] >= RECOVERED * s["base"]:
+                resolve("training_throughput_regression", s["fast"], s["base"],
+                        f"Job {job}: throughput recovered",
+                        f"{s['fast']:,.0f} tokens/s per rank, baseline {s['base']:,.0f}.")
+        state["tps"] = s
+    if math.isfinite(msg.step_time_s) and msg.step_time_s > 0:
+        usual = state["step_s"] or msg.step_time_s
+        state["step_s"] = usual + _per_message(STEP_ALPHA, world) * (msg.step_time_s - usual)
+    return state, alerts
+
+
+def stall_after_s(state: dict) -> float:
+    return max(STALL_MIN_S, STALL_STEPS * (state.get("step_s") or 0.0))
+
+
+def stall_alert(job: str, state: dict, now_ns: int, stalled: bool):
+    """A firing alert if the job has gone quiet too long (and is not already marked
+    `stalled`), a resolve if it was and has stepped since; else None."""
+    quiet_s = (now_ns - state["t"]) / 1e9
+    limit = stall_after_s(state)
+    labels = {"job": job}
+    if quiet_s > limit and not stalled:
+        return build("training", "training_stalled", CRITICAL, True, labels, quiet_s, limit,
+                     state["t"], now_ns, f"Job {job}: no step for {quiet_s:.0f} s",
+                     f"The last step ({state['steps']}) ended {quiet_s:.0f} s ago; steps "
+                     f"usually take {state.get('step_s') or 0:.2f} s: a hang (collective, "
+                     "I/O, dead rank) or a crash.")
+    if quiet_s <= limit and stalled:
+        return build("training", "training_stalled", CRITICAL, False, labels, quiet_s, limit,
+                     state["t"], now_ns, f"Job {job}: stepping again",
+                     f"Step {state['steps']} completed.")
+    return None

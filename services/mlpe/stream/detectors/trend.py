@@ -1,0 +1,67 @@
+"""Trend detector: device memory growing steadily, i.e. a leak, with time to OOM.
+
+The last WINDOW_S seconds of 1 s means of memory used are fitted with a straight
+line. Steady growth fires: a slope of at least MIN_SLOPE MiB/s, a good fit
+(R² >= MIN_R2), most steps upward, and at least MIN_GROWTH MiB in the window. A
+one-off jump (allocating a buffer, the caching allocator growing at start-up) is
+not steady, so it does not fire. It resolves when the slope falls below half.
+
+State is a plain dict (stored in a Faust table); `step` is pure.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mlpe.stream.detectors.alert import WARNING, build
+
+WINDOW_S = 15.0
+MIN_POINTS = 5
+MIN_SLOPE = 16.0     # MiB/s
+MIN_GROWTH = 256.0   # MiB over the window
+MIN_R2 = 0.9
+MIN_UP = 0.8         # fraction of point-to-point steps that grow
+
+
+def fit(points: list[list[float]]) -> tuple[float, float, float, float]:
+    """(slope MiB/s, R², fraction of steps upward, growth MiB) of [t_s, MiB] points."""
+    t, y = np.array(points).T
+    t = t - t[0]
+    slope, intercept = np.polyfit(t, y, 1)
+    residual = y - (slope * t + intercept)
+    total = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float((residual ** 2).sum()) / total if total > 0 else 0.0
+    up = float((np.diff(y) > 0).mean())
+    return float(slope), r2, up, float(y[-1] - y[0])
+
+
+def step(state: dict | None, node: str, gpu: str, t_ns: int, used_mib: float,
+         total_mib: float, now_ns: int) -> tuple[dict, list]:
+    state = dict(state or {"points": [], "firing": False, "since": 0})
+    if used_mib != used_mib:  # NaN: GPU not answering
+        return state, []
+    t_s = t_ns / 1e9
+    points = [p for p in state["points"] if p[0] > t_s - WINDOW_S] + [[t_s, used_mib]]
+    state["points"] = points
+    if len(points) < MIN_POINTS:
+        return state, []
+    slope, r2, up, growth = fit(points)
+    labels = {"node": node, "gpu": gpu, "field": "mem_used"}
+    leaking = slope >= MIN_SLOPE and r2 >= MIN_R2 and up >= MIN_UP and growth >= MIN_GROWTH
+    if leaking and not state["firing"]:
+        state["firing"], state["since"] = True, int(points[0][0] * 1e9)
+        left = max(total_mib - used_mib, 0.0) if total_mib == total_mib else float("nan")
+        eta = f"out of memory in about {left / slope:.0f} s" if left == left else \
+            "it will run out of memory"
+        return state, [build(
+            "trend", "gpu_memory_leak", WARNING, True, labels, slope, MIN_SLOPE,
+            state["since"], now_ns, f"GPU {gpu} on {node}: memory leak, {slope:.0f} MiB/s",
+            f"Device memory grew {growth:.0f} MiB in {points[-1][0] - points[0][0]:.0f} s "
+            f"at a steady {slope:.0f} MiB/s (now {used_mib:.0f} MiB): {eta}.")]
+    if state["firing"] and slope < MIN_SLOPE / 2:
+        state["firing"] = False
+        return state, [build(
+            "trend", "gpu_memory_leak", WARNING, False, labels, slope, MIN_SLOPE,
+            state["since"], now_ns, f"GPU {gpu} on {node}: memory no longer growing",
+            f"Memory used is steady at {used_mib:.0f} MiB.")]
+    return state, []

@@ -1,16 +1,28 @@
-"""`mlpe stream`: the Faust app that turns metric batches into InfluxDB aggregates.
+"""`mlpe stream`: the Faust app that turns telemetry into InfluxDB aggregates and alerts.
 
-Topics and agents are declared at module level, Faust style. Offsets are
-acknowledged only once every window a batch contributed to is in InfluxDB, so a
-killed worker resumes from data whose windows were not yet written, recomputes
-them and overwrites (same series, same timestamp): nothing missing, nothing
-doubled. Undecodable batches go to the dead-letter topic with the reason.
+Topics, tables and agents are declared at module level, Faust style:
+- `aggregate`: metric batches -> 1 s / 10 s windows in InfluxDB; Xid/ECC/throttle
+  events and threshold rules -> alerts at once. Each closed 1 s GPU window's means
+  go to mlpe.stream.gpu-seconds, keyed by job.
+- `detect_gpus`: those means -> statistical baseline, memory-leak trend and
+  cross-peer detectors, their state in the tables `gpu-series` and `peer-groups`.
+- `train_steps`: TrainStep events -> 1 s / 10 s windows per job and rank, and the
+  training detectors, state in the table `train-jobs`; `watch_stalls` notices jobs
+  that stopped stepping.
+Offsets of metric batches and steps are acknowledged only once every window they
+contributed to is in InfluxDB, so a killed worker resumes from data whose windows
+were not yet written, recomputes them and overwrites (same series, same
+timestamp): nothing missing, nothing doubled. Table state is in changelog topics:
+a restarted worker resumes it instead of re-learning. Anything undecodable or
+invalid goes to the dead-letter topic with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import time
 from collections import deque
 from typing import ClassVar
@@ -22,12 +34,21 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from mlpe.common import batches
 from mlpe.common import settings as settings_module
-from mlpe.common.topics import ALERTS, DEAD_LETTER, GPU_METRICS, HOST_METRICS
+from mlpe.common.topics import (
+    ALERTS,
+    DEAD_LETTER,
+    GPU_METRICS,
+    GPU_SECONDS,
+    HOST_METRICS,
+    TRAIN_EVENTS,
+)
 from mlpe.stream import rules as rules_module
+from mlpe.stream.detectors import baseline, peers, training, trend
 from mlpe.stream.detectors import events as events_detector
+from mlpe.stream.detectors.alert import fingerprint
 from mlpe.stream.influx import InfluxWriter, alert_line
-from mlpe.stream.windows import WindowSet
-from mlpe.v1 import alerts_pb2, deadletter_pb2, metrics_pb2
+from mlpe.stream.windows import TRAIN_KIND, WindowSet
+from mlpe.v1 import alerts_pb2, deadletter_pb2, metrics_pb2, training_pb2
 
 log = logging.getLogger("mlpe.stream")
 settings = settings_module.load()
@@ -49,6 +70,8 @@ app = faust.App(
     broker_heartbeat_interval=1.0,
     datadir=str(settings.state_dir / "stream"),
     topic_partitions=GPU_METRICS.partitions,
+    # Each table partition lives on its owner only; a restart recovers it from the changelog.
+    table_standby_replicas=0,
 )
 metric_topics = app.topic(GPU_METRICS.name, HOST_METRICS.name, value_type=bytes,
                           value_serializer="raw", key_serializer="raw")
@@ -56,13 +79,28 @@ alerts_topic = app.topic(ALERTS.name, value_type=bytes, value_serializer="raw",
                          key_serializer="raw")
 dead_letters = app.topic(DEAD_LETTER.name, value_type=bytes, value_serializer="raw",
                          key_serializer="raw")
+gpu_seconds = app.topic(GPU_SECONDS.name, value_type=bytes, value_serializer="raw",
+                        key_serializer="raw")
+train_topic = app.topic(TRAIN_EVENTS.name, value_type=bytes, value_serializer="raw",
+                        key_serializer="raw")
+
+# Detector state, co-partitioned with the topic that feeds it.
+STATE = faust.Schema(key_type=str, value_type=dict, key_serializer="json",
+                     value_serializer="json")
+gpu_series = app.Table("gpu-series", default=dict, partitions=GPU_SECONDS.partitions,
+                       schema=STATE)   # node/gpu -> baseline and trend state
+peer_groups = app.Table("peer-groups", default=dict, partitions=GPU_SECONDS.partitions,
+                        schema=STATE)  # job -> cross-peer state
+train_jobs = app.Table("train-jobs", default=dict, partitions=TRAIN_EVENTS.partitions,
+                       schema=STATE)   # job -> training detector state
 
 IDLE_S = 2.0  # a partition silent this long gets its open windows written anyway
 WINDOWS = [WindowSet(width, settings.stream_lateness_s, IDLE_S) for width in (1.0, 10.0)]
 EARLIEST_NS = 1_577_836_800 * 10**9  # 2020-01-01: anything older is a broken clock
 FUTURE_S = 86_400                    # more than a day ahead: a broken clock too
 writer = InfluxWriter(settings)
-counters = {"batches": 0, "values": 0, "dead_letters": 0, "windows_written": 0, "alerts": 0}
+counters = {"batches": 0, "values": 0, "steps": 0, "dead_letters": 0, "windows_written": 0,
+            "alerts": 0}
 close_delays: deque[float] = deque(maxlen=10_000)  # seconds from 1 s window end to written
 arrival_delays: deque[float] = deque(maxlen=10_000)  # seconds from last sample to consumed
 
@@ -95,8 +133,7 @@ def evaluate_rules(batch: batches.Batch) -> list[alerts_pb2.Alert]:
         firing = state == alerts_pb2.ALERT_FIRING
         since = rule_states[key]["since"] if firing else rule_states[key].get("last_since", 0)
         out.append(alerts_pb2.Alert(
-            fingerprint=events_detector.fingerprint(rule.name, batch.node_id,
-                                                    labels.get("gpu", "")),
+            fingerprint=fingerprint(rule.name, batch.node_id, labels.get("gpu", "")),
             rule=rule.name, detector="rule", severity=rule.severity, state=state,
             labels=labels, value=value, threshold=rule.threshold, starts_at_ns=since,
             ends_at_ns=0 if firing else t_ns, detected_at_ns=time.time_ns(),
@@ -134,6 +171,21 @@ def validate(batch: batches.Batch) -> None:
                 f"MetricBatch: timestamps {first}..{last} ns are not a plausible time")
 
 
+async def publish(alerts: list[alerts_pb2.Alert]) -> None:
+    """To mlpe.alerts for the notifier, and to InfluxDB with the next windows for Grafana."""
+    for alert in alerts:
+        await alerts_topic.send(key=alert.fingerprint.encode(), value=alert.SerializeToString())
+        annotations.append(alert_line(alert))
+        counters["alerts"] += 1
+
+
+def ack_in_order(event) -> None:
+    """Acknowledge an event that joins no window, after the earlier ones of its partition."""
+    hold = Hold(event)
+    hold.refs = 1
+    hold.release()
+
+
 async def dead_letter(event, reason: str) -> None:
     message = event.message
     refused_at = Timestamp()
@@ -156,15 +208,9 @@ async def aggregate(stream):
             validate(batch)
         except batches.BatchError as err:
             await dead_letter(event, str(err))
-            refused = Hold(event)  # in order with the rest of its partition
-            refused.refs = 1
-            refused.release()
+            ack_in_order(event)
             continue
-        for alert in [*events_detector.detect(batch, time.time_ns()), *evaluate_rules(batch)]:
-            await alerts_topic.send(key=alert.fingerprint.encode(),
-                                    value=alert.SerializeToString())
-            annotations.append(alert_line(alert))
-            counters["alerts"] += 1
+        await publish([*events_detector.detect(batch, time.time_ns()), *evaluate_rules(batch)])
         last_offsets[(event.message.topic, event.message.partition)] = event.message.offset
         hold = Hold(event)
         for windows in WINDOWS:
@@ -176,6 +222,165 @@ async def aggregate(stream):
         if hold.refs == 0:  # every sample fell in windows already written
             hold.refs = 1
             hold.release()
+
+
+def gpu_second_reports(closed) -> list[tuple[str, dict]]:
+    """Closed 1 s GPU windows as one report per (job, node, second): (job, report)."""
+    reports: dict[tuple, dict] = {}
+    for c in closed:
+        if c.kind != metrics_pb2.DEVICE_KIND_GPU or c.end_ns - c.start_ns != 10**9:
+            continue
+        report = reports.setdefault((c.job, c.node, c.start_ns), {
+            "job": c.job, "node": c.node, "start_ns": c.start_ns, "gpus": {}})
+        report["gpus"][str(c.device)] = {k: (v if math.isfinite(v) else None)
+                                         for k, v in c.means.items() if k in SECOND_FIELDS}
+    return [(job, report) for (job, _, _), report in reports.items()]
+
+
+SECOND_FIELDS = {*peers.FIELDS, *baseline.WATCHED, "mem_used", "mem_total"}
+peer_buckets: dict[str, peers.Buckets] = {}  # job -> the seconds not yet judged
+
+
+def parse_report(raw: bytes) -> dict:
+    try:
+        report = json.loads(raw)
+        node, start, gpus = report["node"], int(report["start_ns"]), report["gpus"]
+        if not isinstance(node, str) or not node or not isinstance(gpus, dict):
+            raise TypeError("node must be a non-empty string and gpus a mapping")
+        for values in gpus.values():
+            if not isinstance(values, dict) or not all(
+                    v is None or isinstance(v, int | float) for v in values.values()):
+                raise TypeError("each GPU's values must be a mapping of numbers")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"not a GPU-seconds report: {type(err).__name__}: {err}") from None
+    report["start_ns"], report["job"] = start, str(report.get("job") or "")
+    return report
+
+
+@app.agent(gpu_seconds)
+async def detect_gpus(stream):
+    """Baseline, trend and cross-peer detectors over each GPU's 1 s means."""
+    async for event in stream.events():
+        try:
+            report = parse_report(event.value)
+        except ValueError as err:
+            await dead_letter(event, str(err))
+            continue
+        now_ns, node, start, found = time.time_ns(), report["node"], report["start_ns"], []
+        for gpu, values in report["gpus"].items():
+            values = {k: (math.nan if v is None else float(v)) for k, v in values.items()}
+            member = f"{node}/{gpu}"
+            state = gpu_series[member]
+            if start <= state.get("t", 0):
+                continue  # replayed after a crash: already learned
+            stat_state, stat_alerts = baseline.step(state.get("baseline"), node, gpu, start,
+                                                    values, now_ns)
+            trend_state, trend_alerts = trend.step(
+                state.get("trend"), node, gpu, start, values.get("mem_used", math.nan),
+                values.get("mem_total", math.nan), now_ns)
+            gpu_series[member] = {"t": start, "baseline": stat_state, "trend": trend_state}
+            found += stat_alerts + trend_alerts
+        job = report["job"]
+        buckets = peer_buckets.setdefault(job, peers.Buckets())
+        buckets.add(report)
+        group = peer_groups[job]
+        ready = buckets.ready(group.get("last_start", 0))
+        for second, members in ready:
+            group, peer_alerts = peers.evaluate(group, second, members, now_ns)
+            found += peer_alerts
+        if ready:
+            peer_groups[job] = group
+        await publish(found)
+
+
+class StepRow:
+    """One TrainStep as a one-sample batch of a "device" (job, rank) for WindowSet."""
+    FIELDS = ("loss", "tokens_per_s", "step_time_s", "grad_norm", "mem_allocated_gib")
+
+    def __init__(self, msg: training_pb2.TrainStep):
+        self.node_id, self.job_id = msg.job_id, msg.job_id
+        self.device_kind, self.device_index = TRAIN_KIND, msg.rank
+        self.timestamps_ns = np.array([msg.time_ns], dtype=np.int64)
+        self.samples = 1
+        self._matrix = (self.FIELDS, np.array([[msg.loss, msg.tokens_per_s, msg.step_time_s,
+                                                msg.grad_norm, msg.mem_allocated_bytes / 2**30]]))
+
+    def matrix(self):
+        return self._matrix
+
+
+def parse_step(raw: bytes) -> training_pb2.TrainStep:
+    """A TrainStep, checked; the loss may be NaN or inf (that is what we watch for)."""
+    try:
+        msg = training_pb2.TrainStep.FromString(raw)
+    except Exception as err:  # noqa: BLE001 - protobuf raises DecodeError or RuntimeError
+        raise ValueError(f"not a TrainStep: {err}") from None
+    problems = []
+    if not msg.job_id:
+        problems.append("job_id is empty")
+    if msg.rank < 0 or msg.world_size < 1 or msg.rank >= msg.world_size:
+        problems.append(f"rank {msg.rank} does not fit world_size {msg.world_size}")
+    if msg.step < 1:
+        problems.append(f"step {msg.step} is not 1 or more")
+    if not EARLIEST_NS <= msg.time_ns <= time.time_ns() + FUTURE_S * 10**9:
+        problems.append(f"time_ns {msg.time_ns} is not a plausible time")
+    for name in ("tokens_per_s", "step_time_s"):
+        value = getattr(msg, name)
+        if not math.isfinite(value) or value < 0:
+            problems.append(f"{name} {value} is not a finite number >= 0")
+    if problems:
+        raise ValueError("TrainStep: " + "; ".join(problems))
+    return msg
+
+
+stalled_jobs: set[str] = set()  # in memory: a restart may re-fire, the notifier dedups
+
+
+@app.agent(train_topic)
+async def train_steps(stream):
+    """Training aggregates per job and rank, and the training detectors."""
+    async for event in stream.noack().events():
+        try:
+            msg = parse_step(event.value)
+        except ValueError as err:
+            await dead_letter(event, str(err))
+            ack_in_order(event)
+            continue
+        now_ns = time.time_ns()
+        state, found = training.step(train_jobs[msg.job_id] or None, msg, now_ns)
+        train_jobs[msg.job_id] = state
+        if msg.job_id in stalled_jobs:
+            resolved = training.stall_alert(msg.job_id, state, now_ns, stalled=True)
+            if resolved is not None:
+                stalled_jobs.discard(msg.job_id)
+                found.append(resolved)
+        await publish(found)
+        partition = (event.message.topic, event.message.partition)
+        last_offsets[partition] = event.message.offset
+        hold = Hold(event)
+        for windows in WINDOWS:
+            hold.refs += windows.add(partition, StepRow(msg), hold)
+        counters["steps"] += 1
+        if hold.refs == 0:
+            hold.refs = 1
+            hold.release()
+
+
+@app.timer(interval=1.0)
+async def watch_stalls() -> None:
+    """A stall is the absence of steps, so it is noticed by the clock, not by an event;
+    never while this worker still has steps to read (it would only be behind)."""
+    owned = [tp for tp in app.consumer.assignment() if tp.topic == TRAIN_EVENTS.name]
+    if any(backlog((tp.topic, tp.partition)) for tp in owned):
+        return
+    now_ns, found = time.time_ns(), []
+    for job, state in list(train_jobs.items()):
+        if state and job not in stalled_jobs:
+            alert = training.stall_alert(job, state, now_ns, stalled=False)
+            if alert is not None:
+                stalled_jobs.add(job)
+                found.append(alert)
+    await publish(found)
 
 
 @app.task
@@ -206,6 +411,8 @@ async def write_once() -> None:
     notes, annotations[:] = list(annotations), []
     if not closed and not notes:
         return
+    for job, report in gpu_second_reports(closed):  # detectors first: they are the hurry
+        await gpu_seconds.send(key=job.encode(), value=json.dumps(report).encode())
     await writer.write([c.line for c in closed] + notes)  # retries until InfluxDB takes them
     counters["windows_written"] += len(closed)
     now_ns = time.time_ns()

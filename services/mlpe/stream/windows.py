@@ -21,24 +21,32 @@ from mlpe.common import batches
 from mlpe.v1 import metrics_pb2 as pb
 
 STATS = ("min", "mean", "max", "p95", "last")
-MEASUREMENT = {pb.DEVICE_KIND_GPU: "gpu", pb.DEVICE_KIND_HOST: "host"}
+TRAIN_KIND = -1  # a "device" that is one rank of a training job (see app.StepRow)
+MEASUREMENT = {pb.DEVICE_KIND_GPU: "gpu", pb.DEVICE_KIND_HOST: "host", TRAIN_KIND: "train"}
 
 
 @dataclass
 class _Window:
     start_ns: int
     parts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (times, values)
-    fields: tuple[int, ...] = ()
+    fields: tuple[int | str, ...] = ()  # field numbers, or names for training rows
     tokens: list[object] = field(default_factory=list)  # whatever the caller acks afterwards
+    job: str = ""
 
 
 @dataclass(frozen=True)
 class Closed:
-    """A finished window: its InfluxDB line and the tokens whose data it held."""
+    """A finished window: its InfluxDB line, the tokens whose data it held, and the
+    mean of each field (what the detectors look at)."""
     line: str
     tokens: list[object]
     start_ns: int
     end_ns: int
+    node: str = ""
+    kind: int = 0
+    device: int = 0
+    job: str = ""
+    means: dict[str, float] = field(default_factory=dict)
 
 
 def escape_tag(value: str) -> str:
@@ -88,7 +96,10 @@ class WindowSet:
             if start + self.width_ns <= closed_before and start not in self.open[key]:
                 self.late_samples += len(times[rows])  # that window is already written
                 continue
-            window = self.open[key].setdefault(start, _Window(start, fields=fields))
+            window = self.open[key].get(start)
+            if window is None:
+                window = self.open[key][start] = _Window(start, fields=fields,
+                                                         job=batch.job_id)
             window.parts.append((times[rows], matrix[rows]))
             window.tokens.append(token)
             joined += 1
@@ -152,18 +163,24 @@ class WindowSet:
                                       masked, counts)),
                     "last": _last_finite(masked),
                 }
+        means = {}
         for j, number in enumerate(window.fields):
             if counts[j] == 0:
                 continue
-            name = batches.field_name(number)
+            name = number if isinstance(number, str) else batches.field_name(number)
             parts += [f"{name}_{stat}={float(stats[stat][j])!r}" for stat in STATS]
+            means[name] = float(stats["mean"][j])
         parts.append(f"samples={len(values)}i")
-        tags = f"node={escape_tag(node)},window={self.label}"
+        if kind == TRAIN_KIND:
+            tags = f"job={escape_tag(node)},rank={device},window={self.label}"
+        else:
+            tags = f"node={escape_tag(node)},window={self.label}"
         if kind == pb.DEVICE_KIND_GPU:
             tags += f",gpu={device}"
         line = f"{MEASUREMENT.get(kind, 'device')},{tags} {','.join(parts)} {window.start_ns}"
         return Closed(line=line, tokens=window.tokens, start_ns=window.start_ns,
-                      end_ns=window.start_ns + self.width_ns)
+                      end_ns=window.start_ns + self.width_ns, node=node, kind=kind,
+                      device=device, job=window.job, means=means)
 
 
 def _nan_safe(fn, values: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -4,8 +4,11 @@ Each watched field keeps an exponentially weighted mean and mean absolute deviat
 of its 1 s means (memory about two minutes). A point above mean + max(K x deviation,
 a floor in the field's unit) is abnormal; HOLD abnormal points in a row fire, CLEAR
 normal ones resolve. Abnormal points are not learned, so a drift stays visible
-instead of becoming the new normal. Nothing is judged before WARMUP points: a GPU
-heating up after the job starts is not an incident. Temperatures only: they have
+instead of becoming the new normal. Nothing is judged before WARMUP points, during
+which the mean follows the series closely (a GPU heating up after the job starts is
+not an incident, and its ramp is not noise). Only busy seconds (utilization at least
+BUSY_UTIL) count: the baseline is "how hot this GPU runs when it works", so an idle
+gap, and the climb back after it, are neither learned nor judged. Temperatures only: they have
 no benign reason to jump (an idle gap cools, it never heats).
 
 State is a plain dict (stored in a Faust table); `step` is pure.
@@ -16,13 +19,14 @@ from __future__ import annotations
 from mlpe.stream.detectors.alert import CRITICAL, WARNING, build
 
 WATCHED = {  # field: (floor above baseline, unit, severity, why it matters)
-    "temp": (8.0, "°C", WARNING, "cooling is failing or the GPU works harder than its peers; "
+    "temp": (5.0, "°C", WARNING, "cooling is failing or the GPU works harder than its peers; "
              "thermal throttling follows"),
-    "mem_temp": (8.0, "°C", WARNING, "HBM is heating up; memory errors and throttling follow"),
+    "mem_temp": (5.0, "°C", WARNING, "HBM is heating up; memory errors and throttling follow"),
 }
-ALPHA = 1 / 120
-K = 6.0
+ALPHA, WARMUP_ALPHA = 1 / 120, 0.2
+K = 5.0
 WARMUP, HOLD, CLEAR = 60, 2, 3
+BUSY_UTIL = 50.0  # % utilization: only busy seconds are learned and judged
 
 
 def step(state: dict | None, node: str, gpu: str, t_ns: int, values: dict[str, float],
@@ -30,6 +34,8 @@ def step(state: dict | None, node: str, gpu: str, t_ns: int, values: dict[str, f
     """Feed one 1 s point per watched field; returns (new state, alerts)."""
     state = dict(state or {})
     alerts = []
+    if not values.get("util", 0.0) >= BUSY_UTIL:
+        return state, alerts  # idle or cooling down: not the conditions the baseline knows
     for name, (floor, unit, severity, why) in WATCHED.items():
         x = values.get(name)
         if x is None or x != x:  # missing or NaN (GPU lost): nothing to learn or judge
@@ -43,8 +49,11 @@ def step(state: dict | None, node: str, gpu: str, t_ns: int, values: dict[str, f
             s["since"] = s["since"] or t_ns
         else:
             s["bad"], s["good"] = 0, s["good"] + 1
-            s["dev"] += ALPHA * (abs(x - s["mean"]) - s["dev"])
-            s["mean"] += ALPHA * (x - s["mean"])
+            if s["n"] < WARMUP:  # follow the warm-up ramp closely; its spread is not noise
+                s["mean"] += WARMUP_ALPHA * (x - s["mean"])
+            else:
+                s["dev"] += ALPHA * (abs(x - s["mean"]) - s["dev"])
+                s["mean"] += ALPHA * (x - s["mean"])
             s["n"] += 1
         labels = {"node": node, "gpu": gpu, "field": name}
         rule = f"gpu_{name}_above_baseline"

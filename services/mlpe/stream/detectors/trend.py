@@ -1,8 +1,9 @@
 """Trend detector: device memory growing steadily, i.e. a leak, with time to OOM.
 
-The last WINDOW_S seconds of 1 s means of memory used are fitted with a straight
-line. Steady growth fires: a slope of at least MIN_SLOPE MiB/s, a good fit
-(R² >= MIN_R2), most steps upward, and at least MIN_GROWTH MiB in the window. A
+The last MIN_POINTS, and the last WINDOW_S seconds, of 1 s means of memory used
+are fitted with straight lines. Steady growth in either fires: a slope of at least
+MIN_SLOPE MiB/s, a good fit (R² >= MIN_R2), most steps upward, and at least
+MIN_GROWTH MiB in the window. A
 one-off jump (allocating a buffer, the caching allocator growing at start-up) is
 not steady, so it does not fire. It resolves when the slope falls below half.
 
@@ -45,9 +46,13 @@ def step(state: dict | None, node: str, gpu: str, t_ns: int, used_mib: float,
     state["points"] = points
     if len(points) < MIN_POINTS:
         return state, []
-    slope, r2, up, growth = fit(points)
+    # The last few points find a fast leak soon after it starts; the whole window a slow one.
+    fits = [fit(p) for p in (points[-MIN_POINTS:], points)[:1 + (len(points) > MIN_POINTS)]]
+    leaking = any(slope >= MIN_SLOPE and r2 >= MIN_R2 and up >= MIN_UP and growth >= MIN_GROWTH
+                  for slope, r2, up, growth in fits)
+    slope, _r2, _up, growth = fits[-1] if len(fits) == 1 or not leaking else max(
+        fits, key=lambda f: f[0])
     labels = {"node": node, "gpu": gpu, "field": "mem_used"}
-    leaking = slope >= MIN_SLOPE and r2 >= MIN_R2 and up >= MIN_UP and growth >= MIN_GROWTH
     if leaking and not state["firing"]:
         state["firing"], state["since"] = True, int(points[0][0] * 1e9)
         left = max(total_mib - used_mib, 0.0) if total_mib == total_mib else float("nan")
@@ -56,7 +61,7 @@ def step(state: dict | None, node: str, gpu: str, t_ns: int, used_mib: float,
         return state, [build(
             "trend", "gpu_memory_leak", WARNING, True, labels, slope, MIN_SLOPE,
             state["since"], now_ns, f"GPU {gpu} on {node}: memory leak, {slope:.0f} MiB/s",
-            f"Device memory grew {growth:.0f} MiB in {points[-1][0] - points[0][0]:.0f} s "
+            f"Device memory grew {growth:.0f} MiB "
             f"at a steady {slope:.0f} MiB/s (now {used_mib:.0f} MiB): {eta}.")]
     if state["firing"] and slope < MIN_SLOPE / 2:
         state["firing"] = False

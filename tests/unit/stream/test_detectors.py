@@ -1,0 +1,129 @@
+"""Baseline, trend and cross-peer detectors on the simulator's series: each fault is
+found, on the right GPU or node, and the benign look-alikes (warm-up, idle gaps)
+stay quiet. Pure functions; the Faust wiring is tested in test_stream_app_context."""
+
+import math
+
+import pytest
+from sim_seconds import T0_NS, scenario, seconds
+
+from mlpe.stream.detectors import baseline, peers, trend
+from mlpe.v1 import alerts_pb2 as al
+
+
+def run(s, duration_s: int):
+    """Every detector over every second, as the stream would; returns firing alerts
+    as (second, detector, rule, labels) and every alert."""
+    series: dict[str, dict] = {}
+    group: dict = {}
+    buckets = peers.Buckets()
+    fired, everything = [], []
+    for start, nodes in seconds(s, duration_s):
+        now = start + 2 * 10**9
+        found = []
+        for node, gpus in nodes.items():
+            for gpu, values in gpus.items():
+                state = series.setdefault(f"{node}/{gpu}", {})
+                state["b"], a1 = baseline.step(state.get("b"), node, gpu, start, values, now)
+                state["t"], a2 = trend.step(state.get("t"), node, gpu, start,
+                                            values["mem_used"], values["mem_total"], now)
+                found += a1 + a2
+            buckets.add({"node": node, "start_ns": start, "gpus": gpus})
+        for second, members in buckets.ready(group.get("last_start", 0)):
+            group, a3 = peers.evaluate(group, second, members, now)
+            found += a3
+        everything += found
+        fired += [((start - T0_NS) // 10**9, a.detector, a.rule, dict(a.labels)) for a in found
+                  if a.state == al.ALERT_FIRING]
+    return fired, everything
+
+
+def test_fault_free_with_warmup_and_idle_gaps_is_quiet():
+    fired, _ = run(scenario(gaps=((40, 20), (90, 5))), 120)
+    assert fired == []
+
+
+@pytest.mark.parametrize("kind, node, gpu, rule, where", [
+    ("straggler", 0, 2, "peer_low_sm_clock", {"node": "sim-node-00", "gpu": "2"}),
+    ("thermal_throttle", 0, 3, "peer_low_sm_clock", {"node": "sim-node-00", "gpu": "3"}),
+    ("power_cap", 1, 5, "peer_low_sm_clock", {"node": "sim-node-01", "gpu": "5"}),
+    ("link_degradation", 1, 0, "peer_low_nvlink_tx", {"node": "sim-node-01", "gpu": "0"}),
+    ("input_starvation", 1, None, "peer_low_util", {"node": "sim-node-01"}),
+    ("stall", 0, None, "peer_low_util", {"node": "sim-node-00"}),
+])
+def test_peer_faults_found_on_the_right_device_within_seconds(kind, node, gpu, rule, where):
+    fired, _ = run(scenario((kind, node, gpu, 30, 20)), 60)
+    ours = [f for f in fired if f[2] == rule and all(f[3].get(k) == v for k, v in where.items())]
+    assert ours, fired
+    assert 30 <= ours[0][0] <= 33, ours
+    if "gpu" not in where:  # a node-level incident is one alert per field, not eight
+        assert all("gpu" not in f[3] for f in fired if f[1] == "peer"), fired
+    wrong_node = [f for f in fired if f[3]["node"] != where["node"]]
+    assert wrong_node == []
+
+
+def test_straggler_peers_waiting_are_not_blamed():
+    fired, _ = run(scenario(("straggler", 0, 2, 30, 20)), 60)
+    assert [f for f in fired if f[2] == "peer_low_util"] == []
+
+
+def test_peer_alert_resolves_after_the_fault():
+    _, alerts = run(scenario(("link_degradation", 1, 0, 30, 10)), 60)
+    states = [a.state for a in alerts if a.rule == "peer_low_nvlink_tx"]
+    assert states == [al.ALERT_FIRING, al.ALERT_RESOLVED]
+    assert len({a.fingerprint for a in alerts if a.rule == "peer_low_nvlink_tx"}) == 1
+
+
+def test_memory_leak_found_with_time_to_oom_and_resolved():
+    fired, alerts = run(scenario(("memory_leak", 0, 6, 30, 20, 200.0)), 70)
+    assert [(f[1], f[3]["gpu"]) for f in fired] == [("trend", "6")]
+    assert 30 <= fired[0][0] <= 37
+    leak = [a for a in alerts if a.rule == "gpu_memory_leak"]
+    assert "out of memory in about" in leak[0].explanation
+    assert leak[-1].state == al.ALERT_RESOLVED
+
+
+def test_slow_leak_below_the_slope_floor_is_not_a_leak():
+    fired, _ = run(scenario(("memory_leak", 0, 6, 30, 30, 4.0)), 70)
+    assert fired == []
+
+
+def test_temperature_drift_found_by_baseline_after_warmup():
+    # A thermal fault long after warm-up heats the die ~14 °C above its baseline.
+    fired, _ = run(scenario(("thermal_throttle", 0, 3, 90, 40, 0.2)), 140)
+    stat = [f for f in fired if f[1] == "statistical"]
+    assert stat and stat[0][3] == {"node": "sim-node-00", "gpu": "3", "field": "temp"}
+    assert 90 < stat[0][0] < 110
+
+
+def test_baseline_learns_nothing_during_warmup_and_ignores_nan():
+    state, alerts = None, []
+    for i in range(baseline.WARMUP - 1):
+        state, found = baseline.step(state, "n", "0", i, {"temp": 40.0}, i)
+        alerts += found
+    state, found = baseline.step(state, "n", "0", 99, {"temp": 95.0, "mem_temp": math.nan}, 99)
+    assert alerts + found == []  # still warming up: a jump is not judged yet
+    assert "mem_temp" not in state
+
+
+def test_buckets_wait_for_every_member_then_skip_replays():
+    b = peers.Buckets()
+    b.add({"node": "a", "start_ns": 1, "gpus": {"0": {}}})
+    b.add({"node": "b", "start_ns": 1, "gpus": {"0": {}}})
+    assert [s for s, _ in b.ready(0)] == [1]
+    b.add({"node": "a", "start_ns": 2 * 10**9, "gpus": {"0": {}}})
+    assert b.ready(1) == []  # b has not reported that second yet
+    b.add({"node": "b", "start_ns": 2 * 10**9, "gpus": {"0": {}}})
+    b.add({"node": "b", "start_ns": 1, "gpus": {"0": {}}})  # a replay of a judged second
+    assert [s for s, _ in b.ready(1)] == [2 * 10**9]
+
+
+def test_buckets_stop_waiting_for_a_silent_member():
+    b = peers.Buckets()
+    for node in "ab":
+        b.add({"node": node, "start_ns": 0, "gpus": {"0": {}}})
+    b.ready(-1)
+    b.add({"node": "a", "start_ns": 10**9, "gpus": {"0": {}}})
+    assert b.ready(0) == []
+    b.add({"node": "a", "start_ns": 3 * 10**9, "gpus": {"0": {}}})
+    assert [s for s, _ in b.ready(0)] == [10**9]

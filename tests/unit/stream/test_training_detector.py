@@ -1,0 +1,82 @@
+"""Training detectors on synthetic step streams: what fires, what must not."""
+
+import math
+
+from mlpe.stream.detectors import training
+from mlpe.v1 import alerts_pb2 as al
+from mlpe.v1.training_pb2 import TrainStep
+
+T0 = 1_800_000_000 * 10**9
+WORLD = 4
+
+
+def steps(n: int, step_s: float = 0.5, start: int = 1, t0: float = 0.0, loss=None, slow=None,
+          gap_after: dict | None = None):
+    """Every rank's TrainStep for steps start..start+n-1; loss(step) and slow(step) (a
+    step-time factor) shape faults; gap_after = {step: seconds of pause after it}."""
+    t = t0
+    for s in range(start, start + n):
+        dt = step_s * (slow(s) if slow else 1.0) + (gap_after or {}).get(s - 1, 0.0)
+        t += dt
+        value = loss(s) if loss else 2.0 + 8.0 * math.exp(-s / 30)
+        for rank in range(WORLD):
+            yield TrainStep(job_id="job-1", rank=rank, world_size=WORLD, step=s,
+                            time_ns=T0 + int(t * 1e9), loss=value + 0.01 * rank,
+                            tokens_per_s=16384 / dt, step_time_s=dt)
+
+
+def feed(messages, state=None):
+    fired, alerts = [], []
+    for msg in messages:
+        state, found = training.step(state, msg, msg.time_ns)
+        alerts += found
+        fired += [(msg.step, a.rule) for a in found if a.state == al.ALERT_FIRING]
+    return state, fired, alerts
+
+
+def test_healthy_run_with_warmup_and_checkpoint_pauses_is_quiet():
+    warm = lambda s: 2.0 if s < 10 else 1.0  # noqa: E731 - slow first steps
+    _, fired, _ = feed(steps(300, slow=warm, gap_after={100: 20.0, 200: 25.0}))
+    assert fired == []
+
+
+def test_nan_loss_fires_at_once_then_resolves():
+    loss = lambda s: math.nan if s == 5 else 3.0  # noqa: E731 - even during warm-up
+    _, fired, alerts = feed(steps(10, loss=loss))
+    assert fired == [(5, "training_loss_nonfinite")]
+    assert [a.state for a in alerts] == [al.ALERT_FIRING, al.ALERT_RESOLVED]
+    assert alerts[0].severity == al.SEVERITY_CRITICAL
+
+
+def test_loss_spike_after_warmup():
+    loss = lambda s: 8.0 if 80 <= s < 83 else 2.0  # noqa: E731
+    _, fired, _ = feed(steps(100, loss=loss))
+    assert fired == [(80, "training_loss_spike")]
+
+
+def test_throughput_regression_needs_a_sustained_drop():
+    slow = lambda s: 1.5 if s >= 100 else 1.0  # noqa: E731
+    _, fired, alerts = feed(steps(140, slow=slow))
+    assert [r for _, r in fired] == ["training_throughput_regression"]
+    assert 100 < fired[0][0] <= 108
+    assert alerts[0].labels["job"] == "job-1"
+
+
+def test_replayed_steps_change_nothing():
+    messages = list(steps(60))
+    state, _, _ = feed(messages)
+    again, fired, _ = feed(messages[-20:], state)
+    assert again == state and fired == []
+
+
+def test_stall_after_quiet_period_and_resolve_on_next_step():
+    state, _, _ = feed(steps(50))
+    last = state["t"]
+    limit = training.stall_after_s(state)
+    assert limit == training.STALL_MIN_S  # 20 steps of 0.5 s is less than the minimum
+    assert training.stall_alert("job-1", state, last + int((limit - 1) * 1e9), False) is None
+    alert = training.stall_alert("job-1", state, last + int((limit + 1) * 1e9), False)
+    assert alert.state == al.ALERT_FIRING and alert.rule == "training_stalled"
+    state, _, _ = feed(steps(1, start=51, t0=(last - T0) / 1e9 + limit + 5), state)
+    resolved = training.stall_alert("job-1", state, state["t"], True)
+    assert resolved.state == al.ALERT_RESOLVED and resolved.fingerprint == alert.fingerprint

@@ -24,8 +24,16 @@ FAULT_KINDS = {
     "link_degradation": (0.8, "fraction of NVLink and PCIe bandwidth lost"),
     "stall": (1.0, "(unused) the job stops: utilization and traffic fall to zero"),
     "gpu_lost": (1.0, "(unused) the GPU stops answering, as if it fell off the bus"),
+    # Training-only kinds: they change the job's step events, not any GPU's metrics.
+    "nan_loss": (1.0, "(unused) every rank's loss is NaN; no for_s = one step"),
+    "loss_spike": (4.0, "loss multiplier; no for_s = one step"),
+    "slow_steps": (1.5, "step time multiplier (a throughput regression)"),
 }
 INSTANT_KINDS = {"xid", "ecc_error"}
+TRAINING_ONLY_KINDS = {"nan_loss", "loss_spike", "slow_steps"}
+ONE_STEP_KINDS = {"nan_loss", "loss_spike"}  # without for_s they hit exactly one step
+TRAINING_KEYS = {"step_time_s", "compute_fraction", "warmup_s", "idle_gaps",
+                 "tokens_per_step", "loss_start", "job_id"}
 
 
 class ScenarioError(ValueError):
@@ -62,6 +70,9 @@ class Scenario:
     compute_fraction: float = 0.8
     warmup_s: float = 10.0
     idle_gaps: tuple[IdleGap, ...] = ()
+    tokens_per_step: int = 16384  # per rank
+    loss_start: float = 10.0
+    job_id: str | None = None     # None: the simulated job picks one from the node prefix
     faults: tuple[Fault, ...] = field(default_factory=tuple)
 
 
@@ -117,6 +128,13 @@ def parse(text: str, where: str = "scenario") -> Scenario:
     training = {}
     if "training" in top:
         training = _mapping(top["training"][0], where)
+    for key, (_, line) in training.items():
+        if key not in TRAINING_KEYS:
+            raise ScenarioError(f"{where}, line {line}: unknown training key {key!r} "
+                                f"(expected one of {', '.join(sorted(TRAINING_KEYS))})")
+    job_id = get(training, "job_id", str, None)
+    if job_id is not None and not job_id.strip():
+        raise ScenarioError(f"{where}, line {training['job_id'][1]}: job_id must not be empty")
     gaps = []
     if "idle_gaps" in training:
         gaps_node, gaps_line = training["idle_gaps"]
@@ -142,6 +160,9 @@ def parse(text: str, where: str = "scenario") -> Scenario:
         compute_fraction=get(training, "compute_fraction", float, 0.8, 0.0),
         warmup_s=get(training, "warmup_s", float, 10.0, 0.0),
         idle_gaps=tuple(gaps),
+        tokens_per_step=get(training, "tokens_per_step", int, 16384, 1),
+        loss_start=get(training, "loss_start", float, 10.0, 0.01),
+        job_id=job_id,
         faults=tuple(faults),
     )
 
@@ -171,7 +192,9 @@ def _fault(item: yaml.Node, where: str, get, nodes: int, gpus: int) -> Fault:
                                 f"({gpus} GPUs per node, 0-{gpus - 1})")
     if "at_s" not in fault:
         raise ScenarioError(f"{where}, line {line}: fault {kind!r} has no onset at_s")
-    magnitude = get(fault, "magnitude", float, FAULT_KINDS[kind][0])
+    # A step can only be slowed down, never made infinitely fast.
+    magnitude = get(fault, "magnitude", float, FAULT_KINDS[kind][0],
+                    1.0 if kind == "slow_steps" else None)
     if kind == "xid":
         magnitude = float(get(fault, "code", int, int(magnitude), 1))
     for_s = get(fault, "for_s", float, None, 0)

@@ -7,12 +7,12 @@ from mlpe.agent.scenario import ScenarioError, load, parse
 EXAMPLE = Path(__file__).parents[3] / "agents" / "scenarios" / "faults.yaml"
 
 
-def test_example_scenario_has_every_fault_kind():
-    from mlpe.agent.scenario import FAULT_KINDS
+def test_example_scenario_has_every_gpu_fault_kind():
+    from mlpe.agent.scenario import FAULT_KINDS, TRAINING_ONLY_KINDS
 
     s = load(EXAMPLE)
     assert (s.seed, s.nodes, s.gpus_per_node) == (7, 2, 8)
-    assert {f.kind for f in s.faults} == set(FAULT_KINDS)
+    assert {f.kind for f in s.faults} == set(FAULT_KINDS) - TRAINING_ONLY_KINDS
     xid = next(f for f in s.faults if f.kind == "xid")
     assert (xid.node, xid.gpu, xid.at_s, xid.magnitude) == (0, 1, 120.0, 79.0)
     starving = next(f for f in s.faults if f.kind == "input_starvation")

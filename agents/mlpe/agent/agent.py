@@ -4,6 +4,8 @@ A sampler thread keeps the tick schedule (absolute deadlines, so jitter never
 accumulates) and writes each reading into preallocated numpy buffers; every
 flush interval it encodes one MetricBatch per device and hands the records to
 the shipper on the event loop. Kafka being slow or away never delays a tick.
+With the simulator, the simulated training job's step events for the same
+ticks go out at each flush too, through the same shipper and spool.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -21,8 +24,9 @@ from mlpe.agent.shipper import Shipper
 from mlpe.agent.sources.base import Source
 from mlpe.agent.spool import Record
 from mlpe.common import batches
-from mlpe.common.topics import GPU_METRICS, HOST_METRICS, INVENTORY
+from mlpe.common.topics import GPU_METRICS, HOST_METRICS, INVENTORY, TRAIN_EVENTS
 from mlpe.v1 import metrics_pb2 as pb
+from mlpe.v1 import training_pb2
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ class AgentStats:
     values: int = 0           # field values taken (samples x fields)
     batches: int = 0
     events: int = 0
+    train_steps: int = 0      # TrainStep events (one per rank per step)
     stopped_at: float = 0.0   # wall time and process CPU seconds when sampling ended
     cpu_at_stop: float = 0.0
     wakeups: int = 0          # sampler wake-ups (every tick with a live source)
@@ -44,6 +49,13 @@ class AgentStats:
     def jitter_ms(self, q: float) -> float:
         recent = self.jitter_s[:min(self.wakeups, len(self.jitter_s))]
         return float(np.percentile(recent, q) * 1e3) if len(recent) else 0.0
+
+
+class TrainingJob(Protocol):
+    """A source of step events on the agent's tick clock (the simulated job)."""
+
+    def steps_between(self, k0: int, k1: int,
+                      times_ns: np.ndarray) -> list[training_pb2.TrainStep]: ...
 
 
 class _SourceBuffer:
@@ -104,8 +116,9 @@ class _SourceBuffer:
 
 class Agent:
     def __init__(self, sources: list[tuple[Source, float]], shipper: Shipper, *,
-                 hz: float = 100.0, flush_s: float = 0.1, inventory: list[Record] = ()):
-        """sources: (source, its rate in Hz, at most `hz`)."""
+                 hz: float = 100.0, flush_s: float = 0.1, inventory: list[Record] = (),
+                 training: TrainingJob | None = None):
+        """sources: (source, its rate in Hz, at most `hz`); training: its steps per flush."""
         self.hz = hz
         self.ticks_per_flush = max(1, round(hz * flush_s))
         self.epoch_ns = time.time_ns()
@@ -119,7 +132,15 @@ class Agent:
         self.shipper = shipper
         self.inventory = list(inventory)
         self.stats = AgentStats()
+        self.training = training
+        self.train_k = 0          # first tick whose training steps are not yet shipped
+        self.start_ns = time.time_ns()
+        self.period_ns = 1e9 / hz
         self._stop = threading.Event()
+
+    def tick_ns(self, j: int) -> int:
+        """The scheduled time of tick j (simulated sources are stamped with it)."""
+        return self.start_ns + round(j * self.period_ns)
 
     def stop(self) -> None:
         self._stop.set()
@@ -132,9 +153,8 @@ class Agent:
         simulator-only agent wakes once per flush, an NVML agent every tick.
         """
         period = 1.0 / self.hz
-        period_ns = 1e9 / self.hz
         step = self.wake_every
-        start, start_ns = time.monotonic(), time.time_ns()
+        start, self.start_ns = time.monotonic(), time.time_ns()
         stats = self.stats
         k = step - 1  # the last tick of the first group
         while not self._stop.is_set():
@@ -153,25 +173,36 @@ class Agent:
             for j in range(k - step + 1, k + 1):
                 for buf in self.buffers:
                     if j % buf.every == 0:
-                        t_ns = start_ns + round(j * period_ns) if buf.block else now_ns
+                        t_ns = self.tick_ns(j) if buf.block else now_ns
                         stats.events += buf.take(j // buf.every, t_ns)
                         stats.samples += len(buf.source.devices)
                         stats.values += buf.values.shape[1] * buf.values.shape[2]
                 stats.ticks += 1
             if (k + 1) % self.ticks_per_flush == 0:
-                self._flush(loop)
+                self._flush(loop, k + 1)
             k += step
-        self._flush(loop)
+        self._flush(loop, k - step + 1)
 
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _flush(self, loop: asyncio.AbstractEventLoop, ticks_taken: int) -> None:
         records: list[Record] = []
         for buf in self.buffers:
             if hasattr(buf.source, "read_utilization"):
                 buf.source.read_utilization()
             records += buf.drain(self.hz)
+        self.stats.batches += len(records)
+        records += self.drain_training(ticks_taken)
         if records:
-            self.stats.batches += len(records)
             loop.call_soon_threadsafe(self.shipper.submit, records)
+
+    def drain_training(self, ticks_taken: int) -> list[Record]:
+        """Step events of the training job for the ticks since the last flush."""
+        if self.training is None or ticks_taken <= self.train_k:
+            return []
+        k0, self.train_k = self.train_k, ticks_taken
+        times = np.array([self.tick_ns(j) for j in range(k0, ticks_taken)], dtype=np.int64)
+        steps = self.training.steps_between(k0, ticks_taken, times)
+        self.stats.train_steps += len(steps)
+        return train_step_records(steps)
 
     async def run(self, duration_s: float | None = None, drain_timeout_s: float = 30.0) -> None:
         loop = asyncio.get_running_loop()
@@ -196,6 +227,12 @@ class Agent:
             await asyncio.to_thread(sampler.join)
             await asyncio.sleep(0)  # let the last call_soon_threadsafe land
             await self.shipper.close(ship, timeout=drain_timeout_s)
+
+
+def train_step_records(steps: list[training_pb2.TrainStep]) -> list[Record]:
+    """TrainStep events on mlpe.events.train, keyed by job id (one job, one partition)."""
+    return [Record(TRAIN_EVENTS.name, step.job_id.encode(), step.SerializeToString())
+            for step in steps]
 
 
 def inventory_records(node_ids: list[str], make) -> list[Record]:

@@ -29,8 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sample GPUs (NVML or simulated) and the host, ship batches to Kafka",
         description="Sample every GPU at --hz and ship one columnar batch per device per "
         "flush interval to Kafka (mlpe.metrics.gpu / mlpe.metrics.host), spooling to disk "
-        "while Kafka is away. Default source: NVML (+ host) when a GPU is present, else the "
-        "simulator.",
+        "while Kafka is away. The simulator also runs a simulated data-parallel training "
+        "job, one rank per simulated GPU, and ships its step events to mlpe.events.train. "
+        "Default source: NVML (+ host) when a GPU is present, else the simulator.",
     )
     p.add_argument("--source", default=None, metavar="LIST",
                    help="comma-separated sources from nvml, host, sim (default: nvml,host with "
@@ -45,8 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenario", default=None, metavar="FILE",
                    help="sim: YAML scenario with faults (format: agents/scenarios/README.md)")
     p.add_argument("--seed", default=None, help="sim: override the scenario's seed")
+    p.add_argument("--no-train-events", action="store_true",
+                   help="sim: do not ship the simulated training job's step events "
+                   "(TrainStep, one per rank per step) to mlpe.events.train")
     p.add_argument("--node-id", default=None,
-                   help="node id (default: host name; sim: prefix of simulated node ids)")
+                   help="node id (default: host name; sim: prefix of simulated node ids and of "
+                   "the simulated training job id)")
     p.add_argument("--duration", default=None, help="stop after this many seconds")
     p.add_argument("--spool-dir", default=None,
                    help="where batches wait while Kafka is away (default .mlpe/spool/agent)")
@@ -106,9 +111,11 @@ def build(args, settings: Settings):
     node_id = args.node_id or socket.gethostname()
 
     sources = []
+    training = None
     inventory: dict[str, pb.NodeInventory] = {}
     if "sim" in names:
-        from mlpe.agent.sources.sim import SimulatedGpus
+        from mlpe.agent.sources.sim import DEFAULT_NODE_PREFIX, SimulatedGpus
+        from mlpe.agent.sources.train_sim import SimulatedTraining
 
         scenario = (scenario_module.load(args.scenario) if args.scenario
                     else scenario_module.Scenario())
@@ -121,9 +128,11 @@ def build(args, settings: Settings):
             overrides["seed"] = _number(args, "seed", 0, 2**63 - 1, int)
         if overrides:
             scenario = dataclasses.replace(scenario, **overrides)
-        prefix = f"{args.node_id}-" if args.node_id else "sim-node-"
+        prefix = f"{args.node_id}-" if args.node_id else DEFAULT_NODE_PREFIX
         sim = SimulatedGpus(scenario, hz, node_prefix=prefix)
         sources.append((sim, hz))
+        if not args.no_train_events:
+            training = SimulatedTraining(scenario, hz, node_prefix=prefix)
         gpus = sim.inventory()
         for node in dict.fromkeys(d.node_id for d in sim.devices):
             inventory[node] = pb.NodeInventory(node_id=node, hostname=socket.gethostname(),
@@ -160,7 +169,8 @@ def build(args, settings: Settings):
     spool = Spool(spool_dir, max_bytes=spool_mb << 20)
     shipper = Shipper(settings.kafka_bootstrap, spool, linger_ms=linger_ms)
     agent = Agent(sources, shipper, hz=hz, flush_s=flush_ms / 1000,
-                  inventory=inventory_records(list(inventory), inventory.__getitem__))
+                  inventory=inventory_records(list(inventory), inventory.__getitem__),
+                  training=training)
     return agent, duration
 
 
@@ -175,7 +185,7 @@ async def _run(agent, duration, log) -> None:
         s, ship = agent.stats, agent.shipper.stats
         elapsed = max(time.monotonic() - started, 1e-9)
         log.info("agent stats", values=s.values, values_per_s=round(s.values / elapsed),
-                 batches=s.batches, sent=ship.sent, spooled=ship.spooled,
+                 batches=s.batches, train_steps=s.train_steps, sent=ship.sent, spooled=ship.spooled,
                  spool_records=len(agent.shipper.spool), lost=agent.shipper.spool.lost,
                  kafka_up=agent.shipper.up, tick_jitter_p99_ms=round(s.jitter_ms(99), 3),
                  late_ticks=s.late_ticks)
@@ -206,7 +216,7 @@ def run(args, settings: Settings) -> int:
 def final_stats(agent) -> dict:
     s, ship, spool = agent.stats, agent.shipper.stats, agent.shipper.spool
     return {"ticks": s.ticks, "samples": s.samples, "values": s.values, "batches": s.batches,
-            "events": s.events, "late_ticks": s.late_ticks,
+            "events": s.events, "train_steps": s.train_steps, "late_ticks": s.late_ticks,
             "tick_jitter_p50_ms": round(s.jitter_ms(50), 3),
             "tick_jitter_p99_ms": round(s.jitter_ms(99), 3),
             "sent": ship.sent, "acked_bytes": ship.acked_bytes, "spooled": ship.spooled,

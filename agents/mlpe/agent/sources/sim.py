@@ -37,12 +37,13 @@ POWER_IDLE, POWER_MAX = 70.0, 700.0
 MEM_TOTAL, MEM_TRAINING = 81559.0, 62000.0
 NVLINK_COMM_MBPS, PCIE_LOAD_MBPS = 150_000.0, 3_000.0
 TEMP_AMBIENT, TEMP_PER_W, TEMP_TAU_S = 28.0, 0.06, 15.0
+DEFAULT_NODE_PREFIX = "sim-node-"
 
 
 class SimulatedGpus:
     name = "sim"
 
-    def __init__(self, scenario: Scenario, hz: float, node_prefix: str = "sim-node-"):
+    def __init__(self, scenario: Scenario, hz: float, node_prefix: str = DEFAULT_NODE_PREFIX):
         self.s = scenario
         self.hz = hz
         self.fields = GPU_FIELDS

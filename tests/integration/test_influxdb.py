@@ -44,3 +44,28 @@ def test_bad_token_is_refused(stack_endpoints):
     finally:
         client.close()
     assert err.value.status == 401
+
+
+async def test_stream_writer_drops_only_the_malformed_line(stack_endpoints, unique, monkeypatch):
+    """One bad line (NaN is not line protocol) must not block the lines around it."""
+    import time
+
+    from mlpe.common import settings as settings_module
+    from mlpe.stream.influx import InfluxWriter
+
+    e = stack_endpoints
+    for name, value in (("TOKEN", e.influx_token), ("URL", e.influx_url),
+                        ("ORG", e.influx_org), ("BUCKET", e.influx_bucket)):
+        monkeypatch.setenv(f"MLPE_INFLUX_{name}", value)
+    writer = InfluxWriter(settings_module.load())
+    now = time.time_ns()
+    lines = [f"probe,run={unique} v={i}.0 {now + i}" for i in range(7)]
+    lines[3] = f"probe,run={unique} v=nan {now + 3}"
+    await writer.write(lines)
+    await writer.close()
+    assert writer.rejected == 1
+    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+        tables = client.query_api().query(f'''
+            from(bucket: "{e.influx_bucket}") |> range(start: -10m)
+              |> filter(fn: (r) => r._measurement == "probe" and r.run == "{unique}")''')
+    assert sorted(r.get_value() for t in tables for r in t.records) == [0, 1, 2, 4, 5, 6]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 from influxdb_client import WritePrecision
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+from influxdb_client.rest import ApiException
 
 from mlpe.common.logs import register_secret
 from mlpe.common.settings import Settings
@@ -31,8 +33,11 @@ def alert_line(alert) -> str:
     tags += [f"{escape_tag(k)}={escape_tag(v)}" for k, v in sorted(alert.labels.items()) if v]
     fields = [f"state={_text('firing' if firing else 'resolved')}",
               f"summary={_text(alert.summary)}", f"explanation={_text(alert.explanation)}",
-              f"value={float(alert.value)!r}", f"threshold={float(alert.threshold)!r}",
               f"fingerprint={_text(alert.fingerprint)}"]
+    # Line protocol has no NaN or inf (a NaN loss is an alert's value): leave those out.
+    fields += [f"{name}={number!r}" for name, number in
+               (("value", float(alert.value)), ("threshold", float(alert.threshold)))
+               if math.isfinite(number)]
     ts = (alert.starts_at_ns if firing else alert.ends_at_ns) or alert.detected_at_ns
     return f"alert,{','.join(tags)} {','.join(fields)} {ts}"
 
@@ -46,6 +51,7 @@ class InfluxWriter:
         register_secret(self.token)
         self.client: InfluxDBClientAsync | None = None
         self.failures = 0
+        self.rejected = 0   # malformed lines InfluxDB refused (dropped)
 
     async def _api(self):
         if self.client is None:
@@ -57,22 +63,42 @@ class InfluxWriter:
         return self.client.write_api()
 
     async def write(self, lines: list[str]) -> None:
-        """Write every line; on failure retry with backoff (up to 5 s) until it succeeds."""
-        delay = 0.2
+        """Write every line; on failure retry with backoff (up to 5 s) until it succeeds.
+        Lines InfluxDB refuses as malformed (HTTP 400) are found by halving the chunk,
+        logged and dropped: one bad line must not hold back every window behind it."""
         for start in range(0, len(lines), CHUNK):
-            chunk = lines[start:start + CHUNK]
-            while True:
-                try:
-                    api = await self._api()
-                    await api.write(bucket=self.settings.influx_bucket, record=chunk,
-                                    write_precision=WritePrecision.NS)
-                    break
-                except Exception as err:  # noqa: BLE001 - HTTP, connection and API errors
-                    self.failures += 1
-                    log.warning("influxdb write failed (%s); retrying in %.1f s",
-                                type(err).__name__ + ": " + str(err)[:200], delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+            await self._write_chunk(lines[start:start + CHUNK])
+
+    async def _write_chunk(self, chunk: list[str]) -> None:
+        delay = 0.2
+        while True:
+            try:
+                api = await self._api()
+                await api.write(bucket=self.settings.influx_bucket, record=chunk,
+                                write_precision=WritePrecision.NS)
+                return
+            except ApiException as err:
+                if err.status != 400:
+                    self._retrying(err, delay)
+                elif len(chunk) == 1:
+                    self.rejected += 1
+                    log.error("influxdb refused a line, dropped: %s | %s",
+                              str(err.body or err.reason)[:300], chunk[0][:300])
+                    return
+                else:
+                    half = len(chunk) // 2
+                    await self._write_chunk(chunk[:half])
+                    await self._write_chunk(chunk[half:])
+                    return
+            except Exception as err:  # noqa: BLE001 - connection errors and timeouts
+                self._retrying(err, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _retrying(self, err: Exception, delay: float) -> None:
+        self.failures += 1
+        log.warning("influxdb write failed (%s); retrying in %.1f s",
+                    type(err).__name__ + ": " + str(err)[:200], delay)
 
     async def close(self) -> None:
         if self.client is not None:

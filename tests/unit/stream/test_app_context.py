@@ -10,11 +10,11 @@ import time
 import pytest
 
 os.environ.setdefault("MLPE_STATE_DIR", tempfile.mkdtemp(prefix="mlpe-stream-unit-"))
-from sim_seconds import scenario, seconds  # noqa: E402
+from sim_seconds import scenario, seconds
 
-from mlpe.stream import app as stream  # noqa: E402
-from mlpe.v1 import alerts_pb2 as al  # noqa: E402
-from mlpe.v1.training_pb2 import TrainStep  # noqa: E402
+from mlpe.stream import app as stream
+from mlpe.v1 import alerts_pb2 as al
+from mlpe.v1.training_pb2 import TrainStep
 
 
 @pytest.fixture()

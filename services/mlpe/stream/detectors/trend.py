@@ -4,7 +4,8 @@ The last MIN_POINTS, and the last WINDOW_S seconds, of 1 s means of memory used
 are fitted with straight lines. Steady growth in either fires: a slope of at least
 MIN_SLOPE MiB/s, a good fit (R² >= MIN_R2), most steps upward, and at least
 MIN_GROWTH MiB in the window. A one-off jump (allocating a buffer, the caching
-allocator growing at start-up) is not steady, so it does not fire. It resolves when the slope falls below half.
+allocator growing at start-up) is not steady, so it does not fire. It resolves when
+the slope falls below half.
 
 State is a plain dict (stored in a Faust table); `step` is pure.
 """

@@ -61,8 +61,9 @@ class TrainingJob(Protocol):
 class _SourceBuffer:
     """One flush interval of one source: (samples, devices, fields) plus events."""
 
-    def __init__(self, source: Source, capacity: int, every: int, epoch_ns: int):
-        self.source, self.every, self.epoch_ns = source, every, epoch_ns
+    def __init__(self, source: Source, capacity: int, every: int, epoch_ns: int,
+                 job_id: str = ""):
+        self.source, self.every, self.epoch_ns, self.job_id = source, every, epoch_ns, job_id
         n_dev, n_fields = len(source.devices), len(source.fields)
         self.values = np.empty((capacity, n_dev, n_fields))
         self.times = np.empty(capacity, dtype=np.int64)
@@ -101,7 +102,8 @@ class _SourceBuffer:
             self.values[:self.n] = values
             for _, row, event in events:
                 self.events[row].append(event)
-        template = pb.MetricBatch(agent_epoch_ns=self.epoch_ns, sample_hz=hz / self.every)
+        template = pb.MetricBatch(agent_epoch_ns=self.epoch_ns, sample_hz=hz / self.every,
+                                  job_id=self.job_id)
         encoded = batches.encode_devices(
             template, self.device_keys, self.times[:self.n], self.values[:self.n],
             self.source.fields, self.events, self.batch_seq, self.sample_seq)
@@ -117,8 +119,9 @@ class _SourceBuffer:
 class Agent:
     def __init__(self, sources: list[tuple[Source, float]], shipper: Shipper, *,
                  hz: float = 100.0, flush_s: float = 0.1, inventory: list[Record] = (),
-                 training: TrainingJob | None = None):
-        """sources: (source, its rate in Hz, at most `hz`); training: its steps per flush."""
+                 training: TrainingJob | None = None, job_id: str = ""):
+        """sources: (source, its rate in Hz, at most `hz`); training: its steps per flush;
+        job_id: the job this node works for, carried by every batch (peer comparison)."""
         self.hz = hz
         self.ticks_per_flush = max(1, round(hz * flush_s))
         self.epoch_ns = time.time_ns()
@@ -126,7 +129,7 @@ class Agent:
         for source, rate in sources:
             every = max(1, round(hz / min(rate, hz)))
             capacity = -(-self.ticks_per_flush // every)
-            self.buffers.append(_SourceBuffer(source, capacity, every, self.epoch_ns))
+            self.buffers.append(_SourceBuffer(source, capacity, every, self.epoch_ns, job_id))
         live = [buf.every for buf in self.buffers if not buf.block]
         self.wake_every = math.gcd(self.ticks_per_flush, *live)
         self.shipper = shipper

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -52,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--node-id", default=None,
                    help="node id (default: host name; sim: prefix of simulated node ids and of "
                    "the simulated training job id)")
+    p.add_argument("--job", default=None,
+                   help="the job this node works for, carried by every batch so the stream "
+                   "compares its GPUs with the job's other GPUs (default: $MLPE_JOB_ID; sim: "
+                   "the simulated job's id)")
     p.add_argument("--duration", default=None, help="stop after this many seconds")
     p.add_argument("--spool-dir", default=None,
                    help="where batches wait while Kafka is away (default .mlpe/spool/agent)")
@@ -109,6 +114,7 @@ def build(args, settings: Settings):
         print("mlpe agent: no NVIDIA GPU found; using the simulator (--source sim)",
               file=sys.stderr, flush=True)
     node_id = args.node_id or socket.gethostname()
+    job_id = args.job or os.environ.get("MLPE_JOB_ID", "")
 
     sources = []
     training = None
@@ -131,8 +137,10 @@ def build(args, settings: Settings):
         prefix = f"{args.node_id}-" if args.node_id else DEFAULT_NODE_PREFIX
         sim = SimulatedGpus(scenario, hz, node_prefix=prefix)
         sources.append((sim, hz))
+        simulated_job = SimulatedTraining(scenario, hz, node_prefix=prefix)
+        job_id = job_id or simulated_job.job_id
         if not args.no_train_events:
-            training = SimulatedTraining(scenario, hz, node_prefix=prefix)
+            training = simulated_job
         gpus = sim.inventory()
         for node in dict.fromkeys(d.node_id for d in sim.devices):
             inventory[node] = pb.NodeInventory(node_id=node, hostname=socket.gethostname(),
@@ -170,7 +178,7 @@ def build(args, settings: Settings):
     shipper = Shipper(settings.kafka_bootstrap, spool, linger_ms=linger_ms)
     agent = Agent(sources, shipper, hz=hz, flush_s=flush_ms / 1000,
                   inventory=inventory_records(list(inventory), inventory.__getitem__),
-                  training=training)
+                  training=training, job_id=job_id)
     return agent, duration
 
 
@@ -221,4 +229,5 @@ def final_stats(agent) -> dict:
             "tick_jitter_p99_ms": round(s.jitter_ms(99), 3),
             "sent": ship.sent, "acked_bytes": ship.acked_bytes, "spooled": ship.spooled,
             "outages": ship.outages, "spool_records": len(spool), "lost": spool.lost,
-            "stopped_at": s.stopped_at, "cpu_at_stop": s.cpu_at_stop}
+            "started_ns": agent.start_ns, "stopped_at": s.stopped_at,
+            "cpu_at_stop": s.cpu_at_stop}

@@ -296,3 +296,19 @@ def test_cli_wires_the_training_job_unless_told_not_to(tmp_path):
     assert build_agent(tmp_path).training.job_id == "sim-job"
     assert build_agent(tmp_path, "--node-id", "rack7").training.job_id == "rack7-job"
     assert build_agent(tmp_path, "--no-train-events").training is None
+
+
+def test_every_metric_batch_names_the_job_its_gpus_work_for(tmp_path, monkeypatch):
+    from mlpe.common import batches
+
+    def job_of(agent):
+        loop = Collector()
+        agent.shipper = loop
+        agent._sample_loop(loop, duration_s=0.25)
+        return {batches.decode(r.value).job_id for r in loop.records
+                if r.topic != TRAIN_EVENTS.name and r.topic.startswith("mlpe.metrics")}
+
+    assert job_of(build_agent(tmp_path, "--node-id", "rack7")) == {"rack7-job"}
+    assert job_of(build_agent(tmp_path, "--job", "llama-70b")) == {"llama-70b"}
+    monkeypatch.setenv("MLPE_JOB_ID", "from-env")
+    assert job_of(build_agent(tmp_path, "--no-train-events")) == {"from-env"}

@@ -12,6 +12,7 @@ from mlpe.common.settings import Settings
 def register(sub: argparse._SubParsersAction) -> None:
     from mlpe.agent import bench as agent_bench
     from mlpe.stream import bench as stream_bench
+    from mlpe.stream import bench_detect
 
     p = sub.add_parser("bench", help="benchmarks (last line of output: JSON figures)",
                        description="Benchmarks against the real stack; each prints a summary "
@@ -19,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     which = p.add_subparsers(dest="which", metavar="BENCHMARK", required=True)
     agent_bench.register(which)
     stream_bench.register(which)
+    bench_detect.register(which)
     p.set_defaults(func=run)
 
 

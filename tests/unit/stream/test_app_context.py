@@ -83,14 +83,14 @@ def step(n: int, rank: int, loss: float = 2.0) -> bytes:
 async def test_train_steps_nan_loss_alert_and_job_state(alerts, monkeypatch):
     monkeypatch.setattr(stream, "WINDOWS", [])  # windows are tested elsewhere
     async with stream.train_steps.test_context() as agent:
-        for n in range(1, 31):
+        for n in range(1, 51):
             for rank in (0, 1):
                 await agent.put(step(n, rank, math.nan if n == 25 else 2.0))
     assert [(a.rule, a.state) for a in alerts] == [
         ("training_loss_nonfinite", al.ALERT_FIRING), ("training_loss_nonfinite",
                                                        al.ALERT_RESOLVED)]
     state = stream.train_jobs["job-t"]
-    assert state["steps"] == 30 and state["ranks"] == {"0": 30, "1": 30}
+    assert state["steps"] == 50 and state["ranks"] == {"0": 50, "1": 50}
 
 
 def test_parse_step_names_every_problem():

@@ -40,12 +40,15 @@ def test_healthy_run_with_warmup_and_checkpoint_pauses_is_quiet():
     assert fired == []
 
 
-def test_nan_loss_fires_at_once_then_resolves():
-    loss = lambda s: math.nan if s == 5 else 3.0  # noqa: E731 - even during warm-up
-    _, fired, alerts = feed(steps(10, loss=loss))
+def test_nan_loss_fires_at_once_then_resolves_after_quiet_steps():
+    loss = lambda s: math.nan if s in (5, 9) else 3.0  # noqa: E731 - even during warm-up
+    _, fired, alerts = feed(steps(40, loss=loss))
     assert fired == [(5, "training_loss_nonfinite")]
     assert [a.state for a in alerts] == [al.ALERT_FIRING, al.ALERT_RESOLVED]
     assert alerts[0].severity == al.SEVERITY_CRITICAL
+    # Long enough to be notified: it clears QUIET_STEPS after the last NaN (step 9).
+    assert alerts[1].ends_at_ns == next(m.time_ns for m in steps(40, loss=loss)
+                                        if m.step == 9 + training.QUIET_STEPS + 1)
 
 
 def test_loss_spike_after_warmup():

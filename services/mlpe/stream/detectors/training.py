@@ -7,8 +7,9 @@ weighted per step however many ranks report. Nothing is judged during the first
 WARMUP_STEPS steps, when the loss falls fast and throughput ramps up. A step
 replayed after a crash (not newer than its rank's last) changes nothing.
 
-- NaN or inf loss: critical at once; resolves at the next finite loss.
-- Loss spike: loss above mean + max(K x deviation, 50% of the mean).
+- NaN or inf loss: critical at once; resolves after QUIET_STEPS finite steps.
+- Loss spike: loss above mean + max(K x deviation, 50% of the mean); resolves after
+  QUIET_STEPS normal steps.
 - Throughput regression: recent tokens/s below 80% of the baseline for
   REGRESSION_STEPS steps (one slow step, e.g. the one after a checkpoint pause,
   is not a regression). The baseline does not learn while it is low.
@@ -29,6 +30,7 @@ LOSS_K, LOSS_FLOOR = 6.0, 0.5
 LOSS_ALPHA, BASE_ALPHA, FAST_ALPHA, STEP_ALPHA = 0.1, 0.02, 0.5, 0.1  # per step
 REGRESSION, RECOVERED, REGRESSION_STEPS = 0.8, 0.9, 4
 STALL_MIN_S, STALL_STEPS = 30.0, 20
+QUIET_STEPS = 20  # a NaN or spike alert resolves after this many good steps
 
 
 def _per_message(alpha: float, world: int) -> float:
@@ -54,13 +56,15 @@ def step(state: dict | None, msg, now_ns: int) -> tuple[dict, list]:
 
     def fire(rule, severity, value, threshold, summary, explanation):
         if rule not in firing:
-            firing[rule] = msg.time_ns
             alerts.append(build("training", rule, severity, True, labels, value, threshold,
                                 msg.time_ns, now_ns, summary, explanation))
+        firing[rule] = [firing.get(rule, [msg.time_ns])[0], msg.step]  # [since, last bad]
 
-    def resolve(rule, value, threshold, summary, explanation):
-        if rule in firing:
-            since = firing.pop(rule)
+    def resolve(rule, value, threshold, summary, explanation, after_steps=0):
+        """Resolve once `after_steps` good steps have followed the last bad one: a one-step
+        event (a NaN, a spike) stays firing long enough to be notified."""
+        if rule in firing and msg.step - firing[rule][1] > after_steps:
+            since = firing.pop(rule)[0]
             alerts.append(build("training", rule, WARNING, False, labels, value, threshold,
                                 since, now_ns, summary, explanation))
 
@@ -73,7 +77,7 @@ def step(state: dict | None, msg, now_ns: int) -> tuple[dict, list]:
              "diverged (learning rate, bad batch, overflow); roll back to a checkpoint.")
     else:
         resolve("training_loss_nonfinite", loss, 0.0, f"Job {job}: loss finite again",
-                f"Loss is {loss:.4g} at step {msg.step}.")
+                f"Loss is {loss:.4g} at step {msg.step}.", after_steps=QUIET_STEPS)
         s = dict(state["loss"] or {"mean": loss, "dev": 0.0})
         limit = s["mean"] + max(LOSS_K * s["dev"], LOSS_FLOOR * abs(s["mean"]))
         if warm and loss > limit:
@@ -84,7 +88,8 @@ def step(state: dict | None, msg, now_ns: int) -> tuple[dict, list]:
         else:
             if loss <= limit:
                 resolve("training_loss_spike", loss, limit, f"Job {job}: loss back to normal",
-                        f"Loss {loss:.4g}, running mean {s['mean']:.4g}.")
+                        f"Loss {loss:.4g}, running mean {s['mean']:.4g}.",
+                        after_steps=QUIET_STEPS)
             a = _per_message(LOSS_ALPHA, world)
             s["dev"] += a * (abs(loss - s["mean"]) - s["dev"])
             s["mean"] += a * (loss - s["mean"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -89,3 +90,62 @@ async def test_power_cap_rule_fires_and_resolves(stream_env, unique, tmp_path): 
         "{kind: power_cap, node: 0, gpu: 0, at_s: 1, for_s: 5, magnitude: 0.5}", 9)
     assert texts == [f"[FIRING] GPU 0 on {node}-00 power-capped",
                      f"[RESOLVED] GPU 0 on {node}-00 power-capped"]
+
+
+async def test_kill_9_of_the_stream_sends_no_notification_twice(stream_env, unique, tmp_path):  # noqa: F811
+    """The stream worker is killed the moment the first alert reaches the webhook (its
+    batch is not yet committed, so it is processed again after the restart); every
+    alert must still be notified exactly once."""
+    runner, base = await start_sink()
+    env = {**os.environ, "MLPE_SLACK_WEBHOOK_URL": f"{base}/hook",
+           "MLPE_NOTIFY_GROUP_ID": f"test-notify-{unique}",
+           "MLPE_NOTIFY_REDIS_PREFIX": f"test:{unique}", "MLPE_NOTIFY_START": "latest"}
+    notify = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "notify", "--group-wait", "0.5"],
+                              env=env, stdout=(tmp_path / "notify.log").open("wb"),
+                              stderr=subprocess.STDOUT)
+    node = f"k{unique}"
+    log = tmp_path / "stream.log"
+    stream = None
+    try:
+        wait_group_stable(stream_env.kafka_bootstrap, f"test-notify-{unique}", 1, [notify])
+        stream = start_stream(unique, log)
+        scenario = parse("nodes: 2\ngpus_per_node: 2\ntraining: {warmup_s: 0}\nfaults:\n"
+                         "  - {kind: xid, node: 0, gpu: 1, at_s: 3, code: 79}\n"
+                         "  - {kind: straggler, node: 1, gpu: 0, at_s: 5}\n"
+                         "  - {kind: xid, node: 1, gpu: 1, at_s: 16, code: 48}\n")
+        sim = SimulatedGpus(scenario, 100, node_prefix=f"{node}-")
+        agent = Agent([(sim, 100)], Shipper(stream_env.kafka_bootstrap,
+                                            Spool(tmp_path / "spool")), hz=100)
+        run = asyncio.create_task(agent.run(duration_s=22))
+
+        async def texts() -> list[str]:
+            return [json.loads(r["body"])["text"] for r in (await received(base))["received"]
+                    if node in r["body"]]
+
+        deadline = time.monotonic() + 60
+        while not await texts():
+            assert time.monotonic() < deadline and stream.poll() is None, \
+                log.read_text()[-2000:]
+            await asyncio.sleep(0.05)
+        os.kill(stream.pid, signal.SIGKILL)
+        stream.wait()
+        stream = start_stream(unique, log, "earliest")
+        await run
+        want = {f"[FIRING] Xid 79 on GPU 1 on {node}-00", f"[FIRING] Xid 48 on GPU 1 on {node}-01",
+                f"[FIRING] GPU 0 on {node}-01: SM clock 30% below its peers"}
+        deadline = time.monotonic() + 60
+        while not want <= set(await texts()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(3)  # would a second message for any of them arrive? it must not
+        got = await texts()
+        assert sorted(t for t in got if t.startswith("[FIRING]")) == sorted(want), got
+    finally:
+        if stream is not None:
+            stop(stream)
+        notify.terminate()
+        try:
+            notify.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            notify.kill()
+            notify.wait()
+        await runner.cleanup()

@@ -123,7 +123,7 @@ async def test_unreachable_webhook_keeps_the_alert_and_hides_the_url(stack_endpo
     try:
         await notifier.receive(alert("u1"))
         assert await notifier.deliver_due() == 0
-        pending = await redis.lrange(f"test:{unique}:group:default|gpu_hot|node=n1|job=", 0, -1)
+        pending = await redis.lrange(f"test:{unique}:group:default|node=n1|job=", 0, -1)
         assert len(pending) == 1  # kept for a later try, not lost
         assert secret not in caplog.text and f"secret{unique}" not in caplog.text
         assert "failed after 2 attempts" in caplog.text

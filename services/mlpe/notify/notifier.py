@@ -4,10 +4,10 @@ Like Alertmanager, but with its state in Redis so a restart forgets nothing:
 - an alert's state (firing / resolved, when last notified) lives under its
   fingerprint: the same firing alert again is dropped until `repeat_interval`;
   a resolve is sent only for something that was notified as firing;
-- alerts of one group (rule + node + job by default) that arrive within
-  `group_wait` go out as one message;
-- each webhook gets at most one post per second; 429 and 5xx are retried with
-  backoff, honouring Retry-After.
+- alerts of one group (node + job by default: one incident's symptoms) that
+  arrive within `group_wait` go out as one message;
+- each webhook gets on average one post per second, in bursts of up to BURST;
+  429 and 5xx are retried with backoff, honouring Retry-After.
 The Kafka offset is committed once the alert is recorded in Redis, so what is
 pending survives a crash of the notifier.
 """
@@ -31,6 +31,7 @@ from mlpe.v1 import alerts_pb2
 
 log = logging.getLogger("mlpe.notify")
 PREFIX = "mlpe:notify"
+BURST = 4  # posts a webhook may take at once (Slack allows short bursts over 1/s)
 
 
 @dataclass
@@ -41,8 +42,7 @@ class Timing:
 
 
 def group_key(alert: alerts_pb2.Alert, group_by: tuple[str, ...]) -> str:
-    parts = [alert.rule] + [f"{k}={alert.labels.get(k, '')}" for k in group_by]
-    return "|".join(parts)
+    return "|".join(f"{k}={alert.labels.get(k, '')}" for k in group_by)
 
 
 class Notifier:
@@ -127,10 +127,17 @@ class Notifier:
             log.error("route %s: webhook variable %s is not set; alerts kept for later",
                       route.name, route.webhook_env)
             return False
-        # At most one post per webhook per interval, across notifier processes.
-        gate = f"{self.prefix}:gate:{route.name}"
-        while not await self.redis.set(gate, 1, nx=True,
-                                       px=int(self.timing.min_post_interval_s * 1000)):
+        # On average one post per webhook per interval, in bursts of up to BURST, across
+        # notifier processes: a counter per window of BURST intervals.
+        window_s = self.timing.min_post_interval_s * BURST
+        while True:
+            gate = f"{self.prefix}:gate:{route.name}:{int(time.time() // window_s)}"
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.incr(gate)
+                pipe.expire(gate, int(window_s) + 2)
+                count, _ = await pipe.execute()
+            if count <= BURST:
+                break
             await asyncio.sleep(0.05)
         try:
             await post(url, format_message(alerts))

@@ -233,7 +233,9 @@ def bench_detect(args, settings: Settings) -> dict:
             agents = {f: start(f"agent-{f.stem}", "agent", "--source", "sim", "--scenario",
                                str(f), "--hz", f"{args.hz:g}",
                                "--node-id", f"detect-{f.stem}-{run_id}",
-                               "--duration", f"{durations[f]:g}",
+                               # One length for all: a fleet that stops early would
+                               # look stalled to the others' clock.
+                               "--duration", f"{total:g}",
                                "--spool-dir", str(work / f"spool-{f.stem}"),
                                "--stats-json", str(work / f"{f.stem}.json"))
                       for f in files}

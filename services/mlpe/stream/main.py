@@ -11,11 +11,15 @@ from mlpe.common.settings import Settings
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "stream",
-        help="aggregate metric batches into 1 s / 10 s windows in InfluxDB (Faust worker)",
-        description="A Faust worker of the stream processor: consumes mlpe.metrics.gpu and "
-        "mlpe.metrics.host, writes 1 s and 10 s min/mean/max/p95/last per field to InfluxDB, "
-        "sends undecodable input to mlpe.deadletter. Start several to share the partitions. "
-        "MLPE_STREAM_LATENESS_S (default 0.3) is how long a window waits for late samples.",
+        help="aggregate telemetry into InfluxDB and detect anomalies (Faust worker)",
+        description="A Faust worker of the stream processor: consumes mlpe.metrics.gpu, "
+        "mlpe.metrics.host and mlpe.events.train; writes 1 s and 10 s min/mean/max/p95/last "
+        "per field (GPU, host, and training per job and rank) to InfluxDB; runs the event, "
+        "rule ($MLPE_RULES), statistical, trend, cross-peer and training detectors, their "
+        "state in Faust tables; sends alerts to mlpe.alerts (and InfluxDB, for Grafana) and "
+        "undecodable or invalid input to mlpe.deadletter. Start several to share the "
+        "partitions. MLPE_STREAM_LATENESS_S (default 0.3) is how long a window waits for "
+        "late samples.",
     )
     p.set_defaults(func=run)
 

@@ -3,13 +3,15 @@
 Each watched field keeps an exponentially weighted mean and mean absolute deviation
 of its 1 s means (memory about two minutes). A point above mean + max(K x deviation,
 a floor in the field's unit) is abnormal; HOLD abnormal points in a row fire, CLEAR
-normal ones resolve. Abnormal points are not learned, so a drift stays visible
-instead of becoming the new normal. Nothing is judged before WARMUP points, during
-which the mean follows the series closely (a GPU heating up after the job starts is
-not an incident, and its ramp is not noise). Only busy seconds (utilization at least
-BUSY_UTIL) count: the baseline is "how hot this GPU runs when it works", so an idle
-gap, and the climb back after it, are neither learned nor judged. Temperatures only: they have
-no benign reason to jump (an idle gap cools, it never heats).
+normal ones resolve. Points outside the band on either side are not learned, so a
+drift stays visible instead of becoming the new normal (until REBASE points in a
+row say it is one), and a GPU cooling after a pause does not drag the baseline
+down. Nothing is judged before WARMUP points, during which the mean follows the
+series closely (a GPU heating up after the job starts is not an incident, and its
+ramp is not noise). Only busy seconds (utilization at least BUSY_UTIL) count: the
+baseline is "how hot this GPU runs when it works", so an idle gap, and the climb
+back after it, are neither learned nor judged. Temperatures only: they have no
+benign reason to jump (an idle gap cools, it never heats).
 
 State is a plain dict (stored in a Faust table); `step` is pure.
 """
@@ -26,6 +28,7 @@ WATCHED = {  # field: (floor above baseline, unit, severity, why it matters)
 ALPHA, WARMUP_ALPHA = 1 / 120, 0.2
 K = 5.0
 WARMUP, HOLD, CLEAR = 60, 2, 3
+REBASE = 600      # abnormal points in a row after which the new level is the baseline
 BUSY_UTIL = 50.0  # % utilization: only busy seconds are learned and judged
 
 
@@ -42,8 +45,12 @@ def step(state: dict | None, node: str, gpu: str, t_ns: int, values: dict[str, f
             continue
         s = dict(state.get(name) or {"n": 0, "mean": x, "dev": 0.0, "bad": 0, "good": 0,
                                      "since": 0, "firing": False})
-        limit = s["mean"] + max(K * s["dev"], floor)
+        band = max(K * s["dev"], floor)
+        limit = s["mean"] + band
         abnormal = s["n"] >= WARMUP and x > limit
+        if abnormal and s["bad"] >= REBASE:  # a lasting new level (another job): accept it
+            s.update(mean=x, dev=0.0, n=WARMUP, bad=0)
+            abnormal = False
         if abnormal:
             s["bad"], s["good"] = s["bad"] + 1, 0
             s["since"] = s["since"] or t_ns
@@ -51,7 +58,7 @@ def step(state: dict | None, node: str, gpu: str, t_ns: int, values: dict[str, f
             s["bad"], s["good"] = 0, s["good"] + 1
             if s["n"] < WARMUP:  # follow the warm-up ramp closely; its spread is not noise
                 s["mean"] += WARMUP_ALPHA * (x - s["mean"])
-            else:
+            elif x >= s["mean"] - band:  # far below (cooling after a pause) is not learned
                 s["dev"] += ALPHA * (abs(x - s["mean"]) - s["dev"])
                 s["mean"] += ALPHA * (x - s["mean"])
             s["n"] += 1

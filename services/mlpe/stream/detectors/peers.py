@@ -36,6 +36,7 @@ FIELDS = {
     "nvlink_tx": (0.5, 1000.0, 1000.0, "MB/s", WARNING,
                   "its links carry far less than its peers': a degraded or failing link"),
 }
+LABELS = {"util": "utilization", "sm_clock": "SM clock", "nvlink_tx": "NVLink traffic"}
 MIN_MEMBERS = 4
 HOLD, CLEAR = 2, 3
 NODE_SHARE = 0.5      # this share of a node's GPUs deviating = a node-level alert
@@ -146,8 +147,7 @@ def _alert(who: str, name: str, firing: bool, value: float, reference: float,
     node, _, gpu = who.partition("/")
     labels = {"node": node, "field": name} | ({"gpu": gpu} if gpu else {})
     subject = f"GPU {gpu} on {node}" if gpu else f"Node {node} (most of its GPUs)"
-    label = name.replace("_", " ").replace("util", "utilization").replace("nvlink tx",
-                                                                          "NVLink traffic")
+    label = LABELS[name]
     if not firing:
         return build("peer", f"peer_low_{name}", severity, False, labels, value, threshold,
                      since_ns, now_ns, f"{subject}: {label} back in line with its peers",

@@ -112,7 +112,9 @@ def step(state: dict | None, msg, now_ns: int) -> tuple[dict, list]:
                      "or straggling GPU, input pipeline, network).")
         else:
             s["low_since"] = 0
-            s["base"] += _per_message(BASE_ALPHA, world) * (tps - s["base"])
+            early = msg.step - state["first_step"] < 2 * WARMUP_STEPS  # follow the ramp-up
+            s["base"] += _per_message(FAST_ALPHA if early else BASE_ALPHA, world) * (
+                tps - s["base"])
             if s["fast"] >= RECOVERED * s["base"]:
                 resolve("training_throughput_regression", s["fast"], s["base"],
                         f"Job {job}: throughput recovered",

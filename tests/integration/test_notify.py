@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaProducer
 from mlpe.notify.notifier import Notifier, Timing
 from mlpe.notify.routes import Route, Routes
 from mlpe.notify.sink import make_app
+from mlpe.stream.bench import wait_group_stable
 from mlpe.v1 import alerts_pb2 as pb
 
 
@@ -141,13 +142,16 @@ async def test_alerts_from_kafka_to_the_sink(stack_endpoints, unique, tmp_path):
     runner, base = await start_sink()
     env = {**os.environ, "MLPE_SLACK_WEBHOOK_URL": f"{base}/hook",
            "MLPE_NOTIFY_GROUP_ID": f"test-notify-{unique}",
-           "MLPE_NOTIFY_REDIS_PREFIX": f"test:{unique}"}
+           "MLPE_NOTIFY_REDIS_PREFIX": f"test:{unique}",
+           # Only what this test sends: earlier alerts on the topic would queue before it.
+           "MLPE_NOTIFY_START": "latest"}
     proc = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "notify", "--group-wait", "0.2"],
                             env=env, stdout=(tmp_path / "notify.log").open("wb"),
                             stderr=subprocess.STDOUT)
     producer = AIOKafkaProducer(bootstrap_servers=stack_endpoints.kafka_bootstrap)
     await producer.start()
     try:
+        wait_group_stable(stack_endpoints.kafka_bootstrap, f"test-notify-{unique}", 1, [proc])
         await producer.send_and_wait("mlpe.alerts", alert(f"k{unique}", node=f"node-{unique}"),
                                      key=b"k")
         await producer.send_and_wait("mlpe.alerts", b"\xff not an alert", key=b"bad")

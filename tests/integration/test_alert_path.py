@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from influxdb_client import InfluxDBClient
 
 from mlpe.agent.agent import Agent
@@ -18,7 +19,10 @@ from mlpe.agent.scenario import parse
 from mlpe.agent.shipper import Shipper
 from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.spool import Spool
+from mlpe.common.topics import ALERTS
 from mlpe.stream.bench import wait_group_stable
+from mlpe.stream.bench_detect import parse_message
+from mlpe.v1 import alerts_pb2
 
 from .test_notify import received, start_sink
 from .test_stream import start_stream, stop, stream_env  # noqa: F401 - fixture
@@ -109,6 +113,7 @@ async def test_kill_9_of_the_stream_sends_no_notification_twice(stream_env, uniq
     try:
         wait_group_stable(stream_env.kafka_bootstrap, f"test-notify-{unique}", 1, [notify])
         stream = start_stream(unique, log)
+        started_ms = int(time.time() * 1000)
         scenario = parse("nodes: 2\ngpus_per_node: 2\ntraining: {warmup_s: 0}\nfaults:\n"
                          "  - {kind: xid, node: 0, gpu: 1, at_s: 3, code: 79}\n"
                          "  - {kind: straggler, node: 1, gpu: 0, at_s: 5}\n"
@@ -119,8 +124,10 @@ async def test_kill_9_of_the_stream_sends_no_notification_twice(stream_env, uniq
         run = asyncio.create_task(agent.run(duration_s=22))
 
         async def texts() -> list[str]:
-            return [json.loads(r["body"])["text"] for r in (await received(base))["received"]
-                    if node in r["body"]]
+            """Every alert of every message (a message may group several), as its title."""
+            return [("[FIRING] " if firing else "[RESOLVED] ") + title
+                    for r in (await received(base))["received"] if node in r["body"]
+                    for title, _, _, firing in parse_message(r["body"])]
 
         deadline = time.monotonic() + 60
         while not await texts():
@@ -139,6 +146,11 @@ async def test_kill_9_of_the_stream_sends_no_notification_twice(stream_env, uniq
         await asyncio.sleep(3)  # would a second message for any of them arrive? it must not
         got = await texts()
         assert sorted(t for t in got if t.startswith("[FIRING]")) == sorted(want), got
+        # The test is only worth something if the restarted worker did send the first alert
+        # again (its batch was held by an unwritten 10 s window, so it was not committed).
+        xids = [a for a in await alerts_since(stream_env.kafka_bootstrap, started_ms)
+                if a.summary == f"Xid 79 on GPU 1 on {node}-00"]
+        assert len(xids) >= 2, "the kill did not make the stream replay the Xid"
     finally:
         if stream is not None:
             stop(stream)
@@ -149,3 +161,25 @@ async def test_kill_9_of_the_stream_sends_no_notification_twice(stream_env, uniq
             notify.kill()
             notify.wait()
         await runner.cleanup()
+
+
+async def alerts_since(bootstrap: str, since_ms: int) -> list[alerts_pb2.Alert]:
+    """Every alert on mlpe.alerts written since `since_ms` (Unix ms)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = [TopicPartition(ALERTS.name, p) for p in range(ALERTS.partitions)]
+        consumer.assign(parts)
+        starts = await consumer.offsets_for_times({tp: since_ms for tp in parts})
+        ends = await consumer.end_offsets(parts)
+        out = []
+        for tp in parts:
+            if starts[tp] is None:
+                continue
+            consumer.seek(tp, starts[tp].offset)
+            while await consumer.position(tp) < ends[tp]:
+                batch = await consumer.getmany(tp, timeout_ms=1000)
+                out += [alerts_pb2.Alert.FromString(m.value) for m in batch.get(tp, [])]
+        return out
+    finally:
+        await consumer.stop()

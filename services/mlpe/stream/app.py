@@ -85,8 +85,8 @@ train_topic = app.topic(TRAIN_EVENTS.name, value_type=bytes, value_serializer="r
                         key_serializer="raw")
 
 # Detector state, co-partitioned with the topic that feeds it.
-STATE = faust.Schema(key_type=str, value_type=dict, key_serializer="json",
-                     value_serializer="json")
+# Plain JSON both ways (no model types: Faust would look for Record.from_data on recovery).
+STATE = faust.Schema(key_serializer="json", value_serializer="json")
 gpu_series = app.Table("gpu-series", default=dict, partitions=GPU_SECONDS.partitions,
                        schema=STATE)   # node/gpu -> baseline and trend state
 peer_groups = app.Table("peer-groups", default=dict, partitions=GPU_SECONDS.partitions,

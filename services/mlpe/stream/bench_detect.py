@@ -107,10 +107,12 @@ def parse_message(body: str) -> list[tuple[str, str, dict[str, str], bool]]:
     blocks = json.loads(body).get("blocks", [])
     out = []
     for section, context in zip(blocks[::2], blocks[1::2], strict=False):
-        title = section["text"]["text"].split("\n")[0]
+        first_line = section["text"]["text"].split("\n")[0]  # ":icon: *[RESOLVED: ]title*"
+        title = first_line.split(" *", 1)[-1].rstrip("*")
+        resolved = title.startswith("RESOLVED: ")
         detector, labels_text, *_ = context["elements"][0]["text"].split(" · ")
         labels = dict(pair.split("=", 1) for pair in labels_text.split(", ") if "=" in pair)
-        out.append((title.strip("*"), detector, labels, "RESOLVED" not in title))
+        out.append((title.removeprefix("RESOLVED: "), detector, labels, not resolved))
     return out
 
 

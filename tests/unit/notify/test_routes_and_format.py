@@ -1,7 +1,10 @@
+import json
+
 import pytest
 
 from mlpe.notify.routes import RoutesError, load
 from mlpe.notify.slack import format_message
+from mlpe.stream.bench_detect import parse_message
 from mlpe.v1 import alerts_pb2 as pb
 
 
@@ -54,3 +57,14 @@ def test_bad_routes_file(tmp_path, text, message):
     f.write_text(text)
     with pytest.raises(RoutesError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load(str(f))
+
+
+def test_the_detect_bench_reads_back_what_format_message_wrote():
+    alerts = [pb.Alert(rule="r", detector="peer", summary="GPU 1 on n: slow",
+                               state=pb.ALERT_FIRING, labels={"node": "n", "gpu": "1"},
+                               severity=pb.SEVERITY_WARNING),
+              pb.Alert(rule="t", detector="training", summary="Job j: spike",
+                               state=pb.ALERT_RESOLVED, labels={"job": "j"})]
+    body = json.dumps(format_message(alerts))
+    assert parse_message(body) == [("GPU 1 on n: slow", "peer", {"gpu": "1", "node": "n"}, True),
+                                   ("Job j: spike", "training", {"job": "j"}, False)]

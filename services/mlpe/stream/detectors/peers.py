@@ -39,7 +39,7 @@ FIELDS = {
 LABELS = {"util": "utilization", "sm_clock": "SM clock", "nvlink_tx": "NVLink traffic"}
 MIN_MEMBERS = 4
 HOLD, CLEAR = 2, 3
-NODE_SHARE = 0.5      # this share of a node's GPUs deviating = a node-level alert
+NODE_SHARE = 0.5      # this share of a node's GPUs (two at least) deviating = a node alert
 MAX_WAIT_S = 2.0      # evaluate a second once a report this much newer has arrived
 FORGET_S = 10.0       # a member silent this long is no longer expected
 
@@ -98,7 +98,7 @@ def _deviants(members: dict[str, dict[str, float]]) -> dict[tuple[str, str], tup
             by_node.setdefault(m.split("/")[0], []).append(m)
         for node, node_members in by_node.items():
             flagged = [m for m in node_members if m in low]
-            if len(node_members) > 1 and len(flagged) >= NODE_SHARE * len(node_members):
+            if len(flagged) >= max(2, NODE_SHARE * len(node_members)):
                 mean = float(np.mean([values[m] for m in node_members]))
                 out[(node, name)] = (mean, reference, threshold, len(values))
             else:

@@ -52,7 +52,7 @@ async def test_detect_gpus_finds_a_straggler_and_keeps_state_in_tables(alerts):
         ("peer_low_sm_clock", "sim-node-01", "4")]
     assert "below its peers" in firing[0].summary and firing[0].detector == "peer"
     assert stream.peer_groups["job-a"]["last_start"] > 0
-    assert stream.gpu_series["sim-node-01/4"]["baseline"]["temp"]["n"] > 0
+    assert stream.gpu_series["sim-node-01/4"]["baseline"]["busy_s"] > 20
 
 
 async def test_detect_gpus_dead_letters_a_bad_report_and_goes_on(alerts, monkeypatch):

@@ -127,3 +127,9 @@ def test_buckets_stop_waiting_for_a_silent_member():
     assert b.ready(0) == []
     b.add({"node": "a", "start_ns": 3 * 10**9, "gpus": {"0": {}}})
     assert [s for s, _ in b.ready(0)] == [10**9]
+
+
+def test_pause_during_warm_up_does_not_set_a_low_baseline():
+    # The fault-free detect scenario that once fired: a 20 s pause 60 s into the job.
+    fired, _ = run(scenario(gaps=((60, 20), (150, 10), (220, 25)), seed=4), 275)
+    assert fired == []

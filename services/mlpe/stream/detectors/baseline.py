@@ -5,13 +5,12 @@ of its 1 s means (memory about two minutes). A point above mean + max(K x deviat
 a floor in the field's unit) is abnormal; HOLD abnormal points in a row fire, CLEAR
 normal ones resolve. Points outside the band on either side are not learned, so a
 drift stays visible instead of becoming the new normal (until REBASE points in a
-row say it is one), and a GPU cooling after a pause does not drag the baseline
-down. Nothing is judged before WARMUP points, during which the mean follows the
-series closely (a GPU heating up after the job starts is not an incident, and its
-ramp is not noise). Only busy seconds (utilization at least BUSY_UTIL) count: the
-baseline is "how hot this GPU runs when it works", so an idle gap, and the climb
-back after it, are neither learned nor judged. Temperatures only: they have no
-benign reason to jump (an idle gap cools, it never heats).
+row say it is one). Temperature lags load by a minute, so only steady state counts:
+a second is learned or judged only after SETTLE_S busy seconds in a row (utilization
+at least BUSY_UTIL), and nothing is judged before WARMUP such seconds. The job
+starting, a pause and the climb back after it are therefore neither learned nor
+judged: the baseline is "how hot this GPU runs when it has been working a while".
+Temperatures only: they have no benign reason to jump.
 
 State is a plain dict (stored in a Faust table); `step` is pure.
 """
@@ -25,9 +24,10 @@ WATCHED = {  # field: (floor above baseline, unit, severity, why it matters)
              "thermal throttling follows"),
     "mem_temp": (5.0, "°C", WARNING, "HBM is heating up; memory errors and throttling follow"),
 }
-ALPHA, WARMUP_ALPHA = 1 / 120, 0.2
+ALPHA = 1 / 120
 K = 5.0
-WARMUP, HOLD, CLEAR = 60, 2, 3
+WARMUP, HOLD, CLEAR = 30, 2, 3
+SETTLE_S = 60     # busy seconds in a row before temperature is steady (4 thermal time constants)
 REBASE = 600      # abnormal points in a row after which the new level is the baseline
 BUSY_UTIL = 50.0  # % utilization: only busy seconds are learned and judged
 
@@ -37,8 +37,10 @@ def step(state: dict | None, node: str, gpu: str, t_ns: int, values: dict[str, f
     """Feed one 1 s point per watched field; returns (new state, alerts)."""
     state = dict(state or {})
     alerts = []
-    if not values.get("util", 0.0) >= BUSY_UTIL:
-        return state, alerts  # idle or cooling down: not the conditions the baseline knows
+    busy = values.get("util", 0.0) >= BUSY_UTIL
+    state["busy_s"] = state.get("busy_s", 0) + 1 if busy else 0
+    if state["busy_s"] <= SETTLE_S:
+        return state, alerts  # idle, or still heating up after a pause: not steady state
     for name, (floor, unit, severity, why) in WATCHED.items():
         x = values.get(name)
         if x is None or x != x:  # missing or NaN (GPU lost): nothing to learn or judge
@@ -56,9 +58,10 @@ def step(state: dict | None, node: str, gpu: str, t_ns: int, values: dict[str, f
             s["since"] = s["since"] or t_ns
         else:
             s["bad"], s["good"] = 0, s["good"] + 1
-            if s["n"] < WARMUP:  # follow the warm-up ramp closely; its spread is not noise
-                s["mean"] += WARMUP_ALPHA * (x - s["mean"])
-            elif x >= s["mean"] - band:  # far below (cooling after a pause) is not learned
+            if s["n"] < WARMUP:  # a plain average of the first points
+                s["dev"] += (abs(x - s["mean"]) - s["dev"]) / (s["n"] + 1)
+                s["mean"] += (x - s["mean"]) / (s["n"] + 1)
+            elif x >= s["mean"] - band:  # far below is not learned either
                 s["dev"] += ALPHA * (abs(x - s["mean"]) - s["dev"])
                 s["mean"] += ALPHA * (x - s["mean"])
             s["n"] += 1

@@ -187,21 +187,33 @@ def decode(raw: bytes) -> Batch:
                          "bytes, not a multiple of 4")
     offsets = np.frombuffer(message.time_offsets_us, dtype="<u4")
     timestamps = message.base_time_ns + offsets.astype(np.int64) * 1000
-    columns: dict[int, np.ndarray] = {}
-    for series in message.series:
-        name = FIELD_NAMES.get(series.field)
+    samples = len(offsets)
+    # One numpy conversion per value type rather than per field: the per-field loop only
+    # checks numbers (this runs for every message the stream consumes).
+    by_type: dict[int, tuple[list[int], list[bytes]]] = {}
+    seen: set[int] = set()
+    for field_number, kind, values in [(s.field, s.type, s.values) for s in message.series]:
+        name = FIELD_NAMES.get(field_number)
         if name is None:
-            raise BatchError(f"MetricBatch: unknown field number {series.field}")
-        dtype = _DTYPES.get(series.type)
+            raise BatchError(f"MetricBatch: unknown field number {field_number}")
+        dtype = _DTYPES.get(kind)
         if dtype is None:
             raise BatchError(f"MetricBatch: field {name} has no value type")
-        if len(series.values) != dtype.itemsize * len(offsets):
+        if len(values) != dtype.itemsize * samples:
             raise BatchError(
-                f"MetricBatch: field {name} has {len(series.values) / dtype.itemsize:g} "
-                f"samples, timestamps has {len(offsets)}")
-        if series.field in columns:
+                f"MetricBatch: field {name} has {len(values) / dtype.itemsize:g} "
+                f"samples, timestamps has {samples}")
+        if field_number in seen:
             raise BatchError(f"MetricBatch: field {name} appears twice")
-        columns[series.field] = np.frombuffer(series.values, dtype=dtype)
+        seen.add(field_number)
+        fields, chunks = by_type.setdefault(kind, ([], []))
+        fields.append(field_number)
+        chunks.append(values)
+    columns: dict[int, np.ndarray] = {}
+    for kind, (fields, chunks) in by_type.items():
+        block = np.frombuffer(b"".join(chunks), dtype=_DTYPES[kind]).reshape(len(fields),
+                                                                             samples)
+        columns.update(zip(fields, block, strict=True))
     return Batch(
         node_id=message.node_id,
         device_kind=message.device_kind,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import time
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.partitioner import murmur2
 from influxdb_client import InfluxDBClient
 
 from mlpe.agent.agent import Agent
@@ -19,17 +22,19 @@ from mlpe.agent.scenario import Scenario
 from mlpe.agent.shipper import Shipper
 from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.spool import Spool
-from mlpe.common.topics import DEAD_LETTER, GPU_METRICS
+from mlpe.common.topics import DEAD_LETTER, GPU_METRICS, TRAIN_EVENTS
 from mlpe.stream.bench import wait_group_stable
 from mlpe.v1 import deadletter_pb2
+from mlpe.v1.training_pb2 import TrainStep
 
 
-def start_stream(unique: str, log_path, start: str = "latest") -> subprocess.Popen:
+def start_stream(unique: str, log_path) -> subprocess.Popen:
     # "latest": the group is ready (below) before the test's data flows, and earlier
-    # tests' data is not replayed. A restart must say "earliest": a partition with no
-    # commit yet would otherwise skip what arrived while the worker was down.
+    # tests' data is not replayed. A restart says "latest" too, after `wait_committed`:
+    # the partitions with the test's data resume from their commits; "earliest" would
+    # also replay the whole history of every partition without one.
     env = {**os.environ, "MLPE_STREAM_APP_ID": f"test-stream-{unique}",
-           "MLPE_STREAM_START": start,
+           "MLPE_STREAM_START": "latest",
            "MLPE_STATE_DIR": str(log_path.parent / "state"), "MLPE_LOG_LEVEL": "info"}
     env["MLPE_INFLUX_TOKEN"] = os.environ["MLPE_TEST_INFLUX_TOKEN"]
     log = log_path.open("ab")
@@ -53,6 +58,30 @@ def stop(stream: subprocess.Popen) -> None:
         stream.kill()
         stream.wait()
         raise AssertionError("the stream worker ignored SIGTERM for 30 s") from None
+
+
+def partitions_of(keys: list[str], topic=GPU_METRICS) -> set[int]:
+    """The partitions these keys go to (the agent's shipper partitions as Kafka does)."""
+    return {(murmur2(k.encode()) & 0x7FFFFFFF) % topic.partitions for k in keys}
+
+
+async def wait_committed(bootstrap: str, group: str, partitions: set[int], timeout=60.0,
+                         topic=GPU_METRICS) -> None:
+    """Until the stream app has committed an offset on each of these partitions."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            offsets = await admin.list_consumer_group_offsets(group)
+            done = {tp.partition for tp, meta in offsets.items()
+                    if tp.topic == topic.name and meta.offset >= 0}
+            if partitions <= done:
+                return
+            assert time.monotonic() < deadline, f"no commit on partitions {partitions - done}"
+            await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
 
 
 @pytest.fixture
@@ -131,9 +160,11 @@ async def test_kill_9_mid_run_leaves_no_window_missing(stream_env, unique, tmp_p
         run_agent(stream_env.kafka_bootstrap, tmp_path, prefix, seconds=20))
     try:
         await wait_for(lambda: len(windows(stream_env, prefix)) >= 8, 60, "first windows", stream)
+        await wait_committed(stream_env.kafka_bootstrap, f"test-stream-{unique}",
+                             partitions_of([f"{prefix}00", f"{prefix}01"]))
         os.kill(stream.pid, signal.SIGKILL)
         stream.wait()
-        stream = start_stream(unique, log, "earliest")  # resumes from the last commits
+        stream = start_stream(unique, log)  # resumes from the last commits
         await agent_task
         ended = int(time.time())
         await wait_for(lambda: max((s for *_, s in windows(stream_env, prefix)), default=0)
@@ -168,6 +199,20 @@ async def test_garbage_goes_to_dead_letters_and_processing_goes_on(stream_env, u
                             letter = d
         assert letter.source_topic == GPU_METRICS.name and letter.refused_by == "stream"
         assert letter.value == b"\x08\x96\x01 not a batch" and letter.reason
+        # A step event that parses but cannot be true is refused the same way.
+        bad_step = TrainStep(job_id=f"{prefix}job", rank=5, world_size=2, step=1,
+                             time_ns=time.time_ns()).SerializeToString()
+        await producer.send_and_wait(TRAIN_EVENTS.name, bad_step, key=f"{prefix}job".encode())
+        letter = None
+        async with asyncio.timeout(60):
+            while letter is None:
+                for records in (await consumer.getmany(timeout_ms=1000)).values():
+                    for r in records:
+                        d = deadletter_pb2.DeadLetter.FromString(r.value)
+                        if d.value == bad_step:
+                            letter = d
+        assert letter.source_topic == TRAIN_EVENTS.name
+        assert "rank 5 does not fit world_size 2" in letter.reason
         await run_agent(stream_env.kafka_bootstrap, tmp_path, prefix, seconds=3)
         await wait_for(lambda: windows(stream_env, prefix), 60, "windows after the garbage", stream)
         assert stream.poll() is None
@@ -175,3 +220,71 @@ async def test_garbage_goes_to_dead_letters_and_processing_goes_on(stream_env, u
         await producer.stop()
         await consumer.stop()
         stop(stream)
+
+
+async def test_training_steps_become_windows_per_job_and_rank(stream_env, unique, tmp_path):
+    from mlpe.agent.sources.train_sim import SimulatedTraining
+
+    prefix = f"t{unique}-"
+    stream = start_stream(unique, tmp_path / "stream.log")
+    try:
+        scenario = Scenario(seed=3, nodes=1, gpus_per_node=2, warmup_s=0.0)
+        agent = Agent([(SimulatedGpus(scenario, 100, node_prefix=prefix), 100)],
+                      Shipper(stream_env.kafka_bootstrap, Spool(tmp_path / "spool")), hz=100,
+                      training=SimulatedTraining(scenario, 100, node_prefix=prefix))
+        await agent.run(duration_s=6)
+        job = f"{prefix}job"
+
+        def steps_per_rank() -> dict[str, float]:
+            e = stream_env
+            with InfluxDBClient(url=e.influx_url, token=e.influx_token,
+                                org=e.influx_org) as client:
+                tables = client.query_api().query(f'''
+                    from(bucket: "{e.influx_bucket}") |> range(start: -1h)
+                      |> filter(fn: (r) => r._measurement == "train" and r.job == "{job}"
+                                           and r.window == "1s" and r._field == "samples")
+                      |> group(columns: ["rank"]) |> sum()''')
+            return {t.records[0]["rank"]: t.records[0].get_value() for t in tables}
+
+        # 6 s of 0.5 s steps; the window of each rank's first step may be skipped (a
+        # first window that starts mid-way is never written: see windows.py).
+        per_rank = agent.stats.train_steps / 2
+        found = await wait_for(lambda: (lambda s: s if len(s) == 2 and min(s.values()) >=
+                                        per_rank - 2 else None)(steps_per_rank()), 60,
+                               "training windows in InfluxDB", stream)
+        assert set(found) == {"0", "1"} and found["0"] == found["1"] <= per_rank
+    finally:
+        stop(stream)
+
+
+async def test_two_workers_share_the_partitions(stream_env, unique, tmp_path):
+    """Two workers of one app: both process batches and no window is missing."""
+    prefix = f"w{unique}-"
+    logs = [tmp_path / "w0.log", tmp_path / "w1.log"]
+    env = {**os.environ, "MLPE_STREAM_APP_ID": f"test-stream-{unique}",
+           "MLPE_STREAM_START": "latest", "MLPE_LOG_LEVEL": "info",
+           "MLPE_INFLUX_TOKEN": os.environ["MLPE_TEST_INFLUX_TOKEN"]}
+    workers = [subprocess.Popen([sys.executable, "-m", "mlpe.cli", "stream"],
+                                env={**env, "MLPE_STATE_DIR": str(tmp_path / f"state{i}")},
+                                stdout=log.open("wb"), stderr=subprocess.STDOUT)
+               for i, log in enumerate(logs)]
+    try:
+        wait_group_stable(stream_env.kafka_bootstrap, env["MLPE_STREAM_APP_ID"], 2, workers)
+        # 16 nodes over 8 partitions: each worker's half is all but sure to hold some.
+        sim = SimulatedGpus(Scenario(seed=4, nodes=16, gpus_per_node=1), 100, node_prefix=prefix)
+        await Agent([(sim, 100)], Shipper(stream_env.kafka_bootstrap,
+                                          Spool(tmp_path / "spool")), hz=100).run(duration_s=12)
+        found = await wait_for(lambda: len(windows(stream_env, prefix)) >= 16 * 10 and
+                               windows(stream_env, prefix), 60, "1 s windows of 16 nodes")
+        devices, problems = complete_interior(found, prefix)
+        assert devices == 16 and problems == []
+
+        def batches_seen(log) -> int:
+            counts = re.findall(r"stream stats: \{'batches': (\d+)", log.read_text())
+            return int(counts[-1]) if counts else 0
+
+        await wait_for(lambda: all(batches_seen(log) > 0 for log in logs), 30,
+                       "a stats line with batches from each worker")
+    finally:
+        for w in workers:
+            stop(w)

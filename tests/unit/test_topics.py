@@ -7,7 +7,6 @@ def test_design_topics_declared_once():
     assert set(names) == {
         "mlpe.metrics.gpu", "mlpe.metrics.host", "mlpe.events.train",
         "mlpe.events.kernel", "mlpe.alerts", "mlpe.deadletter", "mlpe.inventory",
-        "mlpe.stream.gpu-seconds",  # internal to the stream: its detectors' input
     }
     for topic in ALL_TOPICS:
         assert topic.partitions >= 1

@@ -34,10 +34,10 @@ KERNEL_EVENTS = Topic("mlpe.events.kernel", 4, 7 * DAY_MS, "job id", "kernel tim
 ALERTS = Topic("mlpe.alerts", 2, 30 * DAY_MS, "alert fingerprint", "alert (firing/resolved)")
 DEAD_LETTER = Topic("mlpe.deadletter", 1, 30 * DAY_MS, "source topic", "refused bytes + reason")
 INVENTORY = Topic("mlpe.inventory", 1, 365 * DAY_MS, "node id", "NodeInventory", compacted=True)
-# Internal to `mlpe stream`: each node's 1 s GPU means, keyed by job, so one worker sees
-# every GPU of a job and can compare them (cross-peer, baseline and trend detectors).
-GPU_SECONDS = Topic("mlpe.stream.gpu-seconds", 4, HOUR_MS, "job id",
-                    "per-node 1 s GPU means (JSON)")
+# Internal to one `mlpe stream` app (Faust creates it as "<app id>-gpu-seconds", like its
+# changelogs, so two apps never read each other's): each node's 1 s GPU means, keyed by
+# job, so one worker sees every GPU of a job and can compare them.
+GPU_SECONDS = Topic("gpu-seconds", 4, HOUR_MS, "job id", "per-node 1 s GPU means (JSON)")
 
 ALL_TOPICS: tuple[Topic, ...] = (
     GPU_METRICS,
@@ -47,5 +47,4 @@ ALL_TOPICS: tuple[Topic, ...] = (
     ALERTS,
     DEAD_LETTER,
     INVENTORY,
-    GPU_SECONDS,
 )

@@ -79,8 +79,10 @@ alerts_topic = app.topic(ALERTS.name, value_type=bytes, value_serializer="raw",
                          key_serializer="raw")
 dead_letters = app.topic(DEAD_LETTER.name, value_type=bytes, value_serializer="raw",
                          key_serializer="raw")
-gpu_seconds = app.topic(GPU_SECONDS.name, value_type=bytes, value_serializer="raw",
-                        key_serializer="raw")
+gpu_seconds = app.topic(f"{settings.stream_app_id}-{GPU_SECONDS.name}", internal=True,
+                        partitions=GPU_SECONDS.partitions,
+                        retention=GPU_SECONDS.retention_ms / 1000, value_type=bytes,
+                        value_serializer="raw", key_serializer="raw")
 train_topic = app.topic(TRAIN_EVENTS.name, value_type=bytes, value_serializer="raw",
                         key_serializer="raw")
 

@@ -1,8 +1,12 @@
 """Real GPUs through NVML (nvidia-ml-py).
 
-Per tick, one batched field-value query per GPU carries power, energy, memory
-temperature, PCIe and NVLink byte counters, ECC counts and the power limit;
-utilization comes from the driver's own sample buffers, read once per flush.
+Per tick, one batched field-value query per GPU carries power, memory
+temperature, ECC counts and the power limit. Some queries are slow on real
+hardware (H100, driver 580: the energy counter 4 ms, PCIe byte counters 0.6 ms,
+the maximum SM clock 1.5 ms, against ~2-30 µs for the rest), so the energy
+counter is read once a second, the PCIe/NVLink byte counters ten times a second
+(their rates are held in between) and the maximum clock once at start;
+utilization is the driver's latest value, read once per flush.
 A query the GPU does not support is found on first use and never asked again.
 A GPU that stops answering becomes NaN plus a GPU_LOST event; the others go on.
 """
@@ -26,6 +30,8 @@ F = pb.Field
 COL = {number: i for i, number in enumerate(GPU_FIELDS)}
 LOST_RETRY_S = 5.0
 PROCESS_EVERY_S = 1.0
+ENERGY_EVERY_S = 1.0     # the energy counter costs ~4 ms a query on an H100
+COUNTERS_EVERY_S = 0.1   # PCIe/NVLink byte counters, ~0.6 ms a query
 
 
 def nvml_available() -> bool:
@@ -67,8 +73,10 @@ class NvmlGpus:
         self.prev_counters: np.ndarray | None = None
         self.prev_t = 0.0
         self.prev_throttle = np.zeros(self.n, dtype=np.int64)
-        self.util_ts = [0] * self.n
         self.util_last = np.full((self.n, 2), np.nan)
+        self.rates_last = np.full((self.n, 4), np.nan)
+        self.energy_last = np.full(self.n, np.nan)
+        self.max_clock = np.array([self._max_clock(h) for h in self.handles], dtype=float)
         self.events = self._xid_events()
 
     # -- setup -----------------------------------------------------------------------
@@ -97,7 +105,19 @@ class NvmlGpus:
                 log.warning("nvml: batched field values unavailable: %s", err)
                 self.unsupported.add("field values")
                 ids = []
-        return ids
+        slow = {nv.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION}
+        counters = {nv.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, nv.NVML_FI_DEV_PCIE_COUNT_RX_BYTES,
+                    nv.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
+                    nv.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX}
+        self.energy_ids = [f for f in ids if f[0] in slow]
+        self.counter_ids = [f for f in ids if f[0] in counters]
+        return [f for f in ids if f[0] not in slow | counters]
+
+    def _max_clock(self, handle) -> float:
+        try:
+            return float(self.nv.nvmlDeviceGetMaxClockInfo(handle, self.nv.NVML_CLOCK_SM))
+        except self.nv.NVMLError:
+            return np.nan
 
     def _links(self, handle) -> list[int]:
         links = []
@@ -162,27 +182,19 @@ class NvmlGpus:
             raise
 
     def read_utilization(self) -> None:
-        """Drain the driver's utilization sample buffers (called once per flush)."""
-        nv = self.nv
+        """The driver's latest GPU and memory utilization (called once per flush).
+
+        nvmlDeviceGetUtilizationRates takes ~2 µs on an H100; draining the sample
+        buffers with nvmlDeviceGetSamples gave the same latest value for ~2.5 ms a call."""
         for i, handle in enumerate(self.handles):
             if self.lost[i]:
                 continue
-            for col, kind in ((0, nv.NVML_GPU_UTILIZATION_SAMPLES),
-                              (1, nv.NVML_MEMORY_UTILIZATION_SAMPLES)):
-                try:
-                    got = self._call(f"samples {kind}", nv.nvmlDeviceGetSamples, handle, kind,
-                                     self.util_ts[i])
-                except nv.NVMLError:
-                    continue
-                if got and got[1]:
-                    last = got[1][-1]
-                    self.util_ts[i] = max(self.util_ts[i], last.timeStamp)
-                    self.util_last[i, col] = float(last.sampleValue.uiVal)
-        if {f"samples {nv.NVML_GPU_UTILIZATION_SAMPLES}"} <= self.unsupported:
-            for i, handle in enumerate(self.handles):
-                rates = self._call("utilization", nv.nvmlDeviceGetUtilizationRates, handle)
-                if rates is not None:
-                    self.util_last[i] = (rates.gpu, rates.memory)
+            try:
+                rates = self._call("utilization", self.nv.nvmlDeviceGetUtilizationRates, handle)
+            except self.nv.NVMLError:
+                continue
+            if rates is not None:
+                self.util_last[i] = (rates.gpu, rates.memory)
 
     def read(self, k: int, t_ns: int) -> Reading:
         nv = self.nv
@@ -190,11 +202,13 @@ class NvmlGpus:
         counters = np.full((self.n, 4), np.nan)  # pcie tx, rx bytes; nvlink tx, rx KiB
         events: list[tuple[int, pb.DeviceEvent]] = []
         now = time.monotonic()
+        energy = k % max(1, round(self.hz * ENERGY_EVERY_S)) == 0
+        count = k % max(1, round(self.hz * COUNTERS_EVERY_S)) == 0
         for i, handle in enumerate(self.handles):
             if self.lost[i] and now - self.lost_since[i] < LOST_RETRY_S:
                 continue
             try:
-                self._read_gpu(i, handle, out[i], counters[i], t_ns, events)
+                self._read_gpu(i, handle, out[i], counters[i], t_ns, events, energy, count)
                 if self.lost[i]:
                     self.lost[i] = False
                     events.append((i, pb.DeviceEvent(time_ns=t_ns, kind=pb.EVENT_GPU_RECOVERED,
@@ -208,7 +222,11 @@ class NvmlGpus:
                         detail=f"GPU {self.devices[i].index} stopped answering NVML: {err}")))
                     log.error("nvml: GPU %d lost: %s", self.devices[i].index, err)
                 self.lost_since[i] = now
-        self._rates(out, counters, now)
+        if count:
+            self._rates(counters, now)
+        for j, col in enumerate((F.GPU_PCIE_TX, F.GPU_PCIE_RX, F.GPU_NVLINK_TX, F.GPU_NVLINK_RX)):
+            out[:, COL[col]] = np.where(self.lost, np.nan, self.rates_last[:, j])
+        out[:, COL[F.GPU_ENERGY]] = np.where(self.lost, np.nan, self.energy_last)
         out[:, COL[F.GPU_UTIL]] = np.where(self.lost, np.nan, self.util_last[:, 0])
         out[:, COL[F.GPU_MEM_UTIL]] = np.where(self.lost, np.nan, self.util_last[:, 1])
         events += self._poll_xid(t_ns)
@@ -235,28 +253,32 @@ class NvmlGpus:
                                                 detail=f"pid {proc.pid}: {used >> 20} MiB")))
         return found
 
-    def _read_gpu(self, i, handle, row, counters, t_ns, events) -> None:
+    def _read_gpu(self, i, handle, row, counters, t_ns, events, energy=True, count=True) -> None:
         nv = self.nv
-        if self.field_ids:
-            values = nv.nvmlDeviceGetFieldValues(handle, self.field_ids)
+        ids = self.field_ids + (self.energy_ids if energy else []) + (
+            self.counter_ids if count else [])
+        if ids:
+            values = nv.nvmlDeviceGetFieldValues(handle, ids)
             got = {}
-            for (fid, _scope), v in zip(self.field_ids, values, strict=True):
+            for (fid, _scope), v in zip(ids, values, strict=True):
                 if v.nvmlReturn == nv.NVML_ERROR_GPU_IS_LOST:
                     raise nv.NVMLError(nv.NVML_ERROR_GPU_IS_LOST)
                 if v.nvmlReturn == nv.NVML_SUCCESS:
                     got[fid] = got.get(fid, 0.0) + _value(v)
             row[COL[F.GPU_POWER]] = got.get(nv.NVML_FI_DEV_POWER_INSTANT, np.nan) / 1000.0
-            row[COL[F.GPU_ENERGY]] = got.get(nv.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
-                                             np.nan) / 1000.0
+            if energy:
+                self.energy_last[i] = got.get(nv.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
+                                              np.nan) / 1000.0
             row[COL[F.GPU_MEM_TEMP]] = got.get(nv.NVML_FI_DEV_MEMORY_TEMP, np.nan)
             row[COL[F.GPU_ECC_CORRECTED]] = got.get(nv.NVML_FI_DEV_ECC_SBE_VOL_TOTAL, np.nan)
             row[COL[F.GPU_ECC_UNCORRECTED]] = got.get(nv.NVML_FI_DEV_ECC_DBE_VOL_TOTAL, np.nan)
             row[COL[F.GPU_POWER_LIMIT]] = got.get(nv.NVML_FI_DEV_POWER_CURRENT_LIMIT,
                                                   np.nan) / 1000.0
-            counters[:] = [got.get(nv.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, np.nan),
-                           got.get(nv.NVML_FI_DEV_PCIE_COUNT_RX_BYTES, np.nan),
-                           got.get(nv.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, np.nan),
-                           got.get(nv.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, np.nan)]
+            if count:
+                counters[:] = [got.get(nv.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, np.nan),
+                               got.get(nv.NVML_FI_DEV_PCIE_COUNT_RX_BYTES, np.nan),
+                               got.get(nv.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, np.nan),
+                               got.get(nv.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, np.nan)]
         memory = self._call("memory", nv.nvmlDeviceGetMemoryInfo, handle)
         if memory is not None:
             row[COL[F.GPU_MEM_USED]] = memory.used / 2**20
@@ -265,12 +287,11 @@ class NvmlGpus:
             (F.GPU_TEMP, "temperature", nv.nvmlDeviceGetTemperature, (nv.NVML_TEMPERATURE_GPU,)),
             (F.GPU_SM_CLOCK, "sm clock", nv.nvmlDeviceGetClockInfo, (nv.NVML_CLOCK_SM,)),
             (F.GPU_MEM_CLOCK, "memory clock", nv.nvmlDeviceGetClockInfo, (nv.NVML_CLOCK_MEM,)),
-            (F.GPU_SM_CLOCK_MAX, "max sm clock", nv.nvmlDeviceGetMaxClockInfo,
-             (nv.NVML_CLOCK_SM,)),
         ):
             value = self._call(name, fn, handle, *args)
             if value is not None:
                 row[COL[col]] = value
+        row[COL[F.GPU_SM_CLOCK_MAX]] = self.max_clock[i]  # fixed per GPU: read at start
         throttle = self._call("throttle reasons", nv.nvmlDeviceGetCurrentClocksEventReasons,
                               handle)
         if throttle is not None:
@@ -281,16 +302,12 @@ class NvmlGpus:
                                                  detail=f"throttle reasons now {throttle:#x}")))
                 self.prev_throttle[i] = throttle
 
-    def _rates(self, out: np.ndarray, counters: np.ndarray, now: float) -> None:
-        """Byte counters -> MB/s since the previous tick."""
+    def _rates(self, counters: np.ndarray, now: float) -> None:
+        """Byte counters -> MB/s since they were last read (held until the next read)."""
         if self.prev_counters is not None and now > self.prev_t:
             delta = (counters - self.prev_counters) / (now - self.prev_t)
             delta[:, 2:] *= 1024  # NVLink counters are KiB
-            delta = np.where(delta < 0, np.nan, delta) / 1e6
-            out[:, COL[F.GPU_PCIE_TX]] = delta[:, 0]
-            out[:, COL[F.GPU_PCIE_RX]] = delta[:, 1]
-            out[:, COL[F.GPU_NVLINK_TX]] = delta[:, 2]
-            out[:, COL[F.GPU_NVLINK_RX]] = delta[:, 3]
+            self.rates_last = np.where(delta < 0, np.nan, delta) / 1e6
         self.prev_counters, self.prev_t = counters, now
 
     def _poll_xid(self, t_ns: int) -> list[tuple[int, pb.DeviceEvent]]:

@@ -35,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--agents", type=int, default=1, help="agent processes (1)")
     p.add_argument("--workers", type=int, default=1, help="stream worker processes (1)")
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per step (20)")
+    p.add_argument("--flush-ms", type=int, default=100,
+                   help="agent flush interval: one message per GPU this often (100 ms, the "
+                   "agent's default; longer = fewer, larger messages for the stream)")
     p.set_defaults(bench=bench_pipeline)
 
 
@@ -113,6 +116,7 @@ def _step(settings: Settings, nodes: int, args, workdir: Path) -> dict:
     agents = [subprocess.Popen(
         [sys.executable, "-m", "mlpe.cli", "agent", "--source", "sim", "--nodes",
          str(per_agent), "--node-id", f"{prefix}-{i}", "--duration", str(args.seconds),
+         "--flush-ms", str(args.flush_ms),
          "--spool-dir", str(workdir / f"spool-{run_id}-{i}"),
          "--stats-json", str(workdir / f"a{run_id}{i}.json")],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

@@ -196,7 +196,12 @@ def bench_detect(args, settings: Settings) -> dict:
     files = sorted(Path(args.scenarios).glob("*.yaml"))
     if not files:
         raise RuntimeError(f"--scenarios {args.scenarios}: no *.yaml scenario files there")
-    durations = {f: duration_of(f) for f in files}  # also validates every file first
+    from mlpe.agent.scenario import ScenarioError
+
+    try:
+        durations = {f: duration_of(f) for f in files}  # validates every file first
+    except ScenarioError as err:
+        raise RuntimeError(str(err)) from None
     if not kafka_reachable(settings.kafka_bootstrap):
         raise RuntimeError(f"Kafka is not reachable at {settings.kafka_bootstrap}: run "
                            "`mlpe stack up` (or `make up`)")

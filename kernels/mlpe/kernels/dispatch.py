@@ -1,0 +1,49 @@
+"""Which implementation an op runs: Triton on CUDA, the plain-PyTorch reference elsewhere.
+
+Chosen once per process from MLPE_KERNELS: "auto" (default: Triton for CUDA tensors when
+Triton imports), "triton" (the same, but say so if it cannot be had) or "reference"
+(always the reference: for tests and for ruling the kernels out when debugging).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("mlpe.kernels")
+CHOICES = ("auto", "triton", "reference")
+
+
+@functools.cache
+def backend() -> str:
+    choice = os.environ.get("MLPE_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"MLPE_KERNELS={choice!r}: expected one of {', '.join(CHOICES)}")
+    if choice != "reference" and not triton_available():
+        if choice == "triton":
+            log.warning("MLPE_KERNELS=triton but Triton cannot be imported: using the "
+                        "PyTorch references")
+        return "reference"
+    return choice
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Triton for this call: the backend allows it and every tensor is on a CUDA device."""
+    return backend() != "reference" and all(t.is_cuda for t in tensors if t is not None)
+
+
+@functools.cache
+def warn_once(op: str, why: str) -> None:
+    log.warning("%s: %s; using the PyTorch reference for such inputs", op, why)

@@ -1,0 +1,71 @@
+"""Triton kernels against their references on a GPU (skipped without CUDA)."""
+
+import logging
+
+import pytest
+import torch
+
+from mlpe.kernels import dispatch
+from mlpe.kernels.rmsnorm import MAX_COLS, rmsnorm, rmsnorm_reference
+from mlpe.kernels.tolerances import GRAD_TOLERANCES, TOLERANCES
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")]
+SHAPES = [(1, 7), (3, 1000), (17, 4096), (5, 3, 768), (2, 32768), (4099, 256)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _inputs(shape, dtype, residual):
+    torch.manual_seed(0)
+    x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+    r = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) if residual else None
+    w = (1 + 0.1 * torch.randn(shape[-1], device="cuda")).to(dtype).requires_grad_()
+    return x, r, w
+
+
+def _run(fn, x, r, w, seed_grads):
+    out = fn(x, w, 1e-6, r)
+    y, h = out if r is not None else (out, None)
+    loss = (y.float() * seed_grads[0]).sum()
+    if h is not None:
+        loss = loss + (h.float() * seed_grads[1]).sum()
+    loss.backward()
+    grads = [t.grad.clone() for t in (x, r, w) if t is not None]
+    for t in (x, r, w):
+        if t is not None:
+            t.grad = None
+    return [y, h] if h is not None else [y], grads
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_rmsnorm_matches_reference(shape, dtype, residual):
+    assert dispatch.use_triton(torch.zeros(1, device="cuda"))
+    x, r, w = _inputs(shape, dtype, residual)
+    seeds = (torch.randn(shape, device="cuda"), torch.randn(shape, device="cuda"))
+    outs, grads = _run(rmsnorm, x, r, w, seeds)
+    ref_outs, ref_grads = _run(rmsnorm_reference, x, r, w, seeds)
+    atol, rtol = TOLERANCES[dtype]
+    for got, want in zip(outs, ref_outs, strict=True):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    atol, rtol = GRAD_TOLERANCES[dtype]
+    for got, want in zip(grads, ref_grads, strict=True):
+        # The weight gradient sums over every row: compare relative to its scale.
+        scale = max(1.0, want.float().abs().max().item()) if want.dim() == 1 else 1.0
+        torch.testing.assert_close(got.float() / scale, want.float() / scale, atol=atol,
+                                   rtol=rtol)
+
+
+def test_unsupported_input_falls_back_with_one_warning(caplog):
+    dispatch.warn_once.cache_clear()
+    x = torch.randn(2, 16, device="cuda", dtype=torch.float64)
+    w = torch.ones(16, device="cuda", dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="mlpe.kernels"):
+        for _ in range(3):
+            torch.testing.assert_close(rmsnorm(x, w), rmsnorm_reference(x, w))
+    assert caplog.text.count("is not one of fp32, bf16, fp16") == 1
+    long_row = torch.randn(1, MAX_COLS + 1, device="cuda")
+    torch.testing.assert_close(rmsnorm(long_row, torch.ones(MAX_COLS + 1, device="cuda")),
+                               rmsnorm_reference(long_row, torch.ones(MAX_COLS + 1,
+                                                                      device="cuda")))

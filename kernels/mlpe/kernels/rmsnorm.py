@@ -58,27 +58,35 @@ if triton is not None:
     @triton.jit
     def _backward_kernel(DY, H, W, RSTD, DH_NEXT, DX, DW_PARTIAL, stride_dy, stride_h,
                          stride_dn, stride_dx, n_rows, n_cols, HAS_DH_NEXT: tl.constexpr,
-                         BLOCK: tl.constexpr):
-        # Each program takes every G-th row and keeps its share of dweight in registers.
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+        # Each program takes tiles of ROWS rows (wide loads for short rows), every G-th
+        # tile, and keeps its share of dweight in registers; the shares are summed after.
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
         cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        col_mask = cols < n_cols
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
-        for row in range(pid, n_rows, programs):
-            row64 = row.to(tl.int64)
-            dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            h = tl.load(H + row64 * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row64)
-            g = dy * w
-            dw += dy * h * rstd
-            dh = rstd * (g - h * (rstd * rstd * tl.sum(g * h, axis=0) / n_cols))
+        for start in tl.range(pid * ROWS, n_rows, programs * ROWS, num_stages=STAGES):
+            rows = start + tl.arange(0, ROWS)
+            row_mask = rows < n_rows
+            mask = row_mask[:, None] & col_mask[None, :]
+            rows64 = rows.to(tl.int64)[:, None]
+            dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+            h = tl.load(H + rows64 * stride_h + cols[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
+            g = dy * w[None, :]
+            dw += tl.sum(dy * h * rstd, axis=0)
+            c = tl.sum(g * h, axis=1)[:, None] / n_cols
+            dh = rstd * (g - h * (rstd * rstd * c))
             if HAS_DH_NEXT:
-                dh += tl.load(DH_NEXT + row64 * stride_dn + cols, mask=mask,
+                dh += tl.load(DH_NEXT + rows64 * stride_dn + cols[None, :], mask=mask,
                               other=0.0).to(tl.float32)
-            tl.store(DX + row64 * stride_dx + cols, dh.to(DX.dtype.element_ty), mask=mask)
-        tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
+            tl.store(DX + rows64 * stride_dx + cols[None, :], dh.to(DX.dtype.element_ty),
+                     mask=mask)
+        tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_mask)
 
 
 def _launch_config(n_cols: int) -> tuple[int, int]:
@@ -120,16 +128,20 @@ class RMSNormFunction(torch.autograd.Function):
         dy2 = _rows(dy) if dy is not None else torch.zeros_like(h)
         dn2 = None if dh_next is None else _rows(dh_next)
         dx = torch.empty_like(h)
-        programs = max(1, min(n_rows, torch.cuda.get_device_properties(h.device)
-                              .multi_processor_count * 4))
-        dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=h.device)
         block, warps = _launch_config(n_cols)
+        rows = max(1, min(16, 4096 // block))  # a tile of ~4k elements for short rows
+        sms = torch.cuda.get_device_properties(h.device).multi_processor_count
+        programs = max(1, min(triton.cdiv(n_rows, rows), sms * 8))
+        # Prefetch the next tile while computing this one, where shared memory allows it.
+        tile_bytes = rows * block * h.element_size() * (3 if dn2 is not None else 2)
+        stages = 2 if 2 * tile_bytes <= 160 * 1024 else 1
+        dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=h.device)
         if n_rows:
             _backward_kernel[(programs,)](
                 dy2, h, weight, rstd, dn2 if dn2 is not None else dy2, dx, dw_partial,
                 dy2.stride(0), h.stride(0), dn2.stride(0) if dn2 is not None else 0,
-                dx.stride(0), n_rows, n_cols, HAS_DH_NEXT=dn2 is not None, BLOCK=block,
-                num_warps=warps)
+                dx.stride(0), n_rows, n_cols, HAS_DH_NEXT=dn2 is not None, ROWS=rows,
+                BLOCK=block, STAGES=stages, num_warps=warps)
         dw = dw_partial.sum(0).to(weight.dtype) if n_rows else torch.zeros_like(weight)
         dx = dx.view(ctx.shape)
         return dx, dw, (dx if ctx.has_residual else None), None

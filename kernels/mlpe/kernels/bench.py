@@ -1,0 +1,133 @@
+"""Kernel benchmarks: each op against PyTorch eager (its reference) and torch.compile.
+
+    python -m mlpe.kernels.bench [--csv FILE] [--hidden 1024,...] [--tokens 8192]
+
+Times are medians of triton.testing.do_bench (CUDA events, at least 50 runs); GB/s
+counts the bytes an op must move at least (inputs read once, outputs written once),
+and its fraction is of the device-to-device copy bandwidth measured first. Prints a
+table, then one JSON line. Without a GPU it says so and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+
+import torch
+
+OPS = ("rmsnorm", "rmsnorm+residual")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy GB/s (bytes read + written) of a 1 GiB tensor."""
+    from triton.testing import do_bench
+
+    src = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def _case(op: str, tokens: int, hidden: int, dtype):
+    from mlpe.kernels.rmsnorm import rmsnorm, rmsnorm_reference
+
+    x = torch.randn(tokens, hidden, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.ones(hidden, device="cuda", dtype=dtype, requires_grad=True)
+    r = torch.randn_like(x, requires_grad=True) if op == "rmsnorm+residual" else None
+    size = tokens * hidden * x.element_size()
+    # Minimum traffic: forward reads x (+r), writes y (+h); backward reads dy, h (+dh),
+    # writes dx.
+    bytes_fwd = size * (4 if r is not None else 2)
+    bytes_bwd = size * (4 if r is not None else 3)
+    torch._dynamo.reset()  # each case compiles afresh (no recompile limit, no stale graphs)
+    impls = {"mlpe": rmsnorm, "eager": rmsnorm_reference,
+             "compile": torch.compile(rmsnorm_reference, dynamic=False)}
+    return x, w, r, impls, bytes_fwd, bytes_bwd
+
+
+def _measure(fn, x, w, r):
+    from triton.testing import do_bench
+
+    def forward():
+        return fn(x, w, 1e-6, r)
+
+    out = forward()
+    y = out[0] if isinstance(out, tuple) else out
+    dy = torch.randn_like(y)
+
+    def backward_only():
+        out = forward()
+        y = out[0] if isinstance(out, tuple) else out
+        return y
+
+    fwd = do_bench(forward, warmup=10, rep=100, return_mode="median")
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    full = do_bench(lambda: torch.autograd.backward(backward_only(), dy), warmup=10, rep=100,
+                    grad_to_none=[t for t in (x, w, r) if t is not None], return_mode="median")
+    peak = torch.cuda.max_memory_allocated() - base
+    return fwd, full, peak
+
+
+def run(hidden_sizes: list[int], tokens: int, dtype, csv_path: str | None) -> dict:
+    if not torch.cuda.is_available():
+        print("mlpe bench kernels: no CUDA GPU here; nothing to measure")
+        return {"bench": "kernels", "gpu": None, "min_bw_fraction": None,
+                "worst_speed_vs_compile": None, "ce_mem_vs_eager": None}
+    gpu = torch.cuda.get_device_name()
+    copy = copy_bandwidth()
+    print(f"{gpu}: device-to-device copy {copy:,.0f} GB/s; {tokens} tokens, {dtype}")
+    rows = []
+    for op in OPS:
+        for hidden in hidden_sizes:
+            x, w, r, impls, bytes_fwd, bytes_bwd = _case(op, tokens, hidden, dtype)
+            times = {name: _measure(fn, x, w, r) for name, fn in impls.items()}
+            for name, (fwd, full, peak) in times.items():
+                bwd = max(full - fwd, 1e-9)
+                row = {"op": op, "impl": name, "hidden": hidden, "tokens": tokens,
+                       "dtype": str(dtype).removeprefix("torch."), "fwd_ms": round(fwd, 4),
+                       "bwd_ms": round(bwd, 4), "full_ms": round(full, 4),
+                       "fwd_gbps": round(bytes_fwd / fwd / 1e6, 1),
+                       "bwd_gbps": round(bytes_bwd / bwd / 1e6, 1),
+                       "fwd_bw_fraction": round(bytes_fwd / fwd / 1e6 / copy, 3),
+                       "full_vs_compile": round(times["compile"][1] / full, 3),
+                       "peak_mib": round(peak / 2**20, 1)}
+                rows.append(row)
+                print(f"  {op:17s} {name:8s} h={hidden:6d}  fwd {fwd:7.4f} ms "
+                      f"{row['fwd_gbps']:7.0f} GB/s ({row['fwd_bw_fraction']:.0%})  bwd "
+                      f"{bwd:7.4f} ms {row['bwd_gbps']:7.0f} GB/s  full {full:7.4f} ms  "
+                      f"x{row['full_vs_compile']:.2f} vs compile", flush=True)
+    if csv_path:
+        with open(csv_path, "w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    ours = [r for r in rows if r["impl"] == "mlpe"]
+    big = [r for r in ours if r["hidden"] >= 4096] or ours
+    return {"bench": "kernels", "gpu": gpu, "copy_gbps": round(copy),
+            "min_bw_fraction": min(r["fwd_bw_fraction"] for r in big),
+            "worst_speed_vs_compile": min(r["full_vs_compile"] for r in ours),
+            "ce_mem_vs_eager": None,  # cross-entropy is not built yet
+            "ops": sorted({r["op"] for r in ours})}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mlpe.kernels.bench", description=__doc__)
+    p.add_argument("--hidden", default="1024,2048,4096,8192,16384")
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--csv", default=None, metavar="FILE")
+    args = p.parse_args(argv)
+    try:
+        hidden = [int(h) for h in args.hidden.split(",")]
+    except ValueError:
+        p.error(f"--hidden {args.hidden!r}: expected sizes like 1024,4096")
+    result = run(hidden, args.tokens, getattr(torch, args.dtype), args.csv)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,7 @@ from mlpe.common.settings import Settings
 
 def register(sub: argparse._SubParsersAction) -> None:
     from mlpe.agent import bench as agent_bench
+    from mlpe.kernels import bench as kernels_bench
     from mlpe.stream import bench as stream_bench
     from mlpe.stream import bench_detect
 
@@ -21,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     agent_bench.register(which)
     stream_bench.register(which)
     bench_detect.register(which)
+    kernels_bench.register(which)
     p.set_defaults(func=run)
 
 

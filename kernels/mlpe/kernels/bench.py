@@ -15,13 +15,12 @@ import csv
 import json
 import sys
 
-import torch
-
 OPS = ("rmsnorm", "rmsnorm+residual")
 
 
 def copy_bandwidth() -> float:
     """Device-to-device copy GB/s (bytes read + written) of a 1 GiB tensor."""
+    import torch
     from triton.testing import do_bench
 
     src = torch.empty(2**28, dtype=torch.float32, device="cuda")
@@ -31,6 +30,8 @@ def copy_bandwidth() -> float:
 
 
 def _case(op: str, tokens: int, hidden: int, dtype):
+    import torch
+
     from mlpe.kernels.rmsnorm import rmsnorm, rmsnorm_reference
 
     x = torch.randn(tokens, hidden, device="cuda", dtype=dtype, requires_grad=True)
@@ -48,6 +49,7 @@ def _case(op: str, tokens: int, hidden: int, dtype):
 
 
 def _measure(fn, x, w, r):
+    import torch
     from triton.testing import do_bench
 
     def forward():
@@ -72,6 +74,8 @@ def _measure(fn, x, w, r):
 
 
 def run(hidden_sizes: list[int], tokens: int, dtype, csv_path: str | None) -> dict:
+    import torch  # here, not at the top: `mlpe --help` must not pay for importing torch
+
     if not torch.cuda.is_available():
         print("mlpe bench kernels: no CUDA GPU here; nothing to measure")
         return {"bench": "kernels", "gpu": None, "min_bw_fraction": None,
@@ -113,18 +117,39 @@ def run(hidden_sizes: list[int], tokens: int, dtype, csv_path: str | None) -> di
             "ops": sorted({r["op"] for r in ours})}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlpe.kernels.bench", description=__doc__)
-    p.add_argument("--hidden", default="1024,2048,4096,8192,16384")
-    p.add_argument("--tokens", type=int, default=8192)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hidden", default="1024,2048,4096,8192,16384",
+                   help="hidden sizes to sweep (1024,2048,4096,8192,16384)")
+    p.add_argument("--tokens", type=int, default=8192, help="rows (tokens) per call (8192)")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--csv", default=None, metavar="FILE")
-    args = p.parse_args(argv)
+    p.add_argument("--csv", default=None, metavar="FILE", help="write every row here")
+
+
+def from_args(args) -> dict:
+    import torch
+
     try:
         hidden = [int(h) for h in args.hidden.split(",")]
     except ValueError:
-        p.error(f"--hidden {args.hidden!r}: expected sizes like 1024,4096")
-    result = run(hidden, args.tokens, getattr(torch, args.dtype), args.csv)
+        raise RuntimeError(f"--hidden {args.hidden!r}: expected sizes like 1024,4096") from None
+    return run(hidden, args.tokens, getattr(torch, args.dtype), args.csv)
+
+
+def register(sub) -> None:
+    """`mlpe bench kernels`."""
+    p = sub.add_parser("kernels", help="fused kernels vs PyTorch eager and torch.compile "
+                       "(GPU; says so without one)", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    p.set_defaults(bench=lambda args, settings: from_args(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mlpe.kernels.bench", description=__doc__)
+    add_arguments(p)
+    try:
+        result = from_args(p.parse_args(argv))
+    except RuntimeError as err:
+        p.error(str(err))
     print(json.dumps(result), flush=True)
     return 0
 

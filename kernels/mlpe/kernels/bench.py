@@ -1,5 +1,7 @@
 """Kernel benchmarks: each op against PyTorch eager (its reference) and torch.compile.
 
+Ops: rmsnorm, rmsnorm+residual (hidden = model width), swiglu (hidden = MLP width).
+
     python -m mlpe.kernels.bench [--csv FILE] [--hidden 1024,...] [--tokens 8192]
 
 Times are medians of triton.testing.do_bench (CUDA events, at least 50 runs); GB/s
@@ -15,7 +17,7 @@ import csv
 import json
 import sys
 
-OPS = ("rmsnorm", "rmsnorm+residual")
+OPS = ("rmsnorm", "rmsnorm+residual", "swiglu")
 
 
 def copy_bandwidth() -> float:
@@ -30,47 +32,51 @@ def copy_bandwidth() -> float:
 
 
 def _case(op: str, tokens: int, hidden: int, dtype):
+    """(tensors that get gradients, {impl: call returning the output}, bytes forward,
+    bytes backward): the least traffic each direction must move."""
     import torch
 
     from mlpe.kernels.rmsnorm import rmsnorm, rmsnorm_reference
+    from mlpe.kernels.swiglu import swiglu, swiglu_reference
 
+    torch._dynamo.reset()  # each case compiles afresh (no recompile limit, no stale graphs)
+    if op == "swiglu":  # hidden here is the MLP's intermediate size
+        gate = torch.randn(tokens, hidden, device="cuda", dtype=dtype, requires_grad=True)
+        up = torch.randn_like(gate, requires_grad=True)
+        size = gate.numel() * gate.element_size()
+        compiled = torch.compile(swiglu_reference, dynamic=False)
+        impls = {"mlpe": lambda: swiglu(gate, up), "eager": lambda: swiglu_reference(gate, up),
+                 "compile": lambda: compiled(gate, up)}
+        # Forward reads gate, up and writes y; backward reads gate, up, dy, writes both.
+        return [gate, up], impls, 3 * size, 5 * size
     x = torch.randn(tokens, hidden, device="cuda", dtype=dtype, requires_grad=True)
     w = torch.ones(hidden, device="cuda", dtype=dtype, requires_grad=True)
     r = torch.randn_like(x, requires_grad=True) if op == "rmsnorm+residual" else None
-    size = tokens * hidden * x.element_size()
-    # Minimum traffic: forward reads x (+r), writes y (+h); backward reads dy, h (+dh),
-    # writes dx.
-    bytes_fwd = size * (4 if r is not None else 2)
-    bytes_bwd = size * (4 if r is not None else 3)
-    torch._dynamo.reset()  # each case compiles afresh (no recompile limit, no stale graphs)
-    impls = {"mlpe": rmsnorm, "eager": rmsnorm_reference,
-             "compile": torch.compile(rmsnorm_reference, dynamic=False)}
-    return x, w, r, impls, bytes_fwd, bytes_bwd
+    size = x.numel() * x.element_size()
+    compiled = torch.compile(rmsnorm_reference, dynamic=False)
+    impls = {"mlpe": lambda: rmsnorm(x, w, 1e-6, r),
+             "eager": lambda: rmsnorm_reference(x, w, 1e-6, r),
+             "compile": lambda: compiled(x, w, 1e-6, r)}
+    # Forward reads x (+r), writes y (+h); backward reads dy, h (+dh), writes dx.
+    return [t for t in (x, w, r) if t is not None], impls, size * (4 if r is not None else 2), \
+        size * (4 if r is not None else 3)
 
 
-def _measure(fn, x, w, r):
+def _measure(call, leaves):
     import torch
     from triton.testing import do_bench
 
-    def forward():
-        return fn(x, w, 1e-6, r)
+    def first():
+        out = call()
+        return out[0] if isinstance(out, tuple) else out
 
-    out = forward()
-    y = out[0] if isinstance(out, tuple) else out
-    dy = torch.randn_like(y)
-
-    def backward_only():
-        out = forward()
-        y = out[0] if isinstance(out, tuple) else out
-        return y
-
-    fwd = do_bench(forward, warmup=10, rep=100, return_mode="median")
+    dy = torch.randn_like(first())
+    fwd = do_bench(call, warmup=10, rep=100, return_mode="median")
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    full = do_bench(lambda: torch.autograd.backward(backward_only(), dy), warmup=10, rep=100,
-                    grad_to_none=[t for t in (x, w, r) if t is not None], return_mode="median")
-    peak = torch.cuda.max_memory_allocated() - base
-    return fwd, full, peak
+    full = do_bench(lambda: torch.autograd.backward(first(), dy), warmup=10, rep=100,
+                    grad_to_none=leaves, return_mode="median")
+    return fwd, full, torch.cuda.max_memory_allocated() - base
 
 
 def run(hidden_sizes: list[int], tokens: int, dtype, csv_path: str | None) -> dict:
@@ -86,8 +92,8 @@ def run(hidden_sizes: list[int], tokens: int, dtype, csv_path: str | None) -> di
     rows = []
     for op in OPS:
         for hidden in hidden_sizes:
-            x, w, r, impls, bytes_fwd, bytes_bwd = _case(op, tokens, hidden, dtype)
-            times = {name: _measure(fn, x, w, r) for name, fn in impls.items()}
+            leaves, impls, bytes_fwd, bytes_bwd = _case(op, tokens, hidden, dtype)
+            times = {name: _measure(call, leaves) for name, call in impls.items()}
             for name, (fwd, full, peak) in times.items():
                 bwd = max(full - fwd, 1e-9)
                 row = {"op": op, "impl": name, "hidden": hidden, "tokens": tokens,

@@ -98,3 +98,32 @@ def test_swiglu_noncontiguous_inputs():
     both = torch.randn(8, 2 * 96, device="cuda")
     gate, up = both[:, :96], both[:, 96:]  # views of one projection, as in fused layouts
     torch.testing.assert_close(swiglu(gate, up), swiglu_reference(gate, up))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_layernorm_matches_reference(shape, dtype, bias):
+    from mlpe.kernels.layernorm import layernorm, layernorm_reference
+
+    torch.manual_seed(0)
+    x = (3 + torch.randn(shape, device="cuda")).to(dtype).requires_grad_()  # a mean to remove
+    w = (1 + 0.1 * torch.randn(shape[-1], device="cuda")).to(dtype).requires_grad_()
+    b = (0.1 * torch.randn(shape[-1], device="cuda")).to(dtype).requires_grad_() if bias \
+        else None
+    dy = torch.randn(shape, device="cuda", dtype=dtype)
+    leaves = [t for t in (x, w, b) if t is not None]
+    results = []
+    for fn in (layernorm, layernorm_reference):
+        y = fn(x, w, b)
+        y.backward(dy)
+        results.append([y] + [t.grad.clone() for t in leaves])
+        for t in leaves:
+            t.grad = None
+    (y, *grads), (ref_y, *ref_grads) = results
+    torch.testing.assert_close(y, ref_y, atol=TOLERANCES[dtype][0], rtol=TOLERANCES[dtype][1])
+    atol, rtol = GRAD_TOLERANCES[dtype]
+    for got, want in zip(grads, ref_grads, strict=True):
+        scale = max(1.0, want.float().abs().max().item()) if want.dim() == 1 else 1.0
+        torch.testing.assert_close(got.float() / scale, want.float() / scale, atol=atol,
+                                   rtol=rtol)

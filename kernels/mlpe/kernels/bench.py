@@ -1,6 +1,7 @@
 """Kernel benchmarks: each op against PyTorch eager (its reference) and torch.compile.
 
-Ops: rmsnorm, rmsnorm+residual (hidden = model width), swiglu (hidden = MLP width).
+Ops: rmsnorm, rmsnorm+residual, layernorm (hidden = model width), swiglu (hidden = MLP
+width).
 
     python -m mlpe.kernels.bench [--csv FILE] [--hidden 1024,...] [--tokens 8192]
 
@@ -17,7 +18,7 @@ import csv
 import json
 import sys
 
-OPS = ("rmsnorm", "rmsnorm+residual", "swiglu")
+OPS = ("rmsnorm", "rmsnorm+residual", "layernorm", "swiglu")
 
 
 def copy_bandwidth() -> float:
@@ -51,6 +52,15 @@ def _case(op: str, tokens: int, hidden: int, dtype):
         return [gate, up], impls, 3 * size, 5 * size
     x = torch.randn(tokens, hidden, device="cuda", dtype=dtype, requires_grad=True)
     w = torch.ones(hidden, device="cuda", dtype=dtype, requires_grad=True)
+    if op == "layernorm":
+        from mlpe.kernels.layernorm import layernorm, layernorm_reference
+
+        b = torch.zeros(hidden, device="cuda", dtype=dtype, requires_grad=True)
+        size = x.numel() * x.element_size()
+        compiled = torch.compile(layernorm_reference, dynamic=False)
+        impls = {"mlpe": lambda: layernorm(x, w, b), "eager": lambda: layernorm_reference(
+            x, w, b), "compile": lambda: compiled(x, w, b)}
+        return [x, w, b], impls, 2 * size, 3 * size  # as RMSNorm: x in, y out; dy, x, dx
     r = torch.randn_like(x, requires_grad=True) if op == "rmsnorm+residual" else None
     size = x.numel() * x.element_size()
     compiled = torch.compile(rmsnorm_reference, dynamic=False)
@@ -79,7 +89,8 @@ def _measure(call, leaves):
     return fwd, full, torch.cuda.max_memory_allocated() - base
 
 
-def run(hidden_sizes: list[int], tokens: int, dtype, csv_path: str | None) -> dict:
+def run(hidden_sizes: list[int], tokens: int, dtype, csv_path: str | None,
+        ops: list[str] = OPS) -> dict:
     import torch  # here, not at the top: `mlpe --help` must not pay for importing torch
 
     if not torch.cuda.is_available():
@@ -90,7 +101,7 @@ def run(hidden_sizes: list[int], tokens: int, dtype, csv_path: str | None) -> di
     copy = copy_bandwidth()
     print(f"{gpu}: device-to-device copy {copy:,.0f} GB/s; {tokens} tokens, {dtype}")
     rows = []
-    for op in OPS:
+    for op in ops:
         for hidden in hidden_sizes:
             leaves, impls, bytes_fwd, bytes_bwd = _case(op, tokens, hidden, dtype)
             times = {name: _measure(call, leaves) for name, call in impls.items()}
@@ -129,6 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=8192, help="rows (tokens) per call (8192)")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--csv", default=None, metavar="FILE", help="write every row here")
+    p.add_argument("--ops", default=",".join(OPS), help=f"which ops ({','.join(OPS)})")
 
 
 def from_args(args) -> dict:
@@ -138,7 +150,11 @@ def from_args(args) -> dict:
         hidden = [int(h) for h in args.hidden.split(",")]
     except ValueError:
         raise RuntimeError(f"--hidden {args.hidden!r}: expected sizes like 1024,4096") from None
-    return run(hidden, args.tokens, getattr(torch, args.dtype), args.csv)
+    ops = [op for op in args.ops.split(",") if op]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown or not ops:
+        raise RuntimeError(f"--ops {args.ops!r}: expected some of {', '.join(OPS)}")
+    return run(hidden, args.tokens, getattr(torch, args.dtype), args.csv, ops)
 
 
 def register(sub) -> None:

@@ -127,3 +127,28 @@ def test_layernorm_matches_reference(shape, dtype, bias):
         scale = max(1.0, want.float().abs().max().item()) if want.dim() == 1 else 1.0
         torch.testing.assert_close(got.float() / scale, want.float() / scale, atol=atol,
                                    rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims", [(1, 1, 1, 1, 64), (2, 17, 8, 2, 128), (1, 300, 32, 8, 128),
+                                  (3, 5, 3, 3, 96), (2, 9, 5, 1, 2)], ids=str)
+def test_rope_matches_reference(dims, dtype):
+    from mlpe.kernels.rope import rope, rope_cache, rope_reference
+
+    batch, seq, q_heads, k_heads, head_dim = dims
+    torch.manual_seed(0)
+    q = torch.randn(batch, seq, q_heads, head_dim, device="cuda", dtype=dtype,
+                    requires_grad=True)
+    k = torch.randn(batch, seq, k_heads, head_dim, device="cuda", dtype=dtype,
+                    requires_grad=True)
+    cos, sin = rope_cache(seq, head_dim, device="cuda")
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    results = []
+    for fn in (rope, rope_reference):
+        rq, rk = fn(q, k, cos, sin)
+        torch.autograd.backward([rq, rk], [dq, dk])
+        results.append((rq, rk, q.grad.clone(), k.grad.clone()))
+        q.grad = k.grad = None
+    atol, rtol = TOLERANCES[dtype]
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)

@@ -1,7 +1,8 @@
 """Kernel benchmarks: each op against PyTorch eager (its reference) and torch.compile.
 
 Ops: rmsnorm, rmsnorm+residual, layernorm (hidden = model width), swiglu (hidden = MLP
-width).
+width), rope (hidden = query width: hidden/128 query heads of 128, a quarter as many
+key heads).
 
     python -m mlpe.kernels.bench [--csv FILE] [--hidden 1024,...] [--tokens 8192]
 
@@ -18,7 +19,7 @@ import csv
 import json
 import sys
 
-OPS = ("rmsnorm", "rmsnorm+residual", "layernorm", "swiglu")
+OPS = ("rmsnorm", "rmsnorm+residual", "layernorm", "swiglu", "rope")
 
 
 def copy_bandwidth() -> float:
@@ -41,6 +42,20 @@ def _case(op: str, tokens: int, hidden: int, dtype):
     from mlpe.kernels.swiglu import swiglu, swiglu_reference
 
     torch._dynamo.reset()  # each case compiles afresh (no recompile limit, no stale graphs)
+    if op == "rope":
+        from mlpe.kernels.rope import rope, rope_cache, rope_reference
+
+        heads = max(hidden // 128, 4)
+        q = torch.randn(1, tokens, heads, 128, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(1, tokens, heads // 4, 128, device="cuda", dtype=dtype,
+                        requires_grad=True)
+        cos, sin = rope_cache(tokens, 128, device="cuda")
+        size = (q.numel() + k.numel()) * q.element_size()
+        compiled = torch.compile(rope_reference, dynamic=False)
+        impls = {"mlpe": lambda: rope(q, k, cos, sin),
+                 "eager": lambda: rope_reference(q, k, cos, sin),
+                 "compile": lambda: compiled(q, k, cos, sin)}
+        return [q, k], impls, 2 * size, 2 * size  # q, k in and out, both directions
     if op == "swiglu":  # hidden here is the MLP's intermediate size
         gate = torch.randn(tokens, hidden, device="cuda", dtype=dtype, requires_grad=True)
         up = torch.randn_like(gate, requires_grad=True)

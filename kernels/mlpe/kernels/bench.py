@@ -91,15 +91,15 @@ def _measure(call, leaves):
     import torch
     from triton.testing import do_bench
 
-    def first():
+    def outputs():
         out = call()
-        return out[0] if isinstance(out, tuple) else out
+        return list(out) if isinstance(out, tuple) else [out]
 
-    dy = torch.randn_like(first())
+    grads = [torch.randn_like(o) for o in outputs()]  # every output gets a gradient
     fwd = do_bench(call, warmup=10, rep=100, return_mode="median")
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    full = do_bench(lambda: torch.autograd.backward(first(), dy), warmup=10, rep=100,
+    full = do_bench(lambda: torch.autograd.backward(outputs(), grads), warmup=10, rep=100,
                     grad_to_none=leaves, return_mode="median")
     return fwd, full, torch.cuda.max_memory_allocated() - base
 

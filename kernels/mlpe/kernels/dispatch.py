@@ -47,3 +47,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 @functools.cache
 def warn_once(op: str, why: str) -> None:
     log.warning("%s: %s; using the PyTorch reference for such inputs", op, why)
+
+
+def parallel_programs(device: torch.device) -> int:
+    """How many programs keep the device busy in a persistent-style grid: 8 per SM on a GPU
+    (4 elsewhere: Triton's interpreter runs kernels on the CPU, for tests)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count * 8
+    return 4

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlpe.kernels.dispatch import use_triton, warn_once
+from mlpe.kernels.dispatch import parallel_programs, use_triton, warn_once
 
 try:
     import triton
@@ -111,8 +111,7 @@ class LayerNormFunction(torch.autograd.Function):
         dx = torch.empty_like(x)
         block = triton.next_power_of_2(n_cols)
         rows = max(1, min(16, 4096 // block))
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        programs = max(1, min(triton.cdiv(n_rows, rows), sms * 8))
+        programs = max(1, min(triton.cdiv(n_rows, rows), parallel_programs(x.device)))
         # Prefetching doubles what a program holds; for the widest rows (two fp32 gradient
         # accumulators as wide as the row already) it costs more than it hides.
         stages = 2 if 2 * rows * block * x.element_size() * 2 <= 64 * 1024 else 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlpe.kernels.dispatch import use_triton, warn_once
+from mlpe.kernels.dispatch import parallel_programs, use_triton, warn_once
 
 try:
     import triton
@@ -130,8 +130,7 @@ class RMSNormFunction(torch.autograd.Function):
         dx = torch.empty_like(h)
         block, warps = _launch_config(n_cols)
         rows = max(1, min(16, 4096 // block))  # a tile of ~4k elements for short rows
-        sms = torch.cuda.get_device_properties(h.device).multi_processor_count
-        programs = max(1, min(triton.cdiv(n_rows, rows), sms * 8))
+        programs = max(1, min(triton.cdiv(n_rows, rows), parallel_programs(h.device)))
         # Prefetch the next tile while computing this one, where shared memory allows it.
         tile_bytes = rows * block * h.element_size() * (3 if dn2 is not None else 2)
         stages = 2 if 2 * tile_bytes <= 160 * 1024 else 1

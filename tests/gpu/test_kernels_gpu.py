@@ -152,3 +152,25 @@ def test_rope_matches_reference(dims, dtype):
     atol, rtol = TOLERANCES[dtype]
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 10), (7, 1000), (33, 32000), (5, 128256), (3, 262144)],
+                         ids=str)
+def test_cross_entropy_matches_reference(shape, dtype):
+    from mlpe.kernels.cross_entropy import cross_entropy, cross_entropy_reference
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(shape, device="cuda")).to(dtype).requires_grad_()
+    targets = torch.randint(0, shape[1], shape[:1], device="cuda")
+    targets[1::3] = -100  # some ignored rows
+    results = []
+    for fn in (cross_entropy, cross_entropy_reference):
+        loss = fn(logits, targets)
+        (2.0 * loss).backward()  # a grad_output other than 1
+        results.append((loss.float(), logits.grad.clone()))
+        logits.grad = None
+    (loss, grad), (ref_loss, ref_grad) = results
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(loss, ref_loss, atol=atol, rtol=rtol)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), atol=atol, rtol=rtol)

@@ -2,7 +2,8 @@
 
 Ops: rmsnorm, rmsnorm+residual, layernorm (hidden = model width), swiglu (hidden = MLP
 width), rope (hidden = query width: hidden/128 query heads of 128, a quarter as many
-key heads).
+key heads), cross_entropy (over --vocab sizes instead; ce_mem_vs_eager compares peak memory
+at the vocabulary nearest 128k).
 
     python -m mlpe.kernels.bench [--csv FILE] [--hidden 1024,...] [--tokens 8192]
 
@@ -19,7 +20,7 @@ import csv
 import json
 import sys
 
-OPS = ("rmsnorm", "rmsnorm+residual", "layernorm", "swiglu", "rope")
+OPS = ("rmsnorm", "rmsnorm+residual", "layernorm", "swiglu", "rope", "cross_entropy")
 
 
 def copy_bandwidth() -> float:
@@ -42,6 +43,18 @@ def _case(op: str, tokens: int, hidden: int, dtype):
     from mlpe.kernels.swiglu import swiglu, swiglu_reference
 
     torch._dynamo.reset()  # each case compiles afresh (no recompile limit, no stale graphs)
+    if op == "cross_entropy":  # hidden here is the vocabulary size
+        from mlpe.kernels.cross_entropy import cross_entropy, cross_entropy_reference
+
+        logits = torch.randn(tokens, hidden, device="cuda", dtype=dtype, requires_grad=True)
+        targets = torch.randint(0, hidden, (tokens,), device="cuda")
+        size = logits.numel() * logits.element_size()
+        compiled = torch.compile(cross_entropy_reference, dynamic=False)
+        impls = {"mlpe": lambda: cross_entropy(logits, targets),
+                 "eager": lambda: cross_entropy_reference(logits, targets),
+                 "compile": lambda: compiled(logits, targets)}
+        # Forward reads the logits twice and writes the gradient; backward moves nothing.
+        return [logits], impls, 3 * size, size
     if op == "rope":
         from mlpe.kernels.rope import rope, rope_cache, rope_reference
 
@@ -105,7 +118,7 @@ def _measure(call, leaves):
 
 
 def run(hidden_sizes: list[int], tokens: int, dtype, csv_path: str | None,
-        ops: list[str] = OPS) -> dict:
+        ops: list[str] = OPS, vocab_sizes: list[int] = (32768, 65536, 131072, 262144)) -> dict:
     import torch  # here, not at the top: `mlpe --help` must not pay for importing torch
 
     if not torch.cuda.is_available():
@@ -117,7 +130,7 @@ def run(hidden_sizes: list[int], tokens: int, dtype, csv_path: str | None,
     print(f"{gpu}: device-to-device copy {copy:,.0f} GB/s; {tokens} tokens, {dtype}")
     rows = []
     for op in ops:
-        for hidden in hidden_sizes:
+        for hidden in (vocab_sizes if op == "cross_entropy" else hidden_sizes):
             leaves, impls, bytes_fwd, bytes_bwd = _case(op, tokens, hidden, dtype)
             times = {name: _measure(call, leaves) for name, call in impls.items()}
             for name, (fwd, full, peak) in times.items():
@@ -141,11 +154,15 @@ def run(hidden_sizes: list[int], tokens: int, dtype, csv_path: str | None,
             writer.writeheader()
             writer.writerows(rows)
     ours = [r for r in rows if r["impl"] == "mlpe"]
-    big = [r for r in ours if r["hidden"] >= 4096] or ours
+    big = [r for r in ours if r["hidden"] >= 4096 and r["op"] != "cross_entropy"] or ours
+    ce = {(r["impl"], r["hidden"]): r["peak_mib"] for r in rows if r["op"] == "cross_entropy"}
+    ce_vocab = min({v for _, v in ce} or {0}, key=lambda v: abs(v - 131072))
+    ce_ratio = (round(ce[("mlpe", ce_vocab)] / ce[("eager", ce_vocab)], 3)
+                if ce.get(("eager", ce_vocab)) else None)
     return {"bench": "kernels", "gpu": gpu, "copy_gbps": round(copy),
             "min_bw_fraction": min(r["fwd_bw_fraction"] for r in big),
             "worst_speed_vs_compile": min(r["full_vs_compile"] for r in ours),
-            "ce_mem_vs_eager": None,  # cross-entropy is not built yet
+            "ce_mem_vs_eager": ce_ratio, "ce_vocab": ce_vocab or None,
             "ops": sorted({r["op"] for r in ours})}
 
 
@@ -153,6 +170,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", default="1024,2048,4096,8192,16384",
                    help="hidden sizes to sweep (1024,2048,4096,8192,16384)")
     p.add_argument("--tokens", type=int, default=8192, help="rows (tokens) per call (8192)")
+    p.add_argument("--vocab", default="32768,65536,131072,262144",
+                   help="vocabulary sizes for cross_entropy (32768,65536,131072,262144)")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--csv", default=None, metavar="FILE", help="write every row here")
     p.add_argument("--ops", default=",".join(OPS), help=f"which ops ({','.join(OPS)})")
@@ -163,13 +182,15 @@ def from_args(args) -> dict:
 
     try:
         hidden = [int(h) for h in args.hidden.split(",")]
+        vocab = [int(v) for v in args.vocab.split(",")]
     except ValueError:
-        raise RuntimeError(f"--hidden {args.hidden!r}: expected sizes like 1024,4096") from None
+        raise RuntimeError(f"--hidden {args.hidden!r} / --vocab {args.vocab!r}: expected "
+                           "sizes like 1024,4096") from None
     ops = [op for op in args.ops.split(",") if op]
     unknown = sorted(set(ops) - set(OPS))
     if unknown or not ops:
         raise RuntimeError(f"--ops {args.ops!r}: expected some of {', '.join(OPS)}")
-    return run(hidden, args.tokens, getattr(torch, args.dtype), args.csv, ops)
+    return run(hidden, args.tokens, getattr(torch, args.dtype), args.csv, ops, vocab)
 
 
 def register(sub) -> None:

@@ -20,7 +20,7 @@ def test_without_a_gpu_it_says_so(monkeypatch, capsys):
 def test_cli_refuses_bad_sizes_by_name():
     done = subprocess.run([sys.executable, "-m", "mlpe.cli", "bench", "kernels", "--hidden",
                            "4k"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and "--hidden '4k': expected sizes" in done.stderr
+    assert done.returncode == 1 and "--hidden '4k'" in done.stderr
     if not torch.cuda.is_available():
         ok = subprocess.run([sys.executable, "-m", "mlpe.cli", "bench", "kernels"],
                             capture_output=True, text=True, timeout=120)

@@ -10,6 +10,7 @@ import pytest
 
 CHECK = """
 import torch
+from mlpe.kernels.cross_entropy import CrossEntropyFunction, cross_entropy_reference
 from mlpe.kernels.layernorm import LayerNormFunction, layernorm_reference
 from mlpe.kernels.rmsnorm import RMSNormFunction, rmsnorm_reference
 from mlpe.kernels.rope import RoPEFunction, rope_cache, rope_reference
@@ -48,11 +49,15 @@ elif op == "rope":
     compare(lambda q, k: RoPEFunction.apply(q, k, cos, sin),
             lambda q, k: rope_reference(q, k, cos, sin),
             [torch.randn(2, 5, 4, 12), torch.randn(2, 5, 2, 12)])
+elif op == "cross_entropy":
+    targets = torch.tensor([3, -100, 0, 9000, 17])
+    compare(lambda z: CrossEntropyFunction.apply(z, targets, -100),
+            lambda z: cross_entropy_reference(z, targets), [torch.randn(5, 9001)])
 print("ok")
 """
 
 
-@pytest.mark.parametrize("op", ["rmsnorm", "layernorm", "swiglu", "rope"])
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm", "swiglu", "rope", "cross_entropy"])
 def test_kernel_matches_reference_in_the_interpreter(op):
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -4,6 +4,7 @@ once, and its resolution-free alert is not repeated."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -34,41 +35,21 @@ from .test_stream import (  # noqa: F401 - stream_env is a fixture
 )
 
 
-async def run_fault_to_webhook(endpoints, unique, tmp_path, fault: str, seconds: float):
-    """Run one simulated fault through the whole path; return the webhook posts for it."""
+@contextlib.asynccontextmanager
+async def notify_to_sink(endpoints, unique: str, tmp_path):
+    """A webhook sink and `mlpe notify` posting to it, reading mlpe.alerts from its end and
+    ready (its group stable) before the test produces anything; yields the sink's URL."""
     runner, base = await start_sink()
     env = {**os.environ, "MLPE_SLACK_WEBHOOK_URL": f"{base}/hook",
            "MLPE_NOTIFY_GROUP_ID": f"test-notify-{unique}",
-           "MLPE_NOTIFY_REDIS_PREFIX": f"test:{unique}",
-           "MLPE_NOTIFY_START": "latest"}  # ready (below) before the scenario starts
+           "MLPE_NOTIFY_REDIS_PREFIX": f"test:{unique}", "MLPE_NOTIFY_START": "latest"}
     notify = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "notify", "--group-wait", "0.5"],
                               env=env, stdout=(tmp_path / "notify.log").open("wb"),
                               stderr=subprocess.STDOUT)
-    stream = None
-    node = f"x{unique}"
     try:
-        # Both consumers ready before the first sample: the timeline is the scenario's.
         wait_group_stable(endpoints.kafka_bootstrap, f"test-notify-{unique}", 1, [notify])
-        stream = start_stream(unique, tmp_path / "stream.log")
-        scenario = parse(f"nodes: 1\ngpus_per_node: 2\nfaults:\n  - {fault}\n")
-        sim = SimulatedGpus(scenario, 100, node_prefix=f"{node}-")
-        agent = Agent([(sim, 100)], Shipper(endpoints.kafka_bootstrap,
-                                            Spool(tmp_path / "spool")), hz=100)
-        await agent.run(duration_s=seconds)
-        mine = []
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not mine:
-            for proc, name in ((notify, "notify"), (stream, "stream")):
-                assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()[-2000:]
-            mine = [r for r in (await received(base))["received"] if node in r["body"]]
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(2)  # would a second message for the same fault arrive? it must not
-        bodies = [json.loads(r["body"]) for r in (await received(base))["received"]
-                  if node in r["body"]]
-        return node, [b["text"] for b in bodies]
+        yield notify, base
     finally:
-        if stream is not None:
-            stop(stream)
         notify.terminate()
         try:
             notify.wait(timeout=30)
@@ -76,6 +57,33 @@ async def run_fault_to_webhook(endpoints, unique, tmp_path, fault: str, seconds:
             notify.kill()
             notify.wait()
         await runner.cleanup()
+
+
+async def run_fault_to_webhook(endpoints, unique, tmp_path, fault: str, seconds: float):
+    """Run one simulated fault through the whole path; return the webhook posts for it."""
+    node = f"x{unique}"
+    async with notify_to_sink(endpoints, unique, tmp_path) as (notify, base):
+        # Both consumers ready before the first sample: the timeline is the scenario's.
+        stream = start_stream(unique, tmp_path / "stream.log")
+        try:
+            scenario = parse(f"nodes: 1\ngpus_per_node: 2\nfaults:\n  - {fault}\n")
+            sim = SimulatedGpus(scenario, 100, node_prefix=f"{node}-")
+            agent = Agent([(sim, 100)], Shipper(endpoints.kafka_bootstrap,
+                                                Spool(tmp_path / "spool")), hz=100)
+            await agent.run(duration_s=seconds)
+            mine = []
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and not mine:
+                for proc, name in ((notify, "notify"), (stream, "stream")):
+                    assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()[-2000:]
+                mine = [r for r in (await received(base))["received"] if node in r["body"]]
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(2)  # would a second message for the same fault arrive? no
+            bodies = [json.loads(r["body"]) for r in (await received(base))["received"]
+                      if node in r["body"]]
+            return node, [b["text"] for b in bodies]
+        finally:
+            stop(stream)
 
 
 async def test_xid_reaches_the_webhook_once(stream_env, unique, tmp_path):  # noqa: F811
@@ -106,71 +114,56 @@ async def test_kill_9_of_the_stream_sends_no_notification_twice(stream_env, uniq
     """The stream worker is killed the moment the first alert reaches the webhook (its
     batch is not yet committed, so it is processed again after the restart); every
     alert must still be notified exactly once."""
-    runner, base = await start_sink()
-    env = {**os.environ, "MLPE_SLACK_WEBHOOK_URL": f"{base}/hook",
-           "MLPE_NOTIFY_GROUP_ID": f"test-notify-{unique}",
-           "MLPE_NOTIFY_REDIS_PREFIX": f"test:{unique}", "MLPE_NOTIFY_START": "latest"}
-    notify = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "notify", "--group-wait", "0.5"],
-                              env=env, stdout=(tmp_path / "notify.log").open("wb"),
-                              stderr=subprocess.STDOUT)
     node = f"k{unique}"
     log = tmp_path / "stream.log"
-    stream = None
-    try:
-        wait_group_stable(stream_env.kafka_bootstrap, f"test-notify-{unique}", 1, [notify])
+    async with notify_to_sink(stream_env, unique, tmp_path) as (_notify, base):
         stream = start_stream(unique, log)
-        started_ms = int(time.time() * 1000)
-        scenario = parse("nodes: 2\ngpus_per_node: 2\ntraining: {warmup_s: 0}\nfaults:\n"
-                         "  - {kind: xid, node: 0, gpu: 1, at_s: 3, code: 79}\n"
-                         "  - {kind: straggler, node: 1, gpu: 0, at_s: 5}\n"
-                         "  - {kind: xid, node: 1, gpu: 1, at_s: 16, code: 48}\n")
-        sim = SimulatedGpus(scenario, 100, node_prefix=f"{node}-")
-        agent = Agent([(sim, 100)], Shipper(stream_env.kafka_bootstrap,
-                                            Spool(tmp_path / "spool")), hz=100)
-        run = asyncio.create_task(agent.run(duration_s=22))
-
-        async def texts() -> list[str]:
-            """Every alert of every message (a message may group several), as its title."""
-            return [("[FIRING] " if firing else "[RESOLVED] ") + title
-                    for r in (await received(base))["received"] if node in r["body"]
-                    for title, _, _, firing in parse_message(r["body"])]
-
-        deadline = time.monotonic() + 60
-        while not await texts():
-            assert time.monotonic() < deadline and stream.poll() is None, \
-                log.read_text()[-2000:]
-            await asyncio.sleep(0.05)
-        # Its data's partitions have commits (not of the alert's batch: a 10 s window
-        # holds it), so the restart resumes there rather than at the topic's start.
-        await wait_committed(stream_env.kafka_bootstrap, f"test-stream-{unique}",
-                             partitions_of([f"{node}-00", f"{node}-01"]))
-        os.kill(stream.pid, signal.SIGKILL)
-        stream.wait()
-        stream = start_stream(unique, log)
-        await run
-        want = {f"[FIRING] Xid 79 on GPU 1 on {node}-00", f"[FIRING] Xid 48 on GPU 1 on {node}-01",
-                f"[FIRING] GPU 0 on {node}-01: SM clock 30% below its peers"}
-        deadline = time.monotonic() + 60
-        while not want <= set(await texts()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
-        await asyncio.sleep(3)  # would a second message for any of them arrive? it must not
-        got = await texts()
-        assert sorted(t for t in got if t.startswith("[FIRING]")) == sorted(want), got
-        # The test is only worth something if the restarted worker did send the first alert
-        # again (its batch was held by an unwritten 10 s window, so it was not committed).
-        xids = [a for a in await alerts_since(stream_env.kafka_bootstrap, started_ms)
-                if a.summary == f"Xid 79 on GPU 1 on {node}-00"]
-        assert len(xids) >= 2, "the kill did not make the stream replay the Xid"
-    finally:
-        if stream is not None:
-            stop(stream)
-        notify.terminate()
         try:
-            notify.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            notify.kill()
-            notify.wait()
-        await runner.cleanup()
+            started_ms = int(time.time() * 1000)
+            scenario = parse("nodes: 2\ngpus_per_node: 2\ntraining: {warmup_s: 0}\nfaults:\n"
+                             "  - {kind: xid, node: 0, gpu: 1, at_s: 3, code: 79}\n"
+                             "  - {kind: straggler, node: 1, gpu: 0, at_s: 5}\n"
+                             "  - {kind: xid, node: 1, gpu: 1, at_s: 16, code: 48}\n")
+            sim = SimulatedGpus(scenario, 100, node_prefix=f"{node}-")
+            agent = Agent([(sim, 100)], Shipper(stream_env.kafka_bootstrap,
+                                                Spool(tmp_path / "spool")), hz=100)
+            run = asyncio.create_task(agent.run(duration_s=22))
+
+            async def texts() -> list[str]:
+                """Every alert of every message (a message may group several), as its title."""
+                return [("[FIRING] " if firing else "[RESOLVED] ") + title
+                        for r in (await received(base))["received"] if node in r["body"]
+                        for title, _, _, firing in parse_message(r["body"])]
+
+            deadline = time.monotonic() + 60
+            while not await texts():
+                assert time.monotonic() < deadline and stream.poll() is None, \
+                    log.read_text()[-2000:]
+                await asyncio.sleep(0.05)
+            # Its data's partitions have commits (not of the alert's batch: a 10 s window
+            # holds it), so the restart resumes there rather than at the topic's start.
+            await wait_committed(stream_env.kafka_bootstrap, f"test-stream-{unique}",
+                                 partitions_of([f"{node}-00", f"{node}-01"]))
+            os.kill(stream.pid, signal.SIGKILL)
+            stream.wait()
+            stream = start_stream(unique, log)
+            await run
+            want = {f"[FIRING] Xid 79 on GPU 1 on {node}-00",
+                    f"[FIRING] Xid 48 on GPU 1 on {node}-01",
+                    f"[FIRING] GPU 0 on {node}-01: SM clock 30% below its peers"}
+            deadline = time.monotonic() + 60
+            while not want <= set(await texts()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(3)  # would a second message for any of them arrive? no
+            got = await texts()
+            assert sorted(t for t in got if t.startswith("[FIRING]")) == sorted(want), got
+            # The test is only worth something if the restarted worker did send the first
+            # alert again (a 10 s window held its batch, so it was not committed).
+            xids = [a for a in await alerts_since(stream_env.kafka_bootstrap, started_ms)
+                    if a.summary == f"Xid 79 on GPU 1 on {node}-00"]
+            assert len(xids) >= 2, "the kill did not make the stream replay the Xid"
+        finally:
+            stop(stream)
 
 
 async def alerts_since(bootstrap: str, since_ms: int) -> list[alerts_pb2.Alert]:

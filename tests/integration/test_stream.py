@@ -175,6 +175,17 @@ async def test_kill_9_mid_run_leaves_no_window_missing(stream_env, unique, tmp_p
         stop(stream)
 
 
+async def next_dead_letter(consumer, wanted, timeout: float = 60.0):
+    """The first dead letter `wanted(letter)` accepts, read from `consumer`."""
+    async with asyncio.timeout(timeout):
+        while True:
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                for r in records:
+                    letter = deadletter_pb2.DeadLetter.FromString(r.value)
+                    if wanted(letter):
+                        return letter
+
+
 async def test_garbage_goes_to_dead_letters_and_processing_goes_on(stream_env, unique,
                                                                    tmp_path):
     prefix = f"d{unique}-"
@@ -189,28 +200,14 @@ async def test_garbage_goes_to_dead_letters_and_processing_goes_on(stream_env, u
         garbage_key = f"{prefix}garbage".encode()
         await producer.send_and_wait(GPU_METRICS.name, b"\x08\x96\x01 not a batch",
                                      key=garbage_key)
-        letter = None
-        async with asyncio.timeout(60):
-            while letter is None:
-                for records in (await consumer.getmany(timeout_ms=1000)).values():
-                    for r in records:
-                        d = deadletter_pb2.DeadLetter.FromString(r.value)
-                        if d.key == garbage_key:
-                            letter = d
+        letter = await next_dead_letter(consumer, lambda d: d.key == garbage_key)
         assert letter.source_topic == GPU_METRICS.name and letter.refused_by == "stream"
         assert letter.value == b"\x08\x96\x01 not a batch" and letter.reason
         # A step event that parses but cannot be true is refused the same way.
         bad_step = TrainStep(job_id=f"{prefix}job", rank=5, world_size=2, step=1,
                              time_ns=time.time_ns()).SerializeToString()
         await producer.send_and_wait(TRAIN_EVENTS.name, bad_step, key=f"{prefix}job".encode())
-        letter = None
-        async with asyncio.timeout(60):
-            while letter is None:
-                for records in (await consumer.getmany(timeout_ms=1000)).values():
-                    for r in records:
-                        d = deadletter_pb2.DeadLetter.FromString(r.value)
-                        if d.value == bad_step:
-                            letter = d
+        letter = await next_dead_letter(consumer, lambda d: d.value == bad_step)
         assert letter.source_topic == TRAIN_EVENTS.name
         assert "rank 5 does not fit world_size 2" in letter.reason
         await run_agent(stream_env.kafka_bootstrap, tmp_path, prefix, seconds=3)

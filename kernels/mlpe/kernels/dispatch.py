@@ -55,3 +55,14 @@ def parallel_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count * 8
     return 4
+
+
+def row_tiles(n_rows: int, block: int, tile_bytes_per_row: int, device: torch.device,
+              prefetch_budget: int) -> tuple[int, int, int]:
+    """(rows per tile, programs, pipeline stages) for a row-wise backward kernel: tiles of
+    ~4k elements for short rows, a persistent grid, and prefetching of the next tile only
+    where two tiles fit in `prefetch_budget` bytes."""
+    rows = max(1, min(16, 4096 // block))
+    programs = max(1, min(-(-n_rows // rows), parallel_programs(device)))
+    stages = 2 if 2 * rows * tile_bytes_per_row <= prefetch_budget else 1
+    return rows, programs, stages

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlpe.kernels.dispatch import parallel_programs, use_triton, warn_once
+from mlpe.kernels.dispatch import row_tiles, use_triton, warn_once
 
 try:
     import triton
@@ -110,11 +110,11 @@ class LayerNormFunction(torch.autograd.Function):
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         dx = torch.empty_like(x)
         block = triton.next_power_of_2(n_cols)
-        rows = max(1, min(16, 4096 // block))
-        programs = max(1, min(triton.cdiv(n_rows, rows), parallel_programs(x.device)))
-        # Prefetching doubles what a program holds; for the widest rows (two fp32 gradient
-        # accumulators as wide as the row already) it costs more than it hides.
-        stages = 2 if 2 * rows * block * x.element_size() * 2 <= 64 * 1024 else 1
+        # Loads per row: dy and x. Prefetching doubles what a program holds; for the widest
+        # rows (two fp32 gradient accumulators as wide as the row already) it costs more
+        # than it hides, hence the smaller budget than rmsnorm's.
+        rows, programs, stages = row_tiles(n_rows, block, 2 * block * x.element_size(),
+                                           x.device, prefetch_budget=64 * 1024)
         partial = torch.empty(2, programs, n_cols, dtype=torch.float32, device=x.device)
         if n_rows:
             _backward_kernel[(programs,)](

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlpe.kernels.dispatch import parallel_programs, use_triton, warn_once
+from mlpe.kernels.dispatch import row_tiles, use_triton, warn_once
 
 try:
     import triton
@@ -129,11 +129,10 @@ class RMSNormFunction(torch.autograd.Function):
         dn2 = None if dh_next is None else _rows(dh_next)
         dx = torch.empty_like(h)
         block, warps = _launch_config(n_cols)
-        rows = max(1, min(16, 4096 // block))  # a tile of ~4k elements for short rows
-        programs = max(1, min(triton.cdiv(n_rows, rows), parallel_programs(h.device)))
-        # Prefetch the next tile while computing this one, where shared memory allows it.
-        tile_bytes = rows * block * h.element_size() * (3 if dn2 is not None else 2)
-        stages = 2 if 2 * tile_bytes <= 160 * 1024 else 1
+        # Loads per row: dy and h (and dh_next); prefetch while shared memory allows it.
+        rows, programs, stages = row_tiles(
+            n_rows, block, block * h.element_size() * (3 if dn2 is not None else 2), h.device,
+            prefetch_budget=160 * 1024)
         dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=h.device)
         if n_rows:
             _backward_kernel[(programs,)](

@@ -133,3 +133,27 @@ def test_pause_during_warm_up_does_not_set_a_low_baseline():
     # The fault-free detect scenario that once fired: a 20 s pause 60 s into the job.
     fired, _ = run(scenario(gaps=((60, 20), (150, 10), (220, 25)), seed=4), 275)
     assert fired == []
+
+
+def test_a_member_missing_from_a_second_is_not_a_recovery():
+    """After a restart some seconds arrive without every node: a firing peer alert must
+    not resolve (and fire again, a second notification) for lack of data."""
+    healthy = {"util": 84.0, "sm_clock": 1980.0, "nvlink_tx": 30000.0}
+    slow = dict(healthy, sm_clock=1386.0)
+    members = {f"n{node}/{gpu}": dict(healthy) for node in range(2) for gpu in range(4)}
+    members["n1/0"] = slow
+    state, fired = None, []
+    for second in range(3):
+        state, alerts = peers.evaluate(state, second * 10**9, members, 0)
+        fired += alerts
+    assert [a.state for a in fired] == [al.ALERT_FIRING]
+    without = {m: v for m, v in members.items() if not m.startswith("n1/")}
+    without.update({f"n2/{g}": dict(healthy) for g in range(2)})  # still enough peers
+    for second in range(3, 3 + int(peers.FORGET_S)):
+        state, alerts = peers.evaluate(state, second * 10**9, without, 0)
+        assert alerts == [], second
+    resolved = []
+    for second in range(20, 20 + peers.CLEAR):  # gone for good: cleared after FORGET_S
+        state, alerts = peers.evaluate(state, second * 10**9, without, 0)
+        resolved += alerts
+    assert [a.state for a in resolved] == [al.ALERT_RESOLVED]

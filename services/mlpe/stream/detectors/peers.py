@@ -120,15 +120,24 @@ def evaluate(state: dict | None, start_ns: int, members: dict[str, dict[str, flo
     for (who, name), (value, reference, threshold, size) in deviants.items():
         key = f"{who}|{name}"
         c = conditions.setdefault(key, {"bad": 0, "good": 0, "since": start_ns,
-                                        "firing": False})
+                                        "firing": False, "seen": start_ns})
         c["bad"], c["good"] = c["bad"] + 1, 0
         if c["bad"] >= HOLD and not c["firing"]:
             c["firing"] = True
             alerts.append(_alert(who, name, True, value, reference, threshold, size,
                                  c["since"], now_ns))
+    reported = {m for m, v in members.items()
+                if any(v.get(f) is not None and v[f] == v[f] for f in FIELDS)}
+    reported_nodes = {m.split("/")[0] for m in reported}
     for key, c in list(conditions.items()):
         who, name = key.rsplit("|", 1)
         if (who, name) in deviants:
+            c["seen"] = start_ns
+            continue
+        # No data for it this second (a replay after a restart, a late report) is not a
+        # recovery; only silence longer than FORGET_S clears it.
+        silent = who not in reported and who not in reported_nodes
+        if silent and start_ns - c.get("seen", c["since"]) <= FORGET_S * 1e9:
             continue
         c["bad"], c["good"] = 0, c["good"] + 1
         if c["firing"] and c["good"] >= CLEAR:

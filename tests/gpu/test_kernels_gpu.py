@@ -174,3 +174,33 @@ def test_cross_entropy_matches_reference(shape, dtype):
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(loss, ref_loss, atol=atol, rtol=rtol)
     torch.testing.assert_close(grad.float(), ref_grad.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("tokens", "hidden", "vocab", "chunk"), [
+    (1, 64, 1000, None), (37, 96, 5003, 8), (512, 1024, 32000, None), (130, 256, 50257, 64)],
+    ids=str)
+def test_linear_cross_entropy_matches_reference(tokens, hidden, vocab, chunk, dtype):
+    from mlpe.kernels.linear_cross_entropy import (
+        linear_cross_entropy,
+        linear_cross_entropy_reference,
+    )
+
+    torch.manual_seed(0)
+    x = torch.randn(tokens, hidden, device="cuda").to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, device="cuda") / hidden**0.5).to(dtype).requires_grad_()
+    b = (0.1 * torch.randn(vocab, device="cuda")).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), device="cuda")
+    targets[1::3] = -100
+    results = []
+    for fn in (lambda: linear_cross_entropy(x, w, targets, b, rows_per_chunk=chunk),
+               lambda: linear_cross_entropy_reference(x, w, targets, b)):
+        loss = fn()
+        (2.0 * loss).backward()
+        results.append([loss.float()] + [t.grad.float().clone() for t in (x, w, b)])
+        for t in (x, w, b):
+            t.grad = None
+    atol, rtol = GRAD_TOLERANCES[dtype]
+    for got, want in zip(*results, strict=True):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got / scale, want / scale, atol=atol, rtol=rtol)

@@ -11,6 +11,8 @@ import pytest
 CHECK = """
 import torch
 from mlpe.kernels.cross_entropy import CrossEntropyFunction, cross_entropy_reference
+from mlpe.kernels.linear_cross_entropy import (LinearCrossEntropyFunction,
+                                               linear_cross_entropy_reference)
 from mlpe.kernels.layernorm import LayerNormFunction, layernorm_reference
 from mlpe.kernels.rmsnorm import RMSNormFunction, rmsnorm_reference
 from mlpe.kernels.rope import RoPEFunction, rope_cache, rope_reference
@@ -53,11 +55,17 @@ elif op == "cross_entropy":
     targets = torch.tensor([3, -100, 0, 9000, 17])
     compare(lambda z: CrossEntropyFunction.apply(z, targets, -100),
             lambda z: cross_entropy_reference(z, targets), [torch.randn(5, 9001)])
+elif op == "linear_cross_entropy":  # 7 tokens in chunks of 2 (the last one short), a bias
+    targets = torch.tensor([3, -100, 0, 300, 17, 5, 299])
+    compare(lambda x, w, b: LinearCrossEntropyFunction.apply(x, w, b, targets, -100, 2),
+            lambda x, w, b: linear_cross_entropy_reference(x, w, targets, b),
+            [torch.randn(7, 24), torch.randn(301, 24) / 5, torch.randn(301)])
 print("ok")
 """
 
 
-@pytest.mark.parametrize("op", ["rmsnorm", "layernorm", "swiglu", "rope", "cross_entropy"])
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm", "swiglu", "rope", "cross_entropy",
+                                "linear_cross_entropy"])
 def test_kernel_matches_reference_in_the_interpreter(op):
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}

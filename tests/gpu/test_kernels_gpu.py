@@ -204,3 +204,18 @@ def test_linear_cross_entropy_matches_reference(tokens, hidden, vocab, chunk, dt
     for got, want in zip(*results, strict=True):
         scale = max(1.0, want.abs().max().item())
         torch.testing.assert_close(got / scale, want / scale, atol=atol, rtol=rtol)
+
+
+def test_profiling_times_forward_and_backward_with_cuda_events():
+    from mlpe.kernels import profile
+    from mlpe.kernels.swiglu import swiglu
+
+    gate = torch.randn(1024, 4096, device="cuda", requires_grad=True)
+    up = torch.randn(1024, 4096, device="cuda", requires_grad=True)
+    profile.report()
+    with profile.profiling():
+        for _ in range(2):
+            swiglu(gate, up).sum().backward()
+    got = profile.report()
+    assert got["swiglu.forward"]["calls"] == 2 and got["swiglu.backward"]["calls"] == 2
+    assert all(v["total_ms"] > 0 for v in got.values())

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlpe.kernels.dispatch import use_triton, warn_once
+from mlpe.kernels.profile import timed
 
 try:
     import triton
@@ -82,6 +83,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss.sum() / n_valid if n_valid else loss.sum() * float("nan")
 
     @staticmethod
+    @timed("cross_entropy.backward")
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
         if bool(grad_loss == 1):  # the usual case: no second tensor as large as the logits
@@ -89,6 +91,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return grad * grad_loss.to(grad.dtype), None, None
 
 
+@timed("cross_entropy.forward")
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                   ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of (tokens, vocab) logits against (tokens,) class indices."""

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mlpe.kernels.dispatch import row_tiles, use_triton, warn_once
+from mlpe.kernels.profile import timed
 
 try:
     import triton
@@ -103,6 +104,7 @@ class LayerNormFunction(torch.autograd.Function):
         return y.view(shape)
 
     @staticmethod
+    @timed("layernorm.backward")
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
         n_rows, n_cols = x.shape
@@ -127,6 +129,7 @@ class LayerNormFunction(torch.autograd.Function):
         return dx.view(ctx.shape), dw, (db if ctx.has_bias else None), None
 
 
+@timed("layernorm.forward")
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
               eps: float = 1e-5) -> torch.Tensor:
     if x.shape[-1:] != weight.shape or (bias is not None and bias.shape != weight.shape):

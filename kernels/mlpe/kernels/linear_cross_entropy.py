@@ -18,6 +18,7 @@ from torch import nn
 
 from mlpe.kernels.cross_entropy import DTYPES
 from mlpe.kernels.dispatch import use_triton, warn_once
+from mlpe.kernels.profile import timed
 
 try:
     import triton
@@ -75,6 +76,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss.sum() / n_valid if n_valid else loss.sum() * float("nan")
 
     @staticmethod
+    @timed("linear_cross_entropy.backward")
     def backward(ctx, grad_loss):
         grads = list(ctx.saved_tensors)
         if not bool(grad_loss == 1):  # the usual case multiplies nothing
@@ -83,6 +85,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+@timed("linear_cross_entropy.forward")
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: torch.Tensor | None = None, ignore_index: int = -100,
                          rows_per_chunk: int | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mlpe.kernels.dispatch import row_tiles, use_triton, warn_once
+from mlpe.kernels.profile import timed
 
 try:
     import triton
@@ -122,6 +123,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y.view(shape), h.view(shape)
 
     @staticmethod
+    @timed("rmsnorm.backward")
     def backward(ctx, dy, dh_next=None):
         h, weight, rstd = ctx.saved_tensors
         n_rows, n_cols = h.shape
@@ -145,6 +147,7 @@ class RMSNormFunction(torch.autograd.Function):
         return dx, dw, (dx if ctx.has_residual else None), None
 
 
+@timed("rmsnorm.forward")
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
             residual: torch.Tensor | None = None):
     """y = RMSNorm(x [+ residual]) * weight; with a residual, returns (y, x + residual)."""

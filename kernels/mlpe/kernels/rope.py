@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mlpe.kernels.dispatch import use_triton, warn_once
+from mlpe.kernels.profile import timed
 
 try:
     import triton
@@ -90,11 +91,13 @@ class RoPEFunction(torch.autograd.Function):
         return _launch(q, k, cos, sin, 1.0)
 
     @staticmethod
+    @timed("rope.backward")
     def backward(ctx, dq, dk):  # unused outputs arrive as zeros (materialized grads)
         cos, sin = ctx.saved_tensors
         return (*_launch(dq, dk, cos, sin, -1.0), None, None)
 
 
+@timed("rope.forward")
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotated (q, k); q (batch, seq, q_heads, head_dim), k (batch, seq, k_heads, head_dim),
     cos and sin (seq, head_dim / 2) from rope_cache (or its first seq rows)."""

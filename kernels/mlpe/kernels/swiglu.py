@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlpe.kernels.dispatch import use_triton, warn_once
+from mlpe.kernels.profile import timed
 
 try:
     import triton
@@ -64,6 +65,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @timed("swiglu.backward")
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
         dy = dy.contiguous()
@@ -75,6 +77,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return dgate, dup
 
 
+@timed("swiglu.forward")
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, fused on CUDA."""
     if gate.shape != up.shape or gate.dtype != up.dtype:

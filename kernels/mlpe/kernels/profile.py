@@ -1,0 +1,81 @@
+"""Per-op timings for the worker's kernel events, off unless asked for.
+
+With profiling on (`enable()`, the `profiling()` context, or MLPE_KERNEL_PROFILE=1 at
+import), every op call is timed: forward on either implementation, backward where it is
+ours (the Triton autograd functions; a reference's backward is autograd's own and is not
+separable). On CUDA the time comes from a pair of CUDA events read only when `report()`
+is called, so timing never synchronises the training loop; on the CPU from perf_counter.
+Off, the cost is one boolean test per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+_enabled = os.environ.get("MLPE_KERNEL_PROFILE", "") not in ("", "0")
+_cpu_ms: dict[str, list[float]] = defaultdict(list)
+_cuda_events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = defaultdict(list)
+
+
+def enable(on: bool = True) -> None:
+    global _enabled
+    _enabled = on
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+@contextlib.contextmanager
+def profiling():
+    was = _enabled
+    enable(True)
+    try:
+        yield
+    finally:
+        enable(was)
+
+
+def timed(name: str):
+    """Decorator: time each call of the function under `name` (e.g. "rmsnorm.forward")."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if not _enabled:
+                return fn(*args, **kwargs)
+            device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+            if device is not None and device.type == "cuda":
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                out = fn(*args, **kwargs)
+                end.record()
+                _cuda_events[name].append((start, end))
+                return out
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            _cpu_ms[name].append((time.perf_counter() - t0) * 1e3)
+            return out
+        return call
+    return wrap
+
+
+def report(reset: bool = True) -> dict[str, dict[str, float]]:
+    """{name: {calls, total_ms, mean_ms, p50_ms, max_ms}} since the last reset."""
+    times = {name: list(ms) for name, ms in _cpu_ms.items()}
+    if _cuda_events:
+        torch.cuda.synchronize()
+        for name, pairs in _cuda_events.items():
+            times.setdefault(name, []).extend(s.elapsed_time(e) for s, e in pairs)
+    if reset:
+        _cpu_ms.clear()
+        _cuda_events.clear()
+    return {name: {"calls": len(ms), "total_ms": sum(ms), "mean_ms": sum(ms) / len(ms),
+                   "p50_ms": statistics.median(ms), "max_ms": max(ms)}
+            for name, ms in sorted(times.items()) if ms}

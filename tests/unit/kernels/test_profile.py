@@ -1,0 +1,37 @@
+"""Op timings for kernel events: recorded only while profiling is on, reported and reset."""
+
+import torch
+
+from mlpe.kernels import profile
+from mlpe.kernels.rmsnorm import rmsnorm
+from mlpe.kernels.swiglu import swiglu
+
+
+def test_nothing_is_recorded_while_profiling_is_off():
+    profile.report()
+    rmsnorm(torch.randn(4, 8), torch.ones(8))
+    assert profile.report() == {}
+
+
+def test_each_op_reports_its_calls_and_times_then_resets():
+    profile.report()
+    x, w = torch.randn(64, 256), torch.ones(256)
+    with profile.profiling():
+        for _ in range(3):
+            rmsnorm(x, w)
+        swiglu(x, x)
+    assert not profile.enabled()
+    got = profile.report()
+    assert set(got) == {"rmsnorm.forward", "swiglu.forward"}
+    norm = got["rmsnorm.forward"]
+    assert norm["calls"] == 3 and got["swiglu.forward"]["calls"] == 1
+    assert 0 < norm["p50_ms"] <= norm["max_ms"] <= norm["total_ms"]
+    assert abs(norm["mean_ms"] * 3 - norm["total_ms"]) < 1e-9
+    assert profile.report() == {}
+
+
+def test_report_can_leave_the_counts_in_place():
+    with profile.profiling():
+        swiglu(torch.randn(3), torch.randn(3))
+    assert profile.report(reset=False)["swiglu.forward"]["calls"] == 1
+    assert profile.report()["swiglu.forward"]["calls"] == 1

@@ -1,7 +1,8 @@
-"""Fused training kernels (Triton) with plain-PyTorch references, one file per op.
+"""Fused training kernels (Triton) with plain-PyTorch references, one file per op:
+rmsnorm (with fused residual add), layernorm, swiglu, rope, cross_entropy,
+linear_cross_entropy (chunked LM head + loss) and adamw (fused optimizer step).
 
-Built so far (issue 5, in progress): rmsnorm (with fused residual add), layernorm,
-swiglu, rope and cross_entropy. Dispatch: mlpe.kernels.dispatch
-(MLPE_KERNELS=auto|triton|reference); tolerances of every op against its reference:
-mlpe.kernels.tolerances.
+Dispatch: mlpe.kernels.dispatch (MLPE_KERNELS=auto|triton|reference); tolerances of every
+op against its reference: mlpe.kernels.tolerances; per-op timings: mlpe.kernels.profile;
+benchmarks: mlpe.kernels.bench (`mlpe bench kernels`).
 """

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from mlpe.kernels.dispatch import use_triton, warn_once
+from mlpe.kernels.profile import timed
 
 try:
     import triton
@@ -157,6 +158,7 @@ class FusedAdamW(torch.optim.Optimizer):
             group.setdefault("maximize", False)
 
     @torch.no_grad()
+    @timed("adamw.step")
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:

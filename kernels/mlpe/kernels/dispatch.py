@@ -3,6 +3,8 @@
 Chosen once per process from MLPE_KERNELS: "auto" (default: Triton for CUDA tensors when
 Triton imports), "triton" (the same, but say so if it cannot be had) or "reference"
 (always the reference: for tests and for ruling the kernels out when debugging).
+MLPE_KERNELS=triton with TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors too,
+in Triton's interpreter: slow, for testing the kernels' code without a GPU.
 """
 
 from __future__ import annotations
@@ -41,7 +43,14 @@ def triton_available() -> bool:
 
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Triton for this call: the backend allows it and every tensor is on a CUDA device."""
-    return backend() != "reference" and all(t.is_cuda for t in tensors if t is not None)
+    if backend() == "reference":
+        return False
+    return interpreting() or all(t.is_cuda for t in tensors if t is not None)
+
+
+@functools.cache
+def interpreting() -> bool:
+    return backend() == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache

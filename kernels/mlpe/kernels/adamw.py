@@ -158,7 +158,7 @@ class FusedAdamW(torch.optim.Optimizer):
             group.setdefault("maximize", False)
 
     @torch.no_grad()
-    @timed("adamw.step")
+    @timed("adamw.step", device_of=lambda args: args[0].param_groups[0]["params"][0].device)
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:

@@ -43,14 +43,19 @@ def profiling():
         enable(was)
 
 
-def timed(name: str):
-    """Decorator: time each call of the function under `name` (e.g. "rmsnorm.forward")."""
+def _first_tensor_device(args) -> torch.device | None:
+    return next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+
+
+def timed(name: str, device_of=_first_tensor_device):
+    """Decorator: time each call of the function under `name` (e.g. "rmsnorm.forward");
+    `device_of(args)` says where the call's work runs (CUDA: timed with events)."""
     def wrap(fn):
         @functools.wraps(fn)
         def call(*args, **kwargs):
             if not _enabled:
                 return fn(*args, **kwargs)
-            device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+            device = device_of(args)
             if device is not None and device.type == "cuda":
                 start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
                 start.record()

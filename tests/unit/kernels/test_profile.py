@@ -35,3 +35,13 @@ def test_report_can_leave_the_counts_in_place():
         swiglu(torch.randn(3), torch.randn(3))
     assert profile.report(reset=False)["swiglu.forward"]["calls"] == 1
     assert profile.report()["swiglu.forward"]["calls"] == 1
+
+
+def test_the_optimizer_step_is_timed():
+    from mlpe.kernels.adamw import FusedAdamW
+
+    p = torch.nn.Parameter(torch.randn(10))
+    p.grad = torch.randn(10)
+    with profile.profiling():
+        FusedAdamW([p]).step()
+    assert profile.report()["adamw.step"]["calls"] == 1

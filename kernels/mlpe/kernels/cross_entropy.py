@@ -86,9 +86,23 @@ class CrossEntropyFunction(torch.autograd.Function):
     @timed("cross_entropy.backward")
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        if bool(grad_loss == 1):  # the usual case: no second tensor as large as the logits
-            return grad, None, None
-        return grad * grad_loss.to(grad.dtype), None, None
+        return (*hand_over(ctx, "cross_entropy", grad_loss, grad), None, None)
+
+
+def hand_over(ctx, op: str, grad_loss: torch.Tensor, *grads: torch.Tensor | None):
+    """The gradients computed in forward, scaled in place by the upstream gradient (no
+    second logits-sized tensor). They are handed over once: autograd may keep them as the
+    inputs' .grad, so a second backward (retain_graph) could not scale them again."""
+    if getattr(ctx, "handed_over", False):
+        raise RuntimeError(f"{op}: backward a second time through the same call is not "
+                           f"supported (its gradient is computed in forward and handed "
+                           f"over once); use {op}_reference for retain_graph")
+    ctx.handed_over = True
+    if not bool(grad_loss == 1):  # the usual case (loss.backward()) multiplies nothing
+        for g in grads:
+            if g is not None:
+                g.mul_(grad_loss.to(g.dtype))
+    return tuple(grads)
 
 
 @timed("cross_entropy.forward")

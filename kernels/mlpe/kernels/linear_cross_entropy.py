@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlpe.kernels.cross_entropy import DTYPES
+from mlpe.kernels.cross_entropy import DTYPES, hand_over
 from mlpe.kernels.dispatch import use_triton, warn_once
 from mlpe.kernels.profile import timed
 
@@ -78,11 +78,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @timed("linear_cross_entropy.backward")
     def backward(ctx, grad_loss):
-        grads = list(ctx.saved_tensors)
-        if not bool(grad_loss == 1):  # the usual case multiplies nothing
-            grads = [g * grad_loss.to(g.dtype) if g is not None else None for g in grads]
-        grad_x, grad_w, grad_b = grads
-        return grad_x, grad_w, grad_b, None, None, None
+        grads = hand_over(ctx, "linear_cross_entropy", grad_loss, *ctx.saved_tensors)
+        return (*grads, None, None, None)
 
 
 @timed("linear_cross_entropy.forward")

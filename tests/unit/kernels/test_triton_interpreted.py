@@ -55,6 +55,14 @@ elif op == "cross_entropy":
     targets = torch.tensor([3, -100, 0, 9000, 17])
     compare(lambda z: CrossEntropyFunction.apply(z, targets, -100),
             lambda z: cross_entropy_reference(z, targets), [torch.randn(5, 9001)])
+    z = torch.randn(5, 9001, requires_grad=True)
+    loss = CrossEntropyFunction.apply(z, targets, -100)
+    loss.backward(retain_graph=True)
+    try:  # the gradient was handed over: a second backward is refused, not silently wrong
+        loss.backward()
+        raise AssertionError("second backward accepted")
+    except RuntimeError as err:
+        assert "second time" in str(err), err
 elif op == "linear_cross_entropy":  # 7 tokens in chunks of 2 (the last one short), a bias
     targets = torch.tensor([3, -100, 0, 300, 17, 5, 299])
     compare(lambda x, w, b: LinearCrossEntropyFunction.apply(x, w, b, targets, -100, 2),

@@ -40,6 +40,16 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / ms / 1e6
 
 
+def _liger():
+    """Liger-Kernel's functional ops when it is installed (compared where it has the op
+    with our layout: not RoPE, whose q/k layout differs, nor AdamW), else None."""
+    try:
+        from liger_kernel.transformers import functional
+    except ImportError:
+        return None
+    return functional
+
+
 def _case(op: str, tokens: int, hidden: int, dtype, device: str = "cuda",
           lm_hidden: int = 4096):
     """(tensors that get gradients, {impl: call returning the output}, bytes forward,
@@ -85,6 +95,8 @@ def _case(op: str, tokens: int, hidden: int, dtype, device: str = "cuda",
         impls = {"mlpe": lambda: linear_cross_entropy(x, w, targets),
                  "eager": lambda: linear_cross_entropy_reference(x, w, targets),
                  "compile": lambda: compiled(x, w, targets)}
+        if liger := _liger():
+            impls["liger"] = lambda: liger.liger_fused_linear_cross_entropy(x, w, targets)
         return [x, w], impls, 0, 0
     if op == "cross_entropy":  # hidden here is the vocabulary size
         from mlpe.kernels.cross_entropy import cross_entropy, cross_entropy_reference
@@ -96,6 +108,8 @@ def _case(op: str, tokens: int, hidden: int, dtype, device: str = "cuda",
         impls = {"mlpe": lambda: cross_entropy(logits, targets),
                  "eager": lambda: cross_entropy_reference(logits, targets),
                  "compile": lambda: compiled(logits, targets)}
+        if liger := _liger():
+            impls["liger"] = lambda: liger.liger_cross_entropy(logits, targets)
         # Forward reads the logits twice and writes the gradient; backward moves nothing.
         return [logits], impls, 3 * size, size
     if op == "rope":
@@ -119,6 +133,8 @@ def _case(op: str, tokens: int, hidden: int, dtype, device: str = "cuda",
         compiled = torch.compile(swiglu_reference, dynamic=False)
         impls = {"mlpe": lambda: swiglu(gate, up), "eager": lambda: swiglu_reference(gate, up),
                  "compile": lambda: compiled(gate, up)}
+        if liger := _liger():
+            impls["liger"] = lambda: liger.liger_swiglu(gate, up)
         # Forward reads gate, up and writes y; backward reads gate, up, dy, writes both.
         return [gate, up], impls, 3 * size, 5 * size
     x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
@@ -131,6 +147,8 @@ def _case(op: str, tokens: int, hidden: int, dtype, device: str = "cuda",
         compiled = torch.compile(layernorm_reference, dynamic=False)
         impls = {"mlpe": lambda: layernorm(x, w, b), "eager": lambda: layernorm_reference(
             x, w, b), "compile": lambda: compiled(x, w, b)}
+        if liger := _liger():
+            impls["liger"] = lambda: liger.liger_layer_norm(x, w, b, 1e-5)
         return [x, w, b], impls, 2 * size, 3 * size  # as RMSNorm: x in, y out; dy, x, dx
     r = torch.randn_like(x, requires_grad=True) if op == "rmsnorm+residual" else None
     size = x.numel() * x.element_size()
@@ -138,6 +156,9 @@ def _case(op: str, tokens: int, hidden: int, dtype, device: str = "cuda",
     impls = {"mlpe": lambda: rmsnorm(x, w, 1e-6, r),
              "eager": lambda: rmsnorm_reference(x, w, 1e-6, r),
              "compile": lambda: compiled(x, w, 1e-6, r)}
+    if liger := _liger():
+        impls["liger"] = ((lambda: liger.liger_rms_norm(x, w, 1e-6)) if r is None else
+                          (lambda: liger.liger_fused_add_rms_norm(x, r, w, 1e-6)))
     # Forward reads x (+r), writes y (+h); backward reads dy, h (+dh), writes dx.
     return [t for t in (x, w, r) if t is not None], impls, size * (4 if r is not None else 2), \
         size * (4 if r is not None else 3)

@@ -72,7 +72,7 @@ def timed(name: str, device_of=_first_tensor_device):
 
 
 def report(reset: bool = True) -> dict[str, dict[str, float]]:
-    """{name: {calls, total_ms, mean_ms, p50_ms, max_ms}} since the last reset."""
+    """{name: {calls, total_ms, mean_ms, p50_ms, p99_ms, max_ms}} since the last reset."""
     times = {name: list(ms) for name, ms in _cpu_ms.items()}
     if _cuda_events:
         torch.cuda.synchronize()
@@ -82,5 +82,7 @@ def report(reset: bool = True) -> dict[str, dict[str, float]]:
         _cpu_ms.clear()
         _cuda_events.clear()
     return {name: {"calls": len(ms), "total_ms": sum(ms), "mean_ms": sum(ms) / len(ms),
-                   "p50_ms": statistics.median(ms), "max_ms": max(ms)}
+                   "p50_ms": statistics.median(ms),
+                   "p99_ms": sorted(ms)[min(len(ms) - 1, int(0.99 * len(ms)))],
+                   "max_ms": max(ms)}
             for name, ms in sorted(times.items()) if ms}

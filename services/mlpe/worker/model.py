@@ -148,6 +148,8 @@ class GPT(nn.Module):
         x = self.hidden_states(tokens)
         if targets is None:
             return self.head(x)
+        if torch.is_autocast_enabled(x.device.type):  # the fused head takes one dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         return linear_cross_entropy(x.reshape(-1, x.shape[-1]),
                                     self.head.weight.to(x.dtype), targets.reshape(-1))
 

@@ -1,0 +1,138 @@
+"""Job specs: defaults filled in, every bad field named, and the plain dict the worker runs.
+
+`resolve(spec)` returns (resolved dict, problems); problems are "field: reason" strings,
+all of them at once, so one INVALID_ARGUMENT tells the user everything to fix.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import json_format
+
+from mlpe.v1 import control_pb2
+from mlpe.worker.model import PRESETS, RECOMPUTE, GPTConfig
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+SCHEDULES = ("cosine", "constant")
+MAX_STEPS = 10_000_000
+
+
+def _model(m: control_pb2.ModelSpec, recompute: str, problems: list[str]) -> dict:
+    if m.preset and m.preset not in PRESETS:
+        problems.append(f"model.preset: unknown {m.preset!r}; one of {', '.join(PRESETS)}")
+        base = GPTConfig()
+    else:
+        base = PRESETS[m.preset] if m.preset else GPTConfig()
+    fields = {}
+    for name in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq_len"):
+        value = getattr(m, name)
+        if value < 0:
+            problems.append(f"model.{name}: must be ≥ 0 (0 = the preset's), got {value}")
+        fields[name] = value if value > 0 else getattr(base, name)
+    fields["tied"] = m.tied or base.tied
+    fields["recompute"] = recompute
+    try:
+        GPTConfig(**fields)
+    except ValueError as err:
+        problems.append(str(err))
+    return fields
+
+
+def resolve(spec: control_pb2.JobSpec) -> tuple[dict, list[str]]:
+    problems: list[str] = []
+    recompute = spec.recompute or "none"
+    if recompute not in RECOMPUTE:
+        problems.append(f"recompute: one of {', '.join(RECOMPUTE)}, got {recompute!r}")
+        recompute = "none"
+    model = _model(spec.model, recompute, problems)
+
+    data = {"kind": spec.data.kind or "synthetic", "path": spec.data.path,
+            "dtype": spec.data.dtype or "uint16", "seed": spec.data.seed}
+    if data["kind"] not in ("synthetic", "file"):
+        problems.append(f"data.kind: 'synthetic' or 'file', got {data['kind']!r}")
+    elif data["kind"] == "file" and not data["path"]:
+        problems.append("data.path: required when data.kind is 'file'")
+    if data["dtype"] not in ("uint16", "uint32"):
+        problems.append(f"data.dtype: 'uint16' or 'uint32', got {data['dtype']!r}")
+
+    world = spec.world_size or 1
+    micro = spec.micro_batch or 1
+    global_batch = spec.global_batch or micro * world
+    if not 1 <= spec.steps <= MAX_STEPS:
+        problems.append(f"steps: between 1 and {MAX_STEPS:,}, got {spec.steps}")
+    if world < 1 or world > 64:
+        problems.append(f"world_size: between 1 and 64, got {spec.world_size}")
+    if micro < 1:
+        problems.append(f"micro_batch: must be ≥ 1, got {spec.micro_batch}")
+    if global_batch < 1:
+        problems.append(f"global_batch: must be ≥ 1, got {spec.global_batch}")
+    elif world >= 1 and micro >= 1 and global_batch % (micro * world):
+        problems.append(f"global_batch: {global_batch} is not a multiple of micro_batch * "
+                        f"world_size = {micro * world}")
+    precision = spec.precision or "fp32"
+    if precision not in PRECISIONS:
+        problems.append(f"precision: one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = spec.device or "auto"
+    if device not in DEVICES:
+        problems.append(f"device: one of {', '.join(DEVICES)}, got {device!r}")
+    if precision == "bf16" and device == "cpu":
+        problems.append("precision: bf16 mixed precision needs device cuda (or auto on a "
+                        "GPU machine)")
+
+    o = spec.optimizer
+    optimizer = {"name": o.name or "adamw", "lr": o.lr or 3e-4,
+                 "weight_decay": o.weight_decay if o.HasField("weight_decay") else 0.1,
+                 "beta1": o.beta1 or 0.9, "beta2": o.beta2 or 0.95, "eps": o.eps or 1e-8,
+                 "schedule": o.schedule or "cosine", "warmup_steps": o.warmup_steps,
+                 "min_lr_ratio": o.min_lr_ratio if o.HasField("min_lr_ratio") else 0.1,
+                 "grad_clip": o.grad_clip or 1.0}
+    if optimizer["name"] != "adamw":
+        problems.append(f"optimizer.name: only 'adamw', got {optimizer['name']!r}")
+    if optimizer["schedule"] not in SCHEDULES:
+        problems.append(f"optimizer.schedule: one of {', '.join(SCHEDULES)}, got "
+                        f"{optimizer['schedule']!r}")
+    for name, low, high in (("lr", 0, 10), ("weight_decay", 0, 10), ("beta1", 0, 1),
+                            ("beta2", 0, 1), ("eps", 0, 1), ("min_lr_ratio", 0, 1)):
+        value = optimizer[name]
+        if not low <= value <= high or (name.startswith("beta") and value >= 1):
+            problems.append(f"optimizer.{name}: must be in [{low}, {high}"
+                            f"{')' if name.startswith('beta') else ']'}, got {value}")
+    if optimizer["warmup_steps"] < 0:
+        problems.append(f"optimizer.warmup_steps: must be ≥ 0, got {o.warmup_steps}")
+
+    c = spec.checkpoint
+    checkpoint = {"every_steps": c.every_steps, "every_seconds": c.every_seconds,
+                  "keep": c.keep or 3}
+    if c.every_steps < 0 or c.every_seconds < 0 or c.keep < 0:
+        problems.append("checkpoint: every_steps, every_seconds and keep must be ≥ 0")
+    if spec.max_restarts < 0 or spec.max_restarts > 1000:
+        problems.append(f"max_restarts: between 0 and 1000, got {spec.max_restarts}")
+    hang = spec.hang_timeout_s or 120.0
+    if hang < 1:
+        problems.append(f"hang_timeout_s: at least 1 s, got {spec.hang_timeout_s}")
+    if spec.kernel_report_steps < 0:
+        problems.append(f"kernel_report_steps: must be ≥ 0, got {spec.kernel_report_steps}")
+    if len(spec.name) > 200:
+        problems.append("name: at most 200 characters")
+
+    resolved = {"name": spec.name, "model": model, "data": data, "steps": spec.steps,
+                "global_batch": global_batch, "micro_batch": micro,
+                "world_size": world, "precision": precision, "recompute": recompute,
+                "optimizer": optimizer, "checkpoint": checkpoint,
+                "priority": spec.priority, "max_restarts": spec.max_restarts,
+                "hang_timeout_s": hang, "device": device, "seed": spec.seed,
+                "kernel_report_steps": spec.kernel_report_steps}
+    return resolved, problems
+
+
+def model_config(resolved: dict) -> GPTConfig:
+    return GPTConfig(**resolved["model"])
+
+
+def to_json(spec: control_pb2.JobSpec) -> str:
+    return json_format.MessageToJson(spec, indent=None, preserving_proto_field_name=True)
+
+
+def from_json(text: str) -> control_pb2.JobSpec:
+    return json_format.Parse(text, control_pb2.JobSpec())
+

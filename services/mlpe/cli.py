@@ -105,12 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mlpe import bench, tail
     from mlpe.agent import main as agent_main
+    from mlpe.control import client as jobs_client
+    from mlpe.control import main as control_main
     from mlpe.notify import main as notify_main
     from mlpe.stream import main as stream_main
+    from mlpe.worker import main as worker_main
 
     agent_main.register(sub)
     stream_main.register(sub)
     notify_main.register(sub)
+    control_main.register(sub)
+    jobs_client.register(sub)
+    worker_main.register(sub)
     tail.register(sub)
     bench.register(sub)
     return parser

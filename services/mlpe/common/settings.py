@@ -116,6 +116,9 @@ class Settings:
     stream_start: str         # where a new consumer group starts: earliest or latest
     rules_path: str           # threshold rules for the stream ("" = none)
 
+    control_port: int         # mlpe control's gRPC port
+    control_address: str      # where clients reach it (host:port)
+
     @property
     def logs_dir(self) -> Path:
         return self.state_dir / "logs"
@@ -140,6 +143,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     kafka_port = _port(env, "MLPE_KAFKA_PORT", 9092)
     influx_port = _port(env, "MLPE_INFLUX_PORT", 8086)
     redis_port = _port(env, "MLPE_REDIS_PORT", 6379)
+    control_port = _port(env, "MLPE_CONTROL_PORT", 50052)
     token = env.get("MLPE_INFLUX_TOKEN", "").strip() or None
     return Settings(
         state_dir=Path(_text(env, "MLPE_STATE_DIR", str(REPO_ROOT / ".mlpe"))).expanduser(),
@@ -170,4 +174,6 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         stream_app_id=_text(env, "MLPE_STREAM_APP_ID", "mlpe-stream"),
         stream_start=_choice(env, "MLPE_STREAM_START", "earliest", ("earliest", "latest")),
         rules_path=env.get("MLPE_RULES", str(REPO_ROOT / "deploy" / "rules" / "default.yaml")),
+        control_port=control_port,
+        control_address=_host_ports(env, "MLPE_CONTROL_ADDRESS", f"127.0.0.1:{control_port}"),
     )

@@ -1,0 +1,377 @@
+"""mlpe control end to end: every RPC over gRPC against the real Redis and Kafka, with
+real torchrun workers (CPU, gloo): crash recovery, hang detection, corrupt-checkpoint
+fallback, controller restart, pause/resume, priority ordering, auth and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+import torch
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from mlpe.common.topics import KERNEL_EVENTS, TRAIN_EVENTS
+from mlpe.v1 import control_pb2 as c
+from mlpe.v1 import control_pb2_grpc, training_pb2
+
+TOKEN = "test-token-" + uuid.uuid4().hex[:8]
+AUTH = [("authorization", f"Bearer {TOKEN}"), ("mlpe-user", "tester")]
+TINY = c.ModelSpec(preset="tiny")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Controller:
+    """An `mlpe control` subprocess with its own Redis namespace and jobs folder."""
+
+    def __init__(self, stack, tmp_path: Path, slots: int = 2, extra_env: dict | None = None):
+        self.namespace = f"test-{uuid.uuid4().hex[:10]}"
+        self.port = free_port()
+        self.jobs_dir = tmp_path / "jobs"
+        self.log_path = tmp_path / f"control-{self.port}.log"
+        self.env = {**os.environ, "MLPE_CONTROL_NAMESPACE": self.namespace,
+                    "MLPE_CONTROL_TOKEN": TOKEN, "MLPE_CONTROL_PORT": str(self.port),
+                    "MLPE_REDIS_URL": stack.redis_url,
+                    "MLPE_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+                    "MLPE_STATE_DIR": str(tmp_path / "state"), **(extra_env or {})}
+        self.slots = slots
+        self.redis = redis.Redis.from_url(stack.redis_url)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = control_pb2_grpc.TrainingControlStub(self.channel)
+        self.start()
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlpe.cli", "control", "--slots", str(self.slots),
+             "--jobs-dir", str(self.jobs_dir), "--listen", f"127.0.0.1:{self.port}"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + 60
+        while True:  # ready = the health service answers SERVING
+            assert self.proc.poll() is None, self.log()
+            with contextlib.suppress(grpc.RpcError):
+                got = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if got.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            assert time.monotonic() < deadline, "control never became healthy\n" + self.log()
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-4000:] if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        """Stop the controller, then every worker it left (they outlive it by design)."""
+        for job in self.stub.ListJobs(c.ListJobsRequest()).jobs:
+            if job.state in (c.JOB_STATE_RUNNING, c.JOB_STATE_PAUSED, c.JOB_STATE_QUEUED):
+                with contextlib.suppress(grpc.RpcError):
+                    self.stub.CancelJob(c.JobRequest(job_id=job.job_id), metadata=AUTH)
+        for job in self.stub.ListJobs(c.ListJobsRequest()).jobs:
+            launch = self.redis.hget(f"{self.namespace}:job:{job.job_id}", "launch")
+            if launch:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(json.loads(launch)["pid"], signal.SIGKILL)
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.channel.close()
+
+    # -- helpers ------------------------------------------------------------------------
+    def submit(self, **fields) -> c.Job:
+        spec = c.JobSpec(model=TINY, global_batch=4, micro_batch=2, **fields)
+        return self.stub.SubmitJob(c.SubmitJobRequest(spec=spec), metadata=AUTH)
+
+    def job(self, job_id: str) -> c.Job:
+        return self.stub.GetJob(c.JobRequest(job_id=job_id))
+
+    def progress(self, job_id: str) -> dict[int, dict]:
+        raw = self.redis.hgetall(f"{self.namespace}:job:{job_id}:ranks")
+        return {int(k): json.loads(v) for k, v in raw.items()}
+
+    def wait(self, what: str, condition, timeout: float = 120.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = condition()
+            if result:
+                return result
+            assert self.proc.poll() is None, f"control exited waiting for {what}\n{self.log()}"
+            time.sleep(0.2)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n"
+                             + self.log())
+
+    def wait_state(self, job_id: str, state: int, timeout: float = 120.0) -> c.Job:
+        return self.wait(f"{job_id} {c.JobState.Name(state)}",
+                         lambda: (j := self.job(job_id)).state == state and j, timeout)
+
+    def wait_step(self, job_id: str, rank: int, step: int, timeout: float = 120.0) -> dict:
+        return self.wait(f"{job_id} rank {rank} at step {step}",
+                         lambda: (p := self.progress(job_id).get(rank)) and
+                         p.get("step", 0) >= step and p, timeout)
+
+    def events(self, job_id: str) -> list[c.JobEvent]:
+        return list(self.stub.StreamJobEvents(c.StreamJobEventsRequest(job_id=job_id),
+                                              timeout=120))
+
+    def final_weights(self, job_id: str, step: int) -> dict:
+        path = self.jobs_dir / job_id / "checkpoints" / f"step-{step:08d}" / "state.pt"
+        return torch.load(path, weights_only=False)["model"]
+
+
+def end_offsets(bootstrap: str) -> dict:
+    """Where the step and kernel topics end now, per partition (read from here later)."""
+    async def go():
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            parts = [TopicPartition(t.name, p) for t in (TRAIN_EVENTS, KERNEL_EVENTS)
+                     for p in range(t.partitions)]
+            consumer.assign(parts)
+            await consumer.seek_to_end(*parts)
+            return {tp: await consumer.position(tp) for tp in parts}
+        finally:
+            await consumer.stop()
+    return asyncio.run(go())
+
+
+def read_job_events(bootstrap: str, mark: dict, job_id: str, n_steps: int, n_kernels: int):
+    """(TrainSteps, KernelSummaries) of `job_id` published after `mark`."""
+    async def go():
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        consumer.assign(list(mark))
+        for tp, offset in mark.items():
+            consumer.seek(tp, offset)
+        steps, kernels = [], []
+        try:
+            async with asyncio.timeout(60):
+                while len(steps) < n_steps or len(kernels) < n_kernels:
+                    for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+                        for r in records:
+                            if r.key != job_id.encode():
+                                continue
+                            if tp.topic == TRAIN_EVENTS.name:
+                                steps.append(training_pb2.TrainStep.FromString(r.value))
+                            else:
+                                kernels.append(training_pb2.KernelSummary.FromString(r.value))
+        finally:
+            await consumer.stop()
+        return steps, kernels
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def control(stack_endpoints, tmp_path):
+    controller = Controller(stack_endpoints, tmp_path)
+    yield controller
+    controller.stop()
+
+
+def test_every_rpc_end_to_end_with_health_reflection_and_step_events(control,
+                                                                      stack_endpoints):
+    health = health_pb2_grpc.HealthStub(control.channel)
+    served = health.Check(health_pb2.HealthCheckRequest(service="mlpe.v1.TrainingControl"))
+    assert served.status == health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(control.channel)
+    answer = next(reflect.ServerReflectionInfo(iter([
+        reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert "mlpe.v1.TrainingControl" in {s.name for s in answer.list_services_response.service}
+
+    mark = end_offsets(stack_endpoints.kafka_bootstrap)
+    job = control.submit(name="e2e", steps=30, checkpoint=c.CheckpointPolicy(every_steps=10),
+                         kernel_report_steps=10)
+    assert job.state == c.JOB_STATE_QUEUED and job.spec.name == "e2e"
+    events = control.events(job.job_id)  # streams until the job ends
+    states = [e.state for e in events if e.kind == "state"]
+    assert states == [c.JOB_STATE_QUEUED, c.JOB_STATE_RUNNING, c.JOB_STATE_COMPLETED]
+    assert [e.step for e in events if e.kind == "step"][-1] == 30
+    seen = [e.step for e in events if e.kind == "checkpoint"]  # as the 0.25 s watch saw them
+    assert seen == sorted(seen) and seen[-1] == 30
+    folders = sorted(p.name for p in (control.jobs_dir / job.job_id / "checkpoints").iterdir())
+    assert folders == ["step-00000010", "step-00000020", "step-00000030"]
+    done = control.job(job.job_id)
+    assert (done.state, done.step, done.checkpoint_step) == (c.JOB_STATE_COMPLETED, 30, 30)
+    assert done.loss > 0 and done.tokens_per_s > 0 and done.ended_ns >= done.started_ns > 0
+    listed = control.stub.ListJobs(c.ListJobsRequest(states=[c.JOB_STATE_COMPLETED])).jobs
+    assert [j.job_id for j in listed] == [job.job_id]
+    later = control.events(job.job_id)[-1]
+    resumed = list(control.stub.StreamJobEvents(c.StreamJobEventsRequest(
+        job_id=job.job_id, after_id=events[-2].id)))
+    assert [e.id for e in resumed] == [later.id]
+
+    # Step and kernel events reached Kafka, one TrainStep per step.
+    steps, kernels = read_job_events(stack_endpoints.kafka_bootstrap, mark, job.job_id, 30, 3)
+    assert sorted(s.step for s in steps) == list(range(1, 31))
+    assert {k.last_step for k in kernels} == {10, 20, 30}
+    assert {t.op for k in kernels for t in k.kernels} >= {"rmsnorm", "swiglu", "adamw"}
+
+
+def test_bad_input_and_access(control):
+    with pytest.raises(grpc.RpcError) as err:
+        control.stub.SubmitJob(c.SubmitJobRequest(spec=c.JobSpec(
+            steps=0, world_size=3, model=c.ModelSpec(preset="nope", hidden=-5),
+            precision="fp8")), metadata=AUTH)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for field in ("steps:", "model.preset:", "model.hidden:", "precision:", "world_size:"):
+        assert field in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        control.stub.GetJob(c.JobRequest(job_id="job-missing"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        control.stub.SubmitJob(c.SubmitJobRequest(spec=c.JobSpec(steps=5)))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert TOKEN not in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        control.stub.CancelJob(c.JobRequest(job_id="x"),
+                               metadata=[("authorization", "Bearer wrong")])
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    job = control.submit(steps=100_000)
+    control.stub.CancelJob(c.JobRequest(job_id=job.job_id), metadata=AUTH)
+    with pytest.raises(grpc.RpcError) as err:
+        control.stub.ResumeJob(c.JobRequest(job_id=job.job_id), metadata=AUTH)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cancelled" in err.value.details()
+    audit = control.redis.xrange(f"{control.namespace}:audit")
+    entries = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in audit]
+    assert any(e["what"] == "SubmitJob" and e["outcome"].startswith("refused: no valid")
+               for e in entries)
+    assert any(e["what"] == "CancelJob" and e["job_id"] == job.job_id and
+               e["who"].startswith("tester@") and e["outcome"] == "ok: now cancelled"
+               for e in entries)
+    assert control.proc.poll() is None  # still serving after all of that
+
+
+def test_pause_checkpoint_resume_cancel(control):
+    job = control.submit(steps=100_000, checkpoint=c.CheckpointPolicy(every_steps=1000))
+    control.wait_step(job.job_id, 0, 5)
+    control.stub.PauseJob(c.JobRequest(job_id=job.job_id), metadata=AUTH)
+    paused = control.wait("workers paused",
+                          lambda: control.progress(job.job_id)[0].get("state") == "paused" and
+                          control.progress(job.job_id)[0])
+    control.stub.CheckpointNow(c.JobRequest(job_id=job.job_id), metadata=AUTH)
+    written = control.wait("the requested checkpoint",
+                           lambda: control.job(job.job_id).checkpoint_step)
+    assert written == paused["step"]  # paused: the checkpoint holds exactly that step
+    assert control.progress(job.job_id)[0]["step"] == paused["step"]
+    control.stub.ResumeJob(c.JobRequest(job_id=job.job_id), metadata=AUTH)
+    control.wait_step(job.job_id, 0, paused["step"] + 3)
+    pid = control.progress(job.job_id)[0]["pid"]
+    cancelled = control.stub.CancelJob(c.JobRequest(job_id=job.job_id), metadata=AUTH)
+    assert cancelled.state == c.JOB_STATE_CANCELLED
+    control.wait("the worker to stop", lambda: not Path(f"/proc/{pid}").exists())
+    assert control.progress(job.job_id)[0]["state"] == "stopped"
+
+
+def test_sigkill_of_a_rank_restarts_from_checkpoint_and_matches_an_uninterrupted_run(
+        control):
+    spec = {"steps": 60, "world_size": 2, "max_restarts": 2,
+            "checkpoint": c.CheckpointPolicy(every_steps=10)}
+    clean = control.submit(name="clean", **spec)
+    control.wait_state(clean.job_id, c.JOB_STATE_COMPLETED)
+    crashed = control.submit(name="crashed", **spec)
+    victim = control.wait_step(crashed.job_id, 1, 25)
+    os.kill(victim["pid"], signal.SIGKILL)
+    done = control.wait_state(crashed.job_id, c.JOB_STATE_COMPLETED)
+    assert done.restarts == 1 and done.step == 60
+    restarts = [e for e in control.events(crashed.job_id) if e.kind == "restart"]
+    assert len(restarts) == 1 and f"pid {victim['pid']}" in restarts[0].message
+    want, got = control.final_weights(clean.job_id, 60), control.final_weights(
+        crashed.job_id, 60)
+    assert all(torch.equal(want[k], got[k]) for k in want)  # bitwise the same run
+
+
+def test_a_hung_rank_is_detected_and_the_job_restarted(stack_endpoints, tmp_path):
+    control = Controller(stack_endpoints, tmp_path, extra_env={
+        "MLPE_WORKER_FAULT": "hang@12:1"})
+    try:
+        job = control.submit(steps=30, world_size=2, max_restarts=1, hang_timeout_s=3,
+                             checkpoint=c.CheckpointPolicy(every_steps=5))
+        done = control.wait_state(job.job_id, c.JOB_STATE_COMPLETED)
+        assert done.restarts == 1
+        restart = next(e for e in control.events(job.job_id) if e.kind == "restart")
+        assert "made no progress" in restart.message and "hang_timeout_s 3" in restart.message
+    finally:
+        control.stop()
+
+
+def test_a_corrupt_checkpoint_is_refused_and_the_previous_one_used(control):
+    job = control.submit(steps=100_000, max_restarts=1,
+                         checkpoint=c.CheckpointPolicy(every_steps=5, keep=5))
+    control.wait("two checkpoints", lambda: control.job(job.job_id).checkpoint_step >= 10)
+    control.stub.PauseJob(c.JobRequest(job_id=job.job_id), metadata=AUTH)
+    control.wait("paused", lambda: control.progress(job.job_id)[0].get("state") == "paused")
+    folder = control.jobs_dir / job.job_id / "checkpoints"
+    newest, previous = sorted(folder.glob("step-????????"))[-1:-3:-1]
+    data = bytearray((newest / "state.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    (newest / "state.pt").write_bytes(bytes(data))
+    os.kill(control.progress(job.job_id)[0]["pid"], signal.SIGKILL)
+    resumed = control.wait("the restarted worker",
+                           lambda: (p := control.progress(job.job_id).get(0)) and
+                           "resumed_from" in p and p["pid"] and p)
+    assert resumed["resumed_from"] == int(previous.name.removeprefix("step-"))
+    log = (control.jobs_dir / job.job_id / "logs" / "attempt-2.log").read_text()
+    assert f"{newest.name} refused" in log and "SHA-256" in log
+    assert control.job(job.job_id).state == c.JOB_STATE_PAUSED  # still paused after restart
+
+
+def test_controller_restart_reattaches_or_restarts_from_checkpoint(control):
+    job = control.submit(steps=100_000, max_restarts=2,
+                         checkpoint=c.CheckpointPolicy(every_steps=5))
+    before = control.wait_step(job.job_id, 0, 5)
+    control.kill()  # SIGKILL: the workers keep running
+    control.start()
+    control.wait_step(job.job_id, 0, before["step"] + 5)
+    assert control.progress(job.job_id)[0]["pid"] == before["pid"]  # the same worker
+    assert any(e.kind == "attach" for e in _events_so_far(control, job.job_id))
+
+    control.kill()
+    os.killpg(json.loads(control.redis.hget(f"{control.namespace}:job:{job.job_id}",
+                                            "launch"))["pid"], signal.SIGKILL)
+    control.start()
+    control.wait("a new worker", lambda: (p := control.progress(job.job_id).get(0)) and
+                 p["pid"] != before["pid"] and p.get("resumed_from", 0) > 0)
+    assert control.job(job.job_id).restarts == 1
+
+
+def _events_so_far(control, job_id: str) -> list[c.JobEvent]:
+    raw = control.redis.xrange(f"{control.namespace}:job:{job_id}:events")
+    return [c.JobEvent(kind=f[b"kind"].decode(), message=f[b"message"].decode())
+            for _, f in raw]
+
+
+def test_priority_queue_order(control):
+    blocker = control.submit(name="blocker", steps=100_000, world_size=2)
+    control.wait_state(blocker.job_id, c.JOB_STATE_RUNNING)
+    low = control.submit(name="low", steps=100_000, priority=0)
+    high = control.submit(name="high", steps=100_000, priority=5)
+    mid = control.submit(name="mid", steps=100_000, priority=2)
+    positions = {j.spec.name: j.queue_position for j in
+                 control.stub.ListJobs(c.ListJobsRequest(states=[c.JOB_STATE_QUEUED])).jobs}
+    assert positions == {"high": 1, "mid": 2, "low": 3}
+    control.stub.CancelJob(c.JobRequest(job_id=blocker.job_id), metadata=AUTH)
+    control.wait_state(high.job_id, c.JOB_STATE_RUNNING)
+    control.wait_state(mid.job_id, c.JOB_STATE_RUNNING)
+    assert control.job(low.job_id).state == c.JOB_STATE_QUEUED  # both slots taken
+    assert control.job(low.job_id).queue_position == 1

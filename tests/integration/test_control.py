@@ -326,10 +326,11 @@ def test_a_corrupt_checkpoint_is_refused_and_the_previous_one_used(control):
     data = bytearray((newest / "state.pt").read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     (newest / "state.pt").write_bytes(bytes(data))
-    os.kill(control.progress(job.job_id)[0]["pid"], signal.SIGKILL)
+    old = control.progress(job.job_id)[0]["pid"]
+    os.kill(old, signal.SIGKILL)
     resumed = control.wait("the restarted worker",
                            lambda: (p := control.progress(job.job_id).get(0)) and
-                           "resumed_from" in p and p["pid"] and p)
+                           p["pid"] != old and p)
     assert resumed["resumed_from"] == int(previous.name.removeprefix("step-"))
     log = (control.jobs_dir / job.job_id / "logs" / "attempt-2.log").read_text()
     assert f"{newest.name} refused" in log and "SHA-256" in log

@@ -121,7 +121,7 @@ class Trainer:
         self.saver = (checkpoint.AsyncCheckpointer(job_dir / "checkpoints",
                                                    spec["checkpoint"]["keep"])
                       if self.rank == 0 else None)
-        self.step = 0
+        self.step = self.resumed_from = 0
         self.checkpoint_seq = 0
         self.last_checkpoint_time = time.monotonic()
         self.stalls_ms: list[float] = []
@@ -176,7 +176,8 @@ class Trainer:
 
     def report(self, **progress) -> None:
         progress.update(step=self.step, time_ns=time.time_ns(), pid=os.getpid(),
-                        checkpoint_step=self.saver.last_written if self.saver else 0)
+                        checkpoint_step=self.saver.last_written if self.saver else 0,
+                        resumed_from=self.resumed_from)
         self.redis.hset(keys.ranks(self.job_id), str(self.rank), json.dumps(progress))
 
     # -- one step ---------------------------------------------------------------------
@@ -235,9 +236,9 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> int:
-        start = self.resume()
+        self.resumed_from = self.resume()
         policy = self.spec["checkpoint"]
-        self.report(state="running", resumed_from=start)
+        self.report(state="starting")
         while self.step < self.spec["steps"]:
             pause, stop, wanted, terminate = self.decide()
             if terminate:  # preemption: keep everything done so far, then go

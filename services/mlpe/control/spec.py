@@ -9,7 +9,7 @@ from __future__ import annotations
 from google.protobuf import json_format
 
 from mlpe.v1 import control_pb2
-from mlpe.worker.model import PRESETS, RECOMPUTE, GPTConfig
+from mlpe.worker.config import PRESETS, RECOMPUTE, GPTConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")

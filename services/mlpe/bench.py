@@ -11,6 +11,7 @@ from mlpe.common.settings import Settings
 
 def register(sub: argparse._SubParsersAction) -> None:
     from mlpe.agent import bench as agent_bench
+    from mlpe.control import bench as recovery_bench
     from mlpe.kernels import bench as kernels_bench
     from mlpe.stream import bench as stream_bench
     from mlpe.stream import bench_detect
@@ -23,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     stream_bench.register(which)
     bench_detect.register(which)
     kernels_bench.register(which)
+    recovery_bench.register(which)
     p.set_defaults(func=run)
 
 

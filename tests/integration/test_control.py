@@ -5,137 +5,42 @@ fallback, controller restart, pause/resume, priority ordering, auth and bad inpu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
 
 import grpc
 import pytest
-import redis
 import torch
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from mlpe.common.topics import KERNEL_EVENTS, TRAIN_EVENTS
+from mlpe.control.local import LocalController
 from mlpe.v1 import control_pb2 as c
-from mlpe.v1 import control_pb2_grpc, training_pb2
+from mlpe.v1 import training_pb2
 
-TOKEN = "test-token-" + uuid.uuid4().hex[:8]
-AUTH = [("authorization", f"Bearer {TOKEN}"), ("mlpe-user", "tester")]
 TINY = c.ModelSpec(preset="tiny")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Controller:
-    """An `mlpe control` subprocess with its own Redis namespace and jobs folder."""
+class Controller(LocalController):
+    """A started `mlpe control` on the test stack; jobs default to the tiny model."""
 
     def __init__(self, stack, tmp_path: Path, slots: int = 2, extra_env: dict | None = None):
-        self.namespace = f"test-{uuid.uuid4().hex[:10]}"
-        self.port = free_port()
-        self.jobs_dir = tmp_path / "jobs"
-        self.log_path = tmp_path / f"control-{self.port}.log"
-        self.env = {**os.environ, "MLPE_CONTROL_NAMESPACE": self.namespace,
-                    "MLPE_CONTROL_TOKEN": TOKEN, "MLPE_CONTROL_PORT": str(self.port),
-                    "MLPE_REDIS_URL": stack.redis_url,
-                    "MLPE_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
-                    "MLPE_STATE_DIR": str(tmp_path / "state"), **(extra_env or {})}
-        self.slots = slots
-        self.redis = redis.Redis.from_url(stack.redis_url)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.stub = control_pb2_grpc.TrainingControlStub(self.channel)
+        super().__init__(stack.redis_url, stack.kafka_bootstrap, tmp_path, slots, extra_env)
         self.start()
 
-    def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlpe.cli", "control", "--slots", str(self.slots),
-             "--jobs-dir", str(self.jobs_dir), "--listen", f"127.0.0.1:{self.port}"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        health = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.monotonic() + 60
-        while True:  # ready = the health service answers SERVING
-            assert self.proc.poll() is None, self.log()
-            with contextlib.suppress(grpc.RpcError):
-                got = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if got.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            assert time.monotonic() < deadline, "control never became healthy\n" + self.log()
-            time.sleep(0.2)
-
-    def log(self) -> str:
-        return self.log_path.read_text()[-4000:] if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> None:
-        """Stop the controller, then every worker it left (they outlive it by design)."""
-        for job in self.stub.ListJobs(c.ListJobsRequest()).jobs:
-            if job.state in (c.JOB_STATE_RUNNING, c.JOB_STATE_PAUSED, c.JOB_STATE_QUEUED):
-                with contextlib.suppress(grpc.RpcError):
-                    self.stub.CancelJob(c.JobRequest(job_id=job.job_id), metadata=AUTH)
-        for job in self.stub.ListJobs(c.ListJobsRequest()).jobs:
-            launch = self.redis.hget(f"{self.namespace}:job:{job.job_id}", "launch")
-            if launch:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(json.loads(launch)["pid"], signal.SIGKILL)
-        self.proc.terminate()
-        self.proc.wait(30)
-        self.channel.close()
-
-    # -- helpers ------------------------------------------------------------------------
     def submit(self, **fields) -> c.Job:
-        spec = c.JobSpec(model=TINY, global_batch=4, micro_batch=2, **fields)
-        return self.stub.SubmitJob(c.SubmitJobRequest(spec=spec), metadata=AUTH)
-
-    def job(self, job_id: str) -> c.Job:
-        return self.stub.GetJob(c.JobRequest(job_id=job_id))
-
-    def progress(self, job_id: str) -> dict[int, dict]:
-        raw = self.redis.hgetall(f"{self.namespace}:job:{job_id}:ranks")
-        return {int(k): json.loads(v) for k, v in raw.items()}
-
-    def wait(self, what: str, condition, timeout: float = 120.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            result = condition()
-            if result:
-                return result
-            assert self.proc.poll() is None, f"control exited waiting for {what}\n{self.log()}"
-            time.sleep(0.2)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n"
-                             + self.log())
-
-    def wait_state(self, job_id: str, state: int, timeout: float = 120.0) -> c.Job:
-        return self.wait(f"{job_id} {c.JobState.Name(state)}",
-                         lambda: (j := self.job(job_id)).state == state and j, timeout)
-
-    def wait_step(self, job_id: str, rank: int, step: int, timeout: float = 120.0) -> dict:
-        return self.wait(f"{job_id} rank {rank} at step {step}",
-                         lambda: (p := self.progress(job_id).get(rank)) and
-                         p.get("step", 0) >= step and p, timeout)
+        return super().submit(c.JobSpec(model=TINY, global_batch=4, micro_batch=2, **fields))
 
     def events(self, job_id: str) -> list[c.JobEvent]:
         return list(self.stub.StreamJobEvents(c.StreamJobEventsRequest(job_id=job_id),
                                               timeout=120))
 
     def final_weights(self, job_id: str, step: int) -> dict:
-        path = self.jobs_dir / job_id / "checkpoints" / f"step-{step:08d}" / "state.pt"
-        return torch.load(path, weights_only=False)["model"]
+        return self.checkpoint_state(job_id, step)["model"]
 
 
 def end_offsets(bootstrap: str) -> dict:
@@ -230,7 +135,7 @@ def test_bad_input_and_access(control):
     with pytest.raises(grpc.RpcError) as err:
         control.stub.SubmitJob(c.SubmitJobRequest(spec=c.JobSpec(
             steps=0, world_size=3, model=c.ModelSpec(preset="nope", hidden=-5),
-            precision="fp8")), metadata=AUTH)
+            precision="fp8")), metadata=control.auth)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     for field in ("steps:", "model.preset:", "model.hidden:", "precision:", "world_size:"):
         assert field in err.value.details()
@@ -240,16 +145,16 @@ def test_bad_input_and_access(control):
     with pytest.raises(grpc.RpcError) as err:
         control.stub.SubmitJob(c.SubmitJobRequest(spec=c.JobSpec(steps=5)))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert TOKEN not in err.value.details()
+    assert control.token not in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         control.stub.CancelJob(c.JobRequest(job_id="x"),
                                metadata=[("authorization", "Bearer wrong")])
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
     job = control.submit(steps=100_000)
-    control.stub.CancelJob(c.JobRequest(job_id=job.job_id), metadata=AUTH)
+    control.stub.CancelJob(c.JobRequest(job_id=job.job_id), metadata=control.auth)
     with pytest.raises(grpc.RpcError) as err:
-        control.stub.ResumeJob(c.JobRequest(job_id=job.job_id), metadata=AUTH)
+        control.stub.ResumeJob(c.JobRequest(job_id=job.job_id), metadata=control.auth)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "cancelled" in err.value.details()
     audit = control.redis.xrange(f"{control.namespace}:audit")
@@ -257,7 +162,7 @@ def test_bad_input_and_access(control):
     assert any(e["what"] == "SubmitJob" and e["outcome"].startswith("refused: no valid")
                for e in entries)
     assert any(e["what"] == "CancelJob" and e["job_id"] == job.job_id and
-               e["who"].startswith("tester@") and e["outcome"] == "ok: now cancelled"
+               e["who"].startswith("local@") and e["outcome"] == "ok: now cancelled"
                for e in entries)
     assert control.proc.poll() is None  # still serving after all of that
 
@@ -265,19 +170,19 @@ def test_bad_input_and_access(control):
 def test_pause_checkpoint_resume_cancel(control):
     job = control.submit(steps=100_000, checkpoint=c.CheckpointPolicy(every_steps=1000))
     control.wait_step(job.job_id, 0, 5)
-    control.stub.PauseJob(c.JobRequest(job_id=job.job_id), metadata=AUTH)
+    control.stub.PauseJob(c.JobRequest(job_id=job.job_id), metadata=control.auth)
     paused = control.wait("workers paused",
                           lambda: control.progress(job.job_id)[0].get("state") == "paused" and
                           control.progress(job.job_id)[0])
-    control.stub.CheckpointNow(c.JobRequest(job_id=job.job_id), metadata=AUTH)
+    control.stub.CheckpointNow(c.JobRequest(job_id=job.job_id), metadata=control.auth)
     written = control.wait("the requested checkpoint",
                            lambda: control.job(job.job_id).checkpoint_step)
     assert written == paused["step"]  # paused: the checkpoint holds exactly that step
     assert control.progress(job.job_id)[0]["step"] == paused["step"]
-    control.stub.ResumeJob(c.JobRequest(job_id=job.job_id), metadata=AUTH)
+    control.stub.ResumeJob(c.JobRequest(job_id=job.job_id), metadata=control.auth)
     control.wait_step(job.job_id, 0, paused["step"] + 3)
     pid = control.progress(job.job_id)[0]["pid"]
-    cancelled = control.stub.CancelJob(c.JobRequest(job_id=job.job_id), metadata=AUTH)
+    cancelled = control.stub.CancelJob(c.JobRequest(job_id=job.job_id), metadata=control.auth)
     assert cancelled.state == c.JOB_STATE_CANCELLED
     control.wait("the worker to stop", lambda: not Path(f"/proc/{pid}").exists())
     assert control.progress(job.job_id)[0]["state"] == "stopped"
@@ -319,7 +224,7 @@ def test_a_corrupt_checkpoint_is_refused_and_the_previous_one_used(control):
     job = control.submit(steps=100_000, max_restarts=1,
                          checkpoint=c.CheckpointPolicy(every_steps=5, keep=5))
     control.wait("two checkpoints", lambda: control.job(job.job_id).checkpoint_step >= 10)
-    control.stub.PauseJob(c.JobRequest(job_id=job.job_id), metadata=AUTH)
+    control.stub.PauseJob(c.JobRequest(job_id=job.job_id), metadata=control.auth)
     control.wait("paused", lambda: control.progress(job.job_id)[0].get("state") == "paused")
     folder = control.jobs_dir / job.job_id / "checkpoints"
     newest, previous = sorted(folder.glob("step-????????"))[-1:-3:-1]
@@ -371,7 +276,7 @@ def test_priority_queue_order(control):
     positions = {j.spec.name: j.queue_position for j in
                  control.stub.ListJobs(c.ListJobsRequest(states=[c.JOB_STATE_QUEUED])).jobs}
     assert positions == {"high": 1, "mid": 2, "low": 3}
-    control.stub.CancelJob(c.JobRequest(job_id=blocker.job_id), metadata=AUTH)
+    control.stub.CancelJob(c.JobRequest(job_id=blocker.job_id), metadata=control.auth)
     control.wait_state(high.job_id, c.JOB_STATE_RUNNING)
     control.wait_state(mid.job_id, c.JOB_STATE_RUNNING)
     assert control.job(low.job_id).state == c.JOB_STATE_QUEUED  # both slots taken

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -17,10 +18,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from mlpe.common.topics import KERNEL_EVENTS, TRAIN_EVENTS
+from mlpe.common.topics import ALERTS, KERNEL_EVENTS, TRAIN_EVENTS
 from mlpe.control.local import LocalController
+from mlpe.v1 import alerts_pb2, control_pb2_grpc, training_pb2
 from mlpe.v1 import control_pb2 as c
-from mlpe.v1 import training_pb2
 
 TINY = c.ModelSpec(preset="tiny")
 
@@ -43,14 +44,13 @@ class Controller(LocalController):
         return self.checkpoint_state(job_id, step)["model"]
 
 
-def end_offsets(bootstrap: str) -> dict:
-    """Where the step and kernel topics end now, per partition (read from here later)."""
+def end_offsets(bootstrap: str, topics=(TRAIN_EVENTS, KERNEL_EVENTS)) -> dict:
+    """Where the topics end now, per partition (read from here later)."""
     async def go():
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
         await consumer.start()
         try:
-            parts = [TopicPartition(t.name, p) for t in (TRAIN_EVENTS, KERNEL_EVENTS)
-                     for p in range(t.partitions)]
+            parts = [TopicPartition(t.name, p) for t in topics for p in range(t.partitions)]
             consumer.assign(parts)
             await consumer.seek_to_end(*parts)
             return {tp: await consumer.position(tp) for tp in parts}
@@ -82,6 +82,27 @@ def read_job_events(bootstrap: str, mark: dict, job_id: str, n_steps: int, n_ker
         finally:
             await consumer.stop()
         return steps, kernels
+    return asyncio.run(go())
+
+
+def read_alerts(bootstrap: str, mark: dict, job_id: str) -> list[alerts_pb2.Alert]:
+    """The alerts about `job_id` on mlpe.alerts after `mark` (waits for the first)."""
+    async def go():
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        consumer.assign(list(mark))
+        for tp, offset in mark.items():
+            consumer.seek(tp, offset)
+        found = []
+        try:
+            async with asyncio.timeout(30):
+                while not found:
+                    for records in (await consumer.getmany(timeout_ms=500)).values():
+                        alerts = (alerts_pb2.Alert.FromString(r.value) for r in records)
+                        found += [a for a in alerts if a.labels.get("job") == job_id]
+        finally:
+            await consumer.stop()
+        return found
     return asyncio.run(go())
 
 
@@ -189,7 +210,8 @@ def test_pause_checkpoint_resume_cancel(control):
 
 
 def test_sigkill_of_a_rank_restarts_from_checkpoint_and_matches_an_uninterrupted_run(
-        control):
+        control, stack_endpoints):
+    mark = end_offsets(stack_endpoints.kafka_bootstrap, (ALERTS,))
     spec = {"steps": 60, "world_size": 2, "max_restarts": 2,
             "checkpoint": c.CheckpointPolicy(every_steps=10)}
     clean = control.submit(name="clean", **spec)
@@ -201,6 +223,8 @@ def test_sigkill_of_a_rank_restarts_from_checkpoint_and_matches_an_uninterrupted
     assert done.restarts == 1 and done.step == 60
     restarts = [e for e in control.events(crashed.job_id) if e.kind == "restart"]
     assert len(restarts) == 1 and f"pid {victim['pid']}" in restarts[0].message
+    alert = read_alerts(stack_endpoints.kafka_bootstrap, mark, crashed.job_id)[0]
+    assert alert.rule == "job_restarted" and f"pid {victim['pid']}" in alert.explanation
     want, got = control.final_weights(clean.job_id, 60), control.final_weights(
         crashed.job_id, 60)
     assert all(torch.equal(want[k], got[k]) for k in want)  # bitwise the same run
@@ -281,3 +305,42 @@ def test_priority_queue_order(control):
     control.wait_state(mid.job_id, c.JOB_STATE_RUNNING)
     assert control.job(low.job_id).state == c.JOB_STATE_QUEUED  # both slots taken
     assert control.job(low.job_id).queue_position == 1
+
+
+def test_sigterm_takes_an_emergency_checkpoint_and_nothing_is_lost(control):
+    job = control.submit(steps=100_000, max_restarts=1,
+                         checkpoint=c.CheckpointPolicy(every_steps=100_000))
+    worker = control.wait_step(job.job_id, 0, 5)
+    os.kill(worker["pid"], signal.SIGTERM)  # what a preempting scheduler sends
+    preempted = control.wait("the emergency checkpoint",
+                             lambda: (p := control.progress(job.job_id).get(0)) and
+                             p.get("state") == "preempted" and p)
+    assert preempted["checkpoint_step"] == preempted["step"] >= 5
+    resumed = control.wait("the restarted worker",
+                           lambda: (p := control.progress(job.job_id).get(0)) and
+                           p["pid"] != worker["pid"] and p)
+    assert resumed["resumed_from"] == preempted["step"]  # not one step lost
+    restart = next(e for e in _events_so_far(control, job.job_id) if e.kind == "restart")
+    assert "preempted" in restart.message
+
+
+def test_tls_when_certificates_are_configured(stack_endpoints, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    control = LocalController(stack_endpoints.redis_url, stack_endpoints.kafka_bootstrap,
+                              tmp_path, extra_env={"MLPE_CONTROL_TLS_CERT": str(cert),
+                                                   "MLPE_CONTROL_TLS_KEY": str(key)},
+                              tls_ca=cert)
+    control.start()  # its health check already goes over TLS
+    try:
+        assert control.stub.ListJobs(c.ListJobsRequest()).jobs == []
+        plain = control_pb2_grpc.TrainingControlStub(
+            grpc.insecure_channel(f"127.0.0.1:{control.port}"))
+        with pytest.raises(grpc.RpcError) as err:
+            plain.ListJobs(c.ListJobsRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        control.stop()

@@ -32,7 +32,8 @@ def free_port() -> int:
 
 class LocalController:
     def __init__(self, redis_url: str, kafka_bootstrap: str, workdir: Path, slots: int = 2,
-                 extra_env: dict | None = None, namespace: str | None = None):
+                 extra_env: dict | None = None, namespace: str | None = None,
+                 tls_ca: Path | None = None):
         self.namespace = namespace or f"local-{uuid.uuid4().hex[:10]}"
         self.port = free_port()
         self.token = uuid.uuid4().hex
@@ -46,7 +47,9 @@ class LocalController:
                     "MLPE_STATE_DIR": str(self.workdir / "state"), **(extra_env or {})}
         self.slots = slots
         self.redis = redis.Redis.from_url(redis_url)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        target = f"localhost:{self.port}" if tls_ca else f"127.0.0.1:{self.port}"
+        self.channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials(
+            Path(tls_ca).read_bytes())) if tls_ca else grpc.insecure_channel(target))
         self.stub = control_pb2_grpc.TrainingControlStub(self.channel)
         self.proc: subprocess.Popen | None = None
 

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -344,3 +345,30 @@ def test_tls_when_certificates_are_configured(stack_endpoints, tmp_path):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         control.stop()
+
+
+def test_the_jobs_cli(control):
+    env = {**control.env, "MLPE_CONTROL_ADDRESS": f"127.0.0.1:{control.port}"}
+
+    def jobs(*args):
+        return subprocess.run([sys.executable, "-m", "mlpe.cli", "jobs", *args], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    done = jobs("submit", "--preset", "tiny", "--steps", "12", "--global-batch", "2",
+                "--micro-batch", "2", "--name", "cli", "--follow")
+    assert done.returncode == 0, done.stderr
+    assert "submitted job-" in done.stdout and "completed 12 steps" in done.stdout
+    job_id = done.stdout.split()[1]
+    status = jobs("status", job_id, "--json")
+    assert json.loads(status.stdout)["state"] == "completed"
+    listed = jobs("list")
+    assert job_id in listed.stdout and "12/12" in listed.stdout
+    missing = jobs("pause", "job-nope")
+    assert missing.returncode == 4 and "NOT_FOUND" in missing.stderr
+    bad = jobs("submit", "--steps", "0")
+    assert bad.returncode == 2 and "steps: between 1" in bad.stderr
+    unauthorised = subprocess.run(
+        [sys.executable, "-m", "mlpe.cli", "jobs", "cancel", job_id],
+        env={**env, "MLPE_CONTROL_TOKEN": "wrong"}, capture_output=True, text=True,
+        timeout=60)
+    assert unauthorised.returncode == 1 and "UNAUTHENTICATED" in unauthorised.stderr

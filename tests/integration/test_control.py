@@ -277,9 +277,11 @@ def test_controller_restart_reattaches_or_restarts_from_checkpoint(control):
     assert control.progress(job.job_id)[0]["pid"] == before["pid"]  # the same worker
     assert any(e.kind == "attach" for e in _events_so_far(control, job.job_id))
 
-    control.kill()
+    control.kill()  # and this time the workers die too (torchrun and every rank)
     os.killpg(json.loads(control.redis.hget(f"{control.namespace}:job:{job.job_id}",
                                             "launch"))["pid"], signal.SIGKILL)
+    for rank in control.progress(job.job_id).values():
+        os.killpg(rank["pid"], signal.SIGKILL)
     control.start()
     control.wait("a new worker", lambda: (p := control.progress(job.job_id).get(0)) and
                  p["pid"] != before["pid"] and p.get("resumed_from", 0) > 0)

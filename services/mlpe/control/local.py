@@ -18,6 +18,7 @@ import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mlpe.control.supervisor import pid_alive
 from mlpe.v1 import control_pb2 as c
 from mlpe.v1 import control_pb2_grpc
 
@@ -92,11 +93,15 @@ class LocalController:
                     with contextlib.suppress(grpc.RpcError):
                         self.stub.CancelJob(c.JobRequest(job_id=job.job_id),
                                             metadata=self.auth, timeout=10)
-        for job_id in self.redis.zrange(f"{self.namespace}:jobs", 0, -1):
-            launch = self.redis.hget(f"{self.namespace}:job:{job_id.decode()}", "launch")
-            if launch:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(json.loads(launch)["pid"], signal.SIGKILL)
+        for raw_id in self.redis.zrange(f"{self.namespace}:jobs", 0, -1):
+            job_id = raw_id.decode()
+            launch = self.redis.hget(f"{self.namespace}:job:{job_id}", "launch")
+            pids = [json.loads(launch)] if launch else []
+            pids += self.progress(job_id).values()  # torchrun gives each rank its own session
+            for p in pids:
+                if pid_alive(p.get("pid", 0), p.get("start_ticks")):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(p["pid"], signal.SIGKILL)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(30)

@@ -105,9 +105,14 @@ class Supervisor:
             return child.poll() is None
         return bool(launch) and pid_alive(launch["pid"], launch.get("start_ticks"))
 
-    def kill(self, job_id: str, launch: dict | None, sig: int = signal.SIGKILL) -> None:
+    async def kill(self, job_id: str, launch: dict | None, sig: int = signal.SIGKILL) -> None:
+        """Signal torchrun's process group and every rank's: torchrun starts each worker
+        in a session of its own, so killing torchrun alone would leave them running."""
         if launch and pid_alive(launch["pid"], launch.get("start_ticks")):
             _signal(launch["pid"], sig)
+        for p in (await self.store.progress(job_id)).values():
+            if pid_alive(p.get("pid", 0), p.get("start_ticks")):
+                _signal(p["pid"], sig)
         child = self.children.get(job_id)
         if child is not None and sig == signal.SIGKILL:
             child.wait()
@@ -164,12 +169,12 @@ class Supervisor:
         if record["state"] == CANCELLED:
             first = self.cancelled_at.setdefault(job_id, time.monotonic())
             if alive and time.monotonic() - first > CANCEL_GRACE_S:
-                self.kill(job_id, launch)
+                await self.kill(job_id, launch)
             elif not alive:
                 self.forget(job_id)
             return
         if record["state"] in ENDED:
-            self.kill(job_id, launch)
+            await self.kill(job_id, launch)
             self.forget(job_id)
             return
         rank0 = progress.get(0, {})
@@ -233,7 +238,7 @@ class Supervisor:
 
     async def failure(self, record: dict, reason: str) -> None:
         job_id = record["job_id"]
-        self.kill(job_id, record["launch"])
+        await self.kill(job_id, record["launch"])
         self.children.pop(job_id, None)
         spec = record["resolved"]
         log.warning("job %s: %s", job_id, reason)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -32,10 +33,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def die_with_parent() -> None:
+    """SIGKILL this rank when its parent (torchrun's agent) dies: torchrun starts each
+    rank in a session of its own, so a killed launcher would otherwise leave it training."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent was already gone before prctl
+        os._exit(1)
+
+
 def run(args, settings: Settings) -> int:
     from mlpe.worker.publish import Publisher
     from mlpe.worker.train import Trainer
 
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun
+        die_with_parent()
     rank = int(os.environ.get("RANK", 0))
     log = logs.configure(f"worker-{rank}", settings.log_level, settings.log_format)
     spec_path = args.job_dir / "spec.json"

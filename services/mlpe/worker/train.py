@@ -122,6 +122,8 @@ class Trainer:
                                                    spec["checkpoint"]["keep"])
                       if self.rank == 0 else None)
         self.step = self.resumed_from = 0
+        # With the pid, names this process for a kill that must not hit a recycled pid.
+        self.start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         self.checkpoint_seq = 0
         self.last_checkpoint_time = time.monotonic()
         self.stalls_ms: list[float] = []
@@ -176,6 +178,7 @@ class Trainer:
 
     def report(self, **progress) -> None:
         progress.update(step=self.step, time_ns=time.time_ns(), pid=os.getpid(),
+                        start_ticks=self.start_ticks,
                         checkpoint_step=self.saver.last_written if self.saver else 0,
                         resumed_from=self.resumed_from)
         self.redis.hset(keys.ranks(self.job_id), str(self.rank), json.dumps(progress))

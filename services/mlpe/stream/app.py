@@ -439,8 +439,10 @@ async def forget_revoked(app, revoked, **kwargs) -> None:
 @app.timer(interval=10.0)
 async def report() -> None:
     late = sum(w.late_samples for w in WINDOWS)
+    duplicates = sum(w.duplicate_samples for w in WINDOWS)
     delays = np.array(close_delays) if close_delays else np.zeros(1)
     arrivals = np.array(arrival_delays) if arrival_delays else np.zeros(1)
-    log.info("stream stats: %s late_samples=%d window_written_after_end_p50=%.2fs p99=%.2fs "
-             "batch_arrival_p50=%.2fs p99=%.2fs", counters, late, np.percentile(delays, 50),
+    log.info("stream stats: %s late_samples=%d duplicate_samples=%d "
+             "window_written_after_end_p50=%.2fs p99=%.2fs batch_arrival_p50=%.2fs p99=%.2fs",
+             counters, late, duplicates, np.percentile(delays, 50),
              np.percentile(delays, 99), np.percentile(arrivals, 50), np.percentile(arrivals, 99))

@@ -32,6 +32,7 @@ class _Window:
     fields: tuple[int | str, ...] = ()  # field numbers, or names for training rows
     tokens: list[object] = field(default_factory=list)  # whatever the caller acks afterwards
     job: str = ""
+    seen: set[tuple[int, int, int]] = field(default_factory=set)  # (epoch, first time, n)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class WindowSet:
         self.late_samples = 0
         self.skip_before: dict[tuple, int] = {}  # key -> first window start it may write
         self.partial_skipped = 0
+        self.duplicate_samples = 0
 
     def add(self, partition: Hashable, batch: batches.Batch, token: object) -> int:
         """Add a batch's samples to their windows; `token` comes back with each window.
@@ -100,7 +102,15 @@ class WindowSet:
             if window is None:
                 window = self.open[key][start] = _Window(start, fields=fields,
                                                          job=batch.job_id)
-            window.parts.append((times[rows], matrix[rows]))
+            # The same samples twice (a producer's resend, a redelivery after a
+            # rebalance) must not count twice: at-least-once in, exactly-once out.
+            part_times = times[rows]
+            ident = (getattr(batch, "agent_epoch_ns", 0), int(part_times[0]), len(part_times))
+            if ident in window.seen:
+                self.duplicate_samples += len(part_times)
+                continue
+            window.seen.add(ident)
+            window.parts.append((part_times, matrix[rows]))
             window.tokens.append(token)
             joined += 1
         self.watermark[partition] = max(self.watermark.get(partition, 0),

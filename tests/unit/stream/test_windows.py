@@ -108,3 +108,15 @@ def test_silence_with_unread_data_is_not_idleness():
     later = w.last_seen[3] + 5
     assert w.close_ready(now=later, backlog=lambda p: True) == []  # busy, not silent
     assert len(w.close_ready(now=later, backlog=lambda p: False)) == 1
+
+
+def test_the_same_batch_twice_counts_once():
+    w = WindowSet(1.0, lateness_s=0.5, idle_s=60)
+    for i in range(10):
+        w.add(0, batch(10 * i, 10, np.full(10, float(i))), token=i)
+        if i == 4:  # a resend of batch 4 (at-least-once delivery)
+            assert w.add(0, batch(40, 10, np.full(10, 4.0)), token="again") == 0
+    w.add(0, batch(150, 10, np.zeros(10)), token=10)
+    (closed,) = w.close_ready()
+    assert parse(closed.line)[1]["samples"] == 100 and "again" not in closed.tokens
+    assert w.duplicate_samples == 10

@@ -187,6 +187,8 @@ class WindowSet:
             tags = f"node={escape_tag(node)},window={self.label}"
         if kind == pb.DEVICE_KIND_GPU:
             tags += f",gpu={device}"
+            if window.job:  # the job view and AdviseJob select a job's GPUs by this tag
+                tags += f",job={escape_tag(window.job)}"
         line = f"{MEASUREMENT.get(kind, 'device')},{tags} {','.join(parts)} {window.start_ns}"
         return Closed(line=line, tokens=window.tokens, start_ns=window.start_ns,
                       end_ns=window.start_ns + self.width_ns, node=node, kind=kind,

@@ -125,7 +125,7 @@ def test_the_same_batch_twice_counts_once():
 def test_a_gpu_of_a_job_is_tagged_with_it():
     w = WindowSet(1.0, lateness_s=0.0, idle_s=60)
     b = batch(0, 10, np.ones(10))
-    b.job_id = "llm 7"
+    b.job_id = "llm,7"
     w.add(0, b, token=0)
     (closed,) = w.close_ready(flush_all=True)
-    assert parse(closed.line)[0] == r"gpu,node=n1,window=1s,gpu=0,job=llm\ 7"
+    assert parse(closed.line)[0] == r"gpu,node=n1,window=1s,gpu=0,job=llm\,7"

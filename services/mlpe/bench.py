@@ -13,6 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from mlpe.agent import bench as agent_bench
     from mlpe.control import bench as recovery_bench
     from mlpe.kernels import bench as kernels_bench
+    from mlpe.optimizer import bench as plan_bench
     from mlpe.stream import bench as stream_bench
     from mlpe.stream import bench_detect
 
@@ -25,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench_detect.register(which)
     kernels_bench.register(which)
     recovery_bench.register(which)
+    plan_bench.register(which)
     p.set_defaults(func=run)
 
 

@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mlpe.control import client as jobs_client
     from mlpe.control import main as control_main
     from mlpe.notify import main as notify_main
+    from mlpe.optimizer import cli as optimizer_cli
     from mlpe.stream import main as stream_main
     from mlpe.worker import main as worker_main
 
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     control_main.register(sub)
     jobs_client.register(sub)
     worker_main.register(sub)
+    optimizer_cli.register(sub)
     tail.register(sub)
     bench.register(sub)
     return parser

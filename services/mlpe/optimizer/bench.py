@@ -1,0 +1,168 @@
+"""`mlpe bench plan`: the planner's accuracy (what this machine can measure), its search
+latency, and the gRPC server's plan requests per second.
+
+- Accuracy: the worker's GPT run forward and backward on the CPU at several
+  configurations; bytes saved for backward (through the fused kernels, in Triton's
+  interpreter), parameters, gradients and AdamW states, each against the planner's
+  prediction (mlpe.optimizer.accuracy).
+- Search latency: the full search for llama3-70b on 128 x 8 H100 (1,024 GPUs), global batch
+  1024, sequence 8192, repeated; p50 and p99.
+- Requests/s: `mlpe optimizer` on loopback with its Redis cache, 16 concurrent clients for
+  `--seconds`, cycling through 32 distinct requests (the first of each a miss).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from mlpe.common.settings import Settings
+
+SEARCH_CASE = ("llama3-70b", "128x8xH100", 1024, 8192)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="planner accuracy vs measurement, search latency, "
+                       "plan requests/s", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=50, help="timed searches (50)")
+    p.add_argument("--seconds", type=float, default=10.0, help="load test length (10)")
+    p.add_argument("--skip-accuracy", action="store_true",
+                   help="leave out the (slow) CPU measurements")
+    p.set_defaults(bench=run)
+
+
+def search_latency(repeats: int) -> dict:
+    from mlpe.optimizer import service
+    from mlpe.v1 import optimizer_pb2 as o
+
+    model, cluster, batch, seq = SEARCH_CASE
+    request = o.PlanRequest(model=o.ModelShape(preset=model),
+                            cluster=o.ClusterSpec(preset=cluster),
+                            training=o.TrainingSpec(global_batch=batch, seq_len=seq))
+    service.plan(request)  # warm-up (imports, caches)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        response = service.plan(request)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"search_p50_ms": round(statistics.median(times), 2),
+            "search_p99_ms": round(times[min(len(times) - 1, int(0.99 * len(times)))], 2),
+            "search_evaluated": response.evaluated, "best": response.plans[0].summary
+            if response.plans else None}
+
+
+def requests(n: int) -> list:
+    from mlpe.v1 import optimizer_pb2 as o
+
+    models = ("gpt2-xl", "llama2-7b", "llama3-8b", "llama2-13b", "llama3-70b", "mixtral-8x7b",
+              "llama2-70b", "gpt2-large")
+    clusters = ("1x8xH100", "2x8xA100", "4x8xH100", "8x8xH200")
+    out = []
+    for i in range(n):
+        out.append(o.PlanRequest(
+            model=o.ModelShape(preset=models[i % len(models)]),
+            cluster=o.ClusterSpec(preset=clusters[(i // len(models)) % len(clusters)]),
+            training=o.TrainingSpec(global_batch=256, seq_len=4096), top_k=5))
+    return out
+
+
+async def load(address: str, seconds: float, concurrency: int = 16) -> dict:
+    import grpc
+
+    from mlpe.v1 import optimizer_pb2_grpc
+
+    pool = requests(32)
+    done = cached = 0
+    errors: list[str] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = optimizer_pb2_grpc.OptimizerStub(channel)
+        deadline = time.monotonic() + seconds
+
+        async def client(k: int) -> None:
+            nonlocal done, cached
+            i = k
+            while time.monotonic() < deadline:
+                try:
+                    answer = await stub.PlanTraining(pool[i % len(pool)], timeout=30)
+                except grpc.RpcError as err:
+                    errors.append(f"{err.code().name}: {err.details()}")
+                    return
+                done += 1
+                cached += answer.cached
+                i += concurrency
+        t0 = time.monotonic()
+        await asyncio.gather(*(client(k) for k in range(concurrency)))
+        elapsed = time.monotonic() - t0
+    if errors:
+        raise RuntimeError(f"plan requests failed: {errors[0]}")
+    return {"requests_per_s": round(done / elapsed, 1), "requests": done,
+            "cache_hit_ratio": round(cached / max(done, 1), 3)}
+
+
+def run(args, settings: Settings) -> dict:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from mlpe import stack
+    from mlpe.control.local import free_port
+
+    result: dict = {"bench": "plan"}
+    if not args.skip_accuracy:
+        from mlpe.optimizer.accuracy import accuracy_table
+
+        print("measuring the worker's GPT on the CPU (fused kernels in Triton's "
+              "interpreter) …", flush=True)
+        rows = accuracy_table()
+        for r in rows:
+            print(f"  {r['config']:40s} {r['component']:14s} predicted "
+                  f"{r['predicted'] / 2**20:10.2f} MiB  measured {r['measured'] / 2**20:10.2f}"
+                  f" MiB  error {r['error_pct']:+.2f}%")
+        result["configs_measured"] = len({r["config"] for r in rows})
+        result["mem_err_max_pct"] = round(max(abs(r["error_pct"]) for r in rows), 2)
+    else:
+        result.update(configs_measured=0, mem_err_max_pct=None)
+    result.update(search_latency(args.repeats))
+    print(f"search, {SEARCH_CASE[0]} on {SEARCH_CASE[1]}: p50 {result['search_p50_ms']} ms, "
+          f"p99 {result['search_p99_ms']} ms ({result['search_evaluated']:,} layouts); best: "
+          f"{result['best']}", flush=True)
+
+    stack.up(settings, ("redis",))
+    port = free_port()
+    namespace = f"bench-{os.getpid()}"
+    env = {**os.environ, "MLPE_CONTROL_NAMESPACE": namespace}
+    server = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "optimizer", "--listen",
+                               f"127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 60
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"mlpe optimizer exited: {server.stderr.read()[-2000:]}")
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("mlpe optimizer did not become healthy in 60 s")
+            time.sleep(0.2)
+        result.update(asyncio.run(load(f"127.0.0.1:{port}", args.seconds)))
+    finally:
+        server.terminate()
+        server.wait(30)
+        import redis
+
+        client = redis.Redis.from_url(settings.redis_url)
+        for key in client.scan_iter(f"{namespace}:plan:*"):
+            client.delete(key)
+    print(f"server: {result['requests_per_s']} plan requests/s over {args.seconds:.0f} s "
+          f"(16 clients, 32 distinct requests, cache hit ratio {result['cache_hit_ratio']})")
+    return result

@@ -1,0 +1,167 @@
+"""`mlpe plan` and `mlpe advise`: the planner and the job advisor from the shell. They run
+in-process by default (no server needed); `--server HOST:PORT` asks `mlpe optimizer`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mlpe.common.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("optimizer", help="the planner as a gRPC service (PlanTraining, "
+                       "ExplainPlan, AdviseJob), plans cached in Redis",
+                       description="Serves mlpe.v1.Optimizer with health and reflection on "
+                       "$MLPE_OPTIMIZER_PORT (50051).")
+    s.add_argument("--listen", default=None,
+                   help="address to serve on (default 0.0.0.0:$MLPE_OPTIMIZER_PORT)")
+    s.add_argument("--no-cache", action="store_true", help="do not cache plans in Redis")
+    s.set_defaults(func=run_server)
+
+    p = sub.add_parser("plan", help="rank parallel layouts of a model on a cluster: memory "
+                       "per GPU, step time, tokens/s, MFU",
+                       description="e.g. mlpe plan --model llama3-70b --cluster 16x8xH100 "
+                       "--global-batch 1024 --seq 8192")
+    p.add_argument("--model", required=True,
+                   help="preset (gpt2-small…xl, llama2-7b/13b/70b, llama3-8b/70b/405b, "
+                   "mixtral-8x7b); --layers etc. override its dimensions")
+    for flag in ("layers", "hidden", "heads", "kv-heads", "ffn", "vocab", "experts", "top-k"):
+        p.add_argument(f"--{flag}", type=int, default=0, help=f"model {flag}")
+    p.add_argument("--cluster", required=True,
+                   help="NODESxGPUSxTYPE, e.g. 16x8xH100 (A100-40GB, A100, H100, H200)")
+    p.add_argument("--global-batch", type=int, required=True, help="sequences per step")
+    p.add_argument("--seq", type=int, default=0, help="sequence length (the model's)")
+    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp8"))
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "adafactor"))
+    p.add_argument("--objective", default="throughput",
+                   choices=("throughput", "fewest_gpus", "fit"))
+    p.add_argument("--top", type=int, default=10, help="plans shown (10)")
+    p.add_argument("--explain", action="store_true", help="explain the best plan")
+    p.add_argument("--json", action="store_true", help="the PlanResponse as JSON")
+    p.add_argument("--server", help="ask mlpe optimizer at HOST:PORT instead")
+    p.set_defaults(func=run_plan)
+
+    a = sub.add_parser("advise", help="recommendations for a running job from its telemetry")
+    a.add_argument("job_id")
+    a.add_argument("--window", type=int, default=300, help="seconds of telemetry (300)")
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--server", help="ask mlpe optimizer at HOST:PORT instead")
+    a.set_defaults(func=run_advise)
+
+
+def build_request(args):
+    from mlpe.v1 import optimizer_pb2 as o
+
+    model = o.ModelShape(preset=args.model)
+    for flag in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "experts", "top_k"):
+        setattr(model, flag, getattr(args, flag))
+    return o.PlanRequest(
+        model=model, cluster=o.ClusterSpec(preset=args.cluster),
+        training=o.TrainingSpec(global_batch=args.global_batch, seq_len=args.seq,
+                                precision=args.precision, optimizer=args.optimizer,
+                                objective=args.objective), top_k=args.top)
+
+
+def print_plans(response) -> None:
+    if not response.plans:
+        print("No layout fits.")
+    else:
+        print(f"{'#':>2} {'DP':>4} {'TP':>3} {'PP':>3} {'CP':>3} {'EP':>3} {'ZeRO':>4} "
+              f"{'MBxGA':>7} {'RECOMP':>9} {'OFFLOAD':>9} {'MEM GiB':>9} {'STEP s':>8} "
+              f"{'TOK/S':>11} {'MFU':>5}")
+        for i, p in enumerate(response.plans, 1):
+            print(f"{i:>2} {p.dp:>4} {p.tp:>3} {p.pp:>3} {p.cp:>3} {p.ep:>3} "
+                  f"{p.zero_stage:>4} {f'{p.micro_batch}x{p.grad_accum}':>7} "
+                  f"{p.recompute:>9} {p.offload:>9} "
+                  f"{p.memory.total_gib:>5.1f}/{p.memory.capacity_gib:<3.0f} "
+                  f"{p.time.total_s:>8.2f} {p.tokens_per_s:>11,.0f} {p.mfu:>5.0%}")
+    if response.HasField("closest"):
+        print(f"\nClosest layout: {response.closest.summary}")
+    for s in response.suggestions:
+        print(f"  - {s}")
+    print(f"\n{response.evaluated:,} layouts evaluated in {response.search_ms:.1f} ms"
+          + (" (cached)" if response.cached else ""))
+
+
+def run_plan(args, settings: Settings) -> int:
+    from google.protobuf import json_format
+
+    from mlpe.optimizer import service
+    from mlpe.optimizer.errors import PlanInputError
+    from mlpe.v1 import optimizer_pb2 as o
+
+    request = build_request(args)
+    try:
+        if args.server:
+            import grpc
+
+            from mlpe.v1 import optimizer_pb2_grpc
+
+            stub = optimizer_pb2_grpc.OptimizerStub(grpc.insecure_channel(args.server))
+            try:
+                response = stub.PlanTraining(request, timeout=60)
+                text = stub.ExplainPlan(o.ExplainPlanRequest(
+                    request=request, plan=response.plans[0])).text \
+                    if args.explain and response.plans else ""
+            except grpc.RpcError as err:
+                print(f"mlpe plan: {err.code().name}: {err.details()}", file=sys.stderr)
+                return 2 if err.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+        else:
+            response = service.plan(request)
+            text = service.explain(o.ExplainPlanRequest(request=request,
+                                                        plan=response.plans[0])) \
+                if args.explain and response.plans else ""
+    except PlanInputError as err:
+        print(f"mlpe plan: {err.field}: {err.reason}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json_format.MessageToJson(response, preserving_proto_field_name=True))
+    else:
+        print_plans(response)
+        if text:
+            print("\n" + text)
+    return 0 if response.plans else 3
+
+
+def run_advise(args, settings: Settings) -> int:
+    if args.server:
+        import grpc
+
+        from mlpe.v1 import optimizer_pb2 as o
+        from mlpe.v1 import optimizer_pb2_grpc
+
+        stub = optimizer_pb2_grpc.OptimizerStub(grpc.insecure_channel(args.server))
+        try:
+            answer = stub.AdviseJob(o.AdviseJobRequest(job_id=args.job_id,
+                                                       window_s=args.window), timeout=60)
+        except grpc.RpcError as err:
+            print(f"mlpe advise: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 2 if err.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+        recs, summary = answer.recommendations, answer.summary
+    else:
+        from mlpe.optimizer.server import advise
+
+        try:
+            recs, summary = advise(settings, args.job_id, args.window)
+        except OSError as err:
+            print(f"mlpe advise: InfluxDB not reachable: {err}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps({"job_id": args.job_id, "summary": summary, "recommendations": [
+            {"title": r.title, "evidence": r.evidence, "severity": r.severity,
+             "expected_gain_pct": r.expected_gain_pct} for r in recs]}))
+        return 0
+    print(summary)
+    for i, r in enumerate(recs, 1):
+        gain = f" (predicted {r.expected_gain_pct:+.0f}% tokens/s)" if r.expected_gain_pct \
+            else ""
+        print(f"{i}. [{r.severity}] {r.title}{gain}\n   {r.evidence}")
+    return 0
+
+
+def run_server(args, settings: Settings) -> int:
+    from mlpe.optimizer import server
+
+    return server.run(args, settings)

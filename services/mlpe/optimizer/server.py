@@ -1,0 +1,151 @@
+"""`mlpe optimizer`: the Optimizer gRPC service (grpc.aio) with health and reflection.
+
+PlanTraining answers are cached in Redis by the request's hash (a day; plans depend only
+on the request). The search runs in a thread pool so one long search does not stall the
+other calls. Planning is read-only: no token needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mlpe.common import logs
+from mlpe.common.settings import Settings
+from mlpe.optimizer import service
+from mlpe.optimizer.errors import PlanInputError
+from mlpe.v1 import optimizer_pb2 as o
+from mlpe.v1 import optimizer_pb2_grpc
+
+log = logging.getLogger("mlpe.optimizer")
+SERVICE = o.DESCRIPTOR.services_by_name["Optimizer"].full_name
+CACHE_TTL_S = 24 * 3600
+
+
+class Optimizer(optimizer_pb2_grpc.OptimizerServicer):
+    def __init__(self, settings: Settings, cache, pool: ThreadPoolExecutor,
+                 namespace: str = "mlpe"):
+        self.settings, self.cache, self.pool, self.ns = settings, cache, pool, namespace
+        self.stats = {"plans": 0, "cache_hits": 0}
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def PlanTraining(self, request, context):
+        key = f"{self.ns}:plan:{service.request_hash(request)}"
+        self.stats["plans"] += 1
+        cached = await self._cache_get(key)
+        if cached is not None:
+            self.stats["cache_hits"] += 1
+            response = o.PlanResponse.FromString(cached)
+            response.cached = True
+            return response
+        try:
+            response = await self._run(service.plan, request)
+        except PlanInputError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.field}: {err.reason}")
+        await self._cache_set(key, response.SerializeToString())
+        return response
+
+    async def ExplainPlan(self, request, context):
+        try:
+            text = await self._run(service.explain, request)
+        except PlanInputError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.field}: {err.reason}")
+        return o.ExplainPlanResponse(text=text)
+
+    async def AdviseJob(self, request, context):
+        if not request.job_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id: required")
+        window = request.window_s or 300
+        if not 10 <= window <= 7 * 86400:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"window_s: between 10 and 604800, got {request.window_s}")
+        try:
+            recs, summary = await self._run(advise, self.settings, request.job_id, window)
+        except OSError as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"InfluxDB not reachable: {err}")
+        return o.AdviseJobResponse(job_id=request.job_id, summary=summary, recommendations=[
+            o.Recommendation(title=r.title, evidence=r.evidence, severity=r.severity,
+                             expected_gain_pct=r.expected_gain_pct) for r in recs])
+
+    async def _cache_get(self, key: str) -> bytes | None:
+        if self.cache is None:
+            return None
+        try:
+            return await self.cache.get(key)
+        except Exception as err:  # noqa: BLE001 - a cache outage must not fail a plan
+            log.warning("plan cache unavailable: %s", err)
+            return None
+
+    async def _cache_set(self, key: str, value: bytes) -> None:
+        if self.cache is None:
+            return
+        try:
+            await self.cache.set(key, value, ex=CACHE_TTL_S)
+        except Exception as err:  # noqa: BLE001
+            log.warning("plan cache unavailable: %s", err)
+
+
+def advise(settings: Settings, job_id: str, window_s: int):
+    from mlpe.optimizer.advise import gather, recommend
+    from mlpe.stack.influxdb import read_token
+
+    token = settings.influx_token or read_token(settings)
+    evidence = gather(settings, token, job_id, window_s)
+    summary = (f"last {window_s} s of job {job_id}: {len(evidence.gpus)} GPUs on "
+               f"{len({n for n, _ in evidence.gpus})} nodes, {len(evidence.alerts)} firing "
+               "alerts")
+    return recommend(evidence), summary
+
+
+async def serve(settings: Settings, address: str, cache=None,
+                credentials=None) -> tuple[grpc.aio.Server, int, Optimizer]:
+    server = grpc.aio.server()
+    servicer = Optimizer(settings, cache, ThreadPoolExecutor(max_workers=2),
+                         os.environ.get("MLPE_CONTROL_NAMESPACE", "mlpe"))
+    optimizer_pb2_grpc.add_OptimizerServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = (server.add_secure_port(address, credentials) if credentials else
+            server.add_insecure_port(address))
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, servicer
+
+
+def run(args, settings: Settings) -> int:
+    return asyncio.run(_run(args, settings))
+
+
+async def _run(args, settings: Settings) -> int:
+    import redis.asyncio as redis
+
+    logs.configure("optimizer", settings.log_level, settings.log_format)
+    cache = None if args.no_cache else redis.Redis.from_url(settings.redis_url)
+    listen = args.listen or f"0.0.0.0:{os.environ.get('MLPE_OPTIMIZER_PORT', '50051')}"
+    server, port, servicer = await serve(settings, listen, cache)
+    log.info("optimizer serving on %s (port %d), cache %s", listen, port,
+             "off" if cache is None else "on")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=5)
+    if cache is not None:
+        await cache.aclose()
+    log.info("optimizer stopped after %s", servicer.stats)
+    return 0

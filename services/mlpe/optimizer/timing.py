@@ -1,0 +1,240 @@
+"""Step time of a training layout: compute, exposed communication, pipeline bubble.
+
+Compute. FLOPs per step = flops_per_token(seq) x global batch x seq (ModelShape: 6 N +
+12 L h s, PaLM/Megatron convention) x the recomputation overhead (full: the forward again,
+4/3 of everything; selective: the attention core's forward again, 4/3 of the attention
+term), spread evenly over the world:
+    compute_s = FLOPs / (world x peak x achievable x gemm_efficiency)
+peak: bf16 dense; fp32 trains on TF32 tensor cores (half of bf16); fp8 uses the fp8 peak
+times FP8_EFFICIENCY (fp8 recipes gain ~1.3-1.5x over bf16 end to end, not 2x: casts,
+scaling and the bf16 attention). `achievable` is the GPU's calibration constant
+(hardware.py) for large matmuls; gemm_efficiency = 1 / (1 + 128 / (hidden / tp) + 128 /
+tokens per micro-batch) is a heuristic for the smaller, less efficient GEMMs that wide
+tensor parallelism and tiny micro-batches make.
+
+Communication, per GPU, over links running at LINK_EFFICIENCY of their bandwidth (NCCL's
+bus bandwidth on NVLink and InfiniBand); a group inside a node uses NVLink, one that spans
+nodes the per-GPU network link (ranks are placed tp innermost, then cp, then dp, then pp,
+as Megatron-LM does):
+- data parallel (group dp x cp), ring algorithms: all-reduce 2 (n-1)/n x bytes / bw,
+  reduce-scatter and all-gather (n-1)/n each. ZeRO 0/1: one gradient all-reduce (ZeRO-1:
+  reduce-scatter + all-gather of the weights, the same volume) per step, hidden behind the
+  last micro-batch's backward; ZeRO 2: a reduce-scatter per micro-batch (gradients
+  accumulate in shards) and a weight all-gather per step; ZeRO 3 / FSDP: weight all-gather
+  in forward and again in backward plus the gradient reduce-scatter, every micro-batch,
+  i.e. 1.5x the all-reduce volume per micro-batch. ZeRO 2/3 traffic overlaps with the whole
+  step's compute. Exposed = max(comm x (1 - DP_OVERLAP), comm - DP_OVERLAP x hideable).
+- tensor parallel: 4 all-reduces of s x b x h activations per layer and micro-batch
+  (2 forward, 2 backward; sequence parallelism replaces each by a reduce-scatter and an
+  all-gather of the same volume), 6 with full recomputation; not overlapped.
+- context parallel (ring attention): each layer passes K and V around the ring (cp - 1
+  steps forward, twice that backward); CP_OVERLAP of it hides behind attention compute.
+- expert parallel: 4 all-to-alls of the routed tokens (top_k copies) per MoE layer and
+  micro-batch, (ep - 1)/ep of them leaving the GPU; not overlapped.
+- pipeline: each micro-batch's activations (s b h / t with SP) go forward and their
+  gradients back across each stage boundary, times v chunks for the interleaved schedule.
+- offload: optimizer state on the CPU costs a PCIe round trip of gradients and weights and
+  a CPU Adam step (CPU_ADAM_PARAMS_PER_S per GPU); offloaded weights are also streamed in
+  twice per micro-batch.
+Pipeline bubble (1F1B, Narayanan et al. 2021): (p - 1) micro-batch slots of idle time per
+step, (p - 1)/v with v interleaved chunks, so the bubble's share of the step is
+(p - 1) / (m + p - 1) (resp. (p-1)/v / (m + (p-1)/v)).
+
+MFU = model FLOPs per token (6 N + 12 L h s: attention FLOPs INCLUDED, recomputation
+not) x tokens/s / (world x dense peak of the training precision; fp8 runs are measured
+against the bf16 peak, as the Llama 3 paper reports them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from mlpe.optimizer.errors import PlanInputError
+from mlpe.optimizer.hardware import GPU, Cluster
+from mlpe.optimizer.memory import _offload_code, _recompute_code, state_bytes_per_param
+from mlpe.optimizer.models import ModelShape
+
+LINK_EFFICIENCY = 0.8  # NCCL bus bandwidth / link bandwidth
+DP_OVERLAP = 0.8  # fraction of the overlappable compute that hides DP communication
+CP_OVERLAP = 0.7  # fraction of ring-attention traffic hidden behind attention compute
+FP8_EFFICIENCY = 0.7  # of the fp8 peak, on top of `achievable`
+GEMM_KNEE = 128.0  # gemm_efficiency's half-efficiency dimension, see the module doc
+PCIE_GBPS = 25.0  # host <-> GPU per GPU, one direction
+CPU_ADAM_PARAMS_PER_S = 0.5e9  # CPU Adam throughput per GPU's share of the host
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTime:
+    compute_s: float
+    comm_exposed_s: float
+    bubble_s: float
+    total_s: float
+    # The parts, for explanations: communication volume by kind before overlap (s).
+    dp_comm_s: float = 0.0
+    tp_comm_s: float = 0.0
+    pp_comm_s: float = 0.0
+    cp_comm_s: float = 0.0
+    ep_comm_s: float = 0.0
+    offload_s: float = 0.0
+
+    @property
+    def bubble_fraction(self) -> float:
+        return self.bubble_s / self.total_s if self.total_s else 0.0
+
+
+def peak_tflops(gpu: GPU, precision: str) -> float:
+    """The dense peak a precision trains at (fp8 already scaled by FP8_EFFICIENCY)."""
+    if precision == "fp32":
+        return gpu.tf32_tflops
+    if precision == "bf16":
+        return gpu.bf16_tflops
+    if precision == "fp8":
+        if not gpu.fp8_tflops:
+            raise PlanInputError("training.precision", f"{gpu.name} has no fp8 tensor cores")
+        return gpu.fp8_tflops * FP8_EFFICIENCY
+    raise PlanInputError("training.precision", f"must be fp32, bf16 or fp8, got {precision!r}")
+
+
+def mfu_peak_tflops(gpu: GPU, precision: str) -> float:
+    return gpu.tf32_tflops if precision == "fp32" else gpu.bf16_tflops
+
+
+def bubble_fraction(pp: Any, microbatches: Any, virtual_stages: Any = 1):
+    """Share of a step the pipeline idles: (p - 1) / (m + p - 1) for 1F1B, with p - 1
+    divided by v for the interleaved schedule."""
+    p = np.asarray(pp, dtype=float)
+    m = np.asarray(microbatches, dtype=float)
+    idle = (p - 1) / np.asarray(virtual_stages, dtype=float)
+    result = idle / (m + idle)
+    return float(result) if result.ndim == 0 else result
+
+
+def _ring(n, nbytes, gbps, passes):
+    """passes x (n-1)/n x bytes over a link of gbps GB/s (an all-reduce is 2 passes)."""
+    return np.where(n > 1, passes * (n - 1) / np.maximum(n, 1) * nbytes
+                    / (gbps * 1e9 * LINK_EFFICIENCY), 0.0)
+
+
+def time_arrays(model: ModelShape, cluster: Cluster, seq_len: int, global_batch: int,
+                precision: str, optimizer: str, *, tp: Any = 1, pp: Any = 1, cp: Any = 1,
+                dp: Any = 1, ep: Any = 1, sp: Any = None, zero_stage: Any = 0,
+                recompute: Any = 0, offload: Any = 0, micro_batch: Any = 1,
+                grad_accum: Any = 1, virtual_stages: Any = 1) -> dict[str, np.ndarray]:
+    """Every StepTime field plus tokens_per_s and mfu, elementwise over numpy arrays of
+    layouts (recompute and offload as codes: indices into memory.RECOMPUTE / OFFLOAD)."""
+    tp, pp, cp, dp, ep = (np.asarray(x, dtype=float) for x in (tp, pp, cp, dp, ep))
+    sp = (tp > 1) if sp is None else np.asarray(sp, dtype=bool)
+    zero = np.asarray(zero_stage)
+    rec = _recompute_code(recompute)
+    off = _offload_code(offload)
+    mb = np.asarray(micro_batch, dtype=float)
+    m = np.asarray(grad_accum, dtype=float)
+    v = np.asarray(virtual_stages, dtype=float)
+    gpu = cluster.gpu
+    world = tp * pp * cp * dp
+    gpn = cluster.gpus_per_node
+    act_b = 4.0 if precision == "fp32" else 2.0
+    work_b = act_b  # weights and gradients travel in the compute dtype
+    t_rep = np.where(sp, tp, 1.0)
+
+    # Compute.
+    tokens_step = float(global_batch) * seq_len
+    attention = 12.0 * model.layers * model.hidden * seq_len
+    dense_flops = 6.0 * model.matmul_params()
+    rec_dense = np.where(rec == 2, 4.0 / 3.0, 1.0)
+    rec_attn = np.where(rec >= 1, 4.0 / 3.0, 1.0)
+    flops = tokens_step * (dense_flops * rec_dense + attention * rec_attn)
+    tokens_mb = mb * seq_len / cp
+    gemm = 1.0 / (1.0 + GEMM_KNEE / (model.hidden / tp) + GEMM_KNEE / tokens_mb)
+    rate = world * peak_tflops(gpu, precision) * 1e12 * gpu.achievable * gemm
+    # Uneven pipelines: the stage with ceil(L / p) layers sets the pace.
+    imbalance = np.ceil(model.layers / pp) * pp / model.layers
+    compute = flops / rate * imbalance
+    per_mb = compute / m  # one micro-batch on one stage
+
+    # Parameters this GPU synchronises (its stage's share, before ZeRO).
+    dense, expert = model.layer_params()
+    layers_here = np.ceil(model.layers / pp)
+    stage_dense = (layers_here * dense + np.where(
+        pp <= 1, model.embedding_params() + model.head_params() + model.norm_params(),
+        np.maximum(model.embedding_params(),
+                   model.vocab * model.hidden + model.norm_params()))) / tp
+    stage_expert = layers_here * expert / (tp * ep)
+
+    def bandwidth(span):  # a group spanning `span` consecutive ranks
+        return np.where(span <= gpn, cluster.intra_gbps, cluster.inter_gbps)
+
+    # Data parallel.
+    n_d = dp * cp
+    n_e = np.maximum(n_d / ep, 1.0)
+    bw_dp = bandwidth(tp * cp * dp)
+    grad_bytes = work_b * stage_dense
+    exp_bytes = work_b * stage_expert
+    passes = np.where(zero <= 1, 2.0, np.where(zero == 2, m + 1.0, 3.0 * m))
+    dp_comm = (_ring(n_d, grad_bytes, bw_dp, passes)
+               + _ring(n_e, exp_bytes, bandwidth(tp * cp * dp / ep), passes))
+    hideable = np.where(zero <= 1, per_mb * 2.0 / 3.0, compute)
+    dp_exposed = np.maximum(dp_comm * (1 - DP_OVERLAP), dp_comm - DP_OVERLAP * hideable)
+
+    # Tensor parallel.
+    tp_bytes = act_b * tokens_mb * model.hidden
+    collectives = np.where(rec == 2, 6.0, 4.0)
+    tp_comm = _ring(tp, tp_bytes, bandwidth(tp), 2.0) * collectives * layers_here * m
+
+    # Context parallel: K and V chunks around the ring.
+    kv_bytes = 2 * act_b * tokens_mb * model.kv_heads * model.head_dim / tp
+    cp_comm = np.where(cp > 1, 3.0 * (cp - 1) * kv_bytes / (bandwidth(tp * cp) * 1e9
+                                                            * LINK_EFFICIENCY), 0.0)
+    cp_comm = cp_comm * layers_here * m
+    cp_exposed = cp_comm * (1 - CP_OVERLAP)
+
+    # Expert parallel.
+    if model.moe:
+        a2a_bytes = act_b * tokens_mb * model.hidden * model.top_k
+        ep_comm = _ring(ep, a2a_bytes, bandwidth(tp * cp * ep), 1.0) * 4.0 * layers_here * m
+    else:
+        ep_comm = np.zeros_like(compute)
+
+    # Pipeline point-to-point.
+    pp_bytes = act_b * tokens_mb * model.hidden / t_rep
+    pp_comm = np.where(pp > 1, 2.0 * m * v * pp_bytes
+                       / (bandwidth(tp * cp * dp * 2) * 1e9 * LINK_EFFICIENCY), 0.0)
+
+    # Offload.
+    p_b, g_b, _ = state_bytes_per_param(precision, optimizer, model.hidden)
+    shard = stage_dense / n_d + stage_expert / n_e
+    pcie = PCIE_GBPS * 1e9
+    offload_opt = (g_b + p_b) * shard / pcie + shard / CPU_ADAM_PARAMS_PER_S
+    offload_params = 2.0 * p_b * shard * m / pcie * (1 - DP_OVERLAP)
+    offload_s = np.where(off >= 1, offload_opt, 0.0) + np.where(off >= 2, offload_params, 0.0)
+
+    exposed = dp_exposed + tp_comm + cp_exposed + ep_comm + pp_comm + offload_s
+    stage_per_mb = (compute + tp_comm + cp_exposed + ep_comm) / m
+    bubble = np.where(pp > 1, (pp - 1) / v * stage_per_mb, 0.0)
+    total = compute + exposed + bubble
+    tokens_per_s = tokens_step / total
+    mfu = (model.flops_per_token(seq_len) * tokens_per_s
+           / (world * mfu_peak_tflops(gpu, precision) * 1e12))
+    parts = {"compute_s": compute, "comm_exposed_s": exposed, "bubble_s": bubble,
+             "total_s": total, "dp_comm_s": dp_comm, "tp_comm_s": tp_comm,
+             "pp_comm_s": pp_comm, "cp_comm_s": cp_comm, "ep_comm_s": ep_comm,
+             "offload_s": offload_s, "tokens_per_s": tokens_per_s, "mfu": mfu}
+    shape = np.shape(total)
+    return {k: np.broadcast_to(np.asarray(x, dtype=float), shape) for k, x in parts.items()}
+
+
+def step_time(arrays: dict[str, np.ndarray], index: int | tuple = ()) -> StepTime:
+    return StepTime(**{f.name: float(np.asarray(arrays[f.name])[index])
+                       for f in dataclasses.fields(StepTime)})
+
+
+def plan_time(model: ModelShape, cluster: Cluster, seq_len: int, global_batch: int,
+              precision: str = "bf16", optimizer: str = "adamw",
+              **layout: Any) -> tuple[StepTime, float, float]:
+    """(StepTime, tokens/s, MFU) of one layout (keywords as time_arrays)."""
+    arrays = time_arrays(model, cluster, seq_len, global_batch, precision, optimizer,
+                         **layout)
+    return step_time(arrays), float(arrays["tokens_per_s"]), float(arrays["mfu"])

@@ -512,7 +512,15 @@ def explain(plan: Plan, model: ModelShape, cluster: Cluster, training: Training)
         f"{training.global_batch} x {training.seq_len} tokens, {training.precision}, "
         f"{training.optimizer}",
         "",
-        f"Layout: {plan.summary()}",
+        f"Layout: tp {plan.tp} x pp {plan.pp}"
+        + (f" ({plan.virtual_stages} interleaved chunks)" if plan.virtual_stages > 1 else "")
+        + f" x cp {plan.cp} x dp {plan.dp}" + (f", ep {plan.ep}" if plan.ep > 1 else "")
+        + f" = {plan.gpus or cluster.world} GPUs; sequence parallel "
+        f"{'on' if plan.sp else 'off'}; ZeRO-{plan.zero_stage}"
+        + (" (FSDP)" if plan.fsdp else "")
+        + f"; micro-batch {plan.micro_batch} x {plan.grad_accum}; recompute {plan.recompute}; "
+        f"offload {plan.offload}",
+        f"  {plan.summary()}",
     ]
     why = []
     if plan.tp > 1:

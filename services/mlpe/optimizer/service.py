@@ -35,7 +35,7 @@ def model_of(m: o.ModelShape):
         overrides["ffn_type"] = m.ffn_type
     if m.tied:
         overrides["tied"] = True
-    return build_model(m.preset, **overrides)
+    return build_model(m.preset or None, **overrides)
 
 
 def cluster_of(c: o.ClusterSpec) -> Cluster:

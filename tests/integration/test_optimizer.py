@@ -5,6 +5,7 @@ InfluxDB (written in the stream's line format)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -13,11 +14,16 @@ import uuid
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlpe.control.local import free_port
+from mlpe.control.spec import resolve
+from mlpe.v1 import control_pb2 as c
 from mlpe.v1 import optimizer_pb2 as o
 from mlpe.v1 import optimizer_pb2_grpc
+
+NAMESPACE = f"test-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture
@@ -26,7 +32,7 @@ def optimizer(stack_endpoints, tmp_path):
     env = {**os.environ, "MLPE_REDIS_URL": stack_endpoints.redis_url,
            "MLPE_INFLUX_URL": stack_endpoints.influx_url,
            "MLPE_INFLUX_TOKEN": stack_endpoints.influx_token,
-           "MLPE_CONTROL_NAMESPACE": f"test-{uuid.uuid4().hex[:8]}"}
+           "MLPE_CONTROL_NAMESPACE": NAMESPACE}
     log = (tmp_path / "optimizer.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "optimizer", "--listen",
                              f"127.0.0.1:{port}"], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -102,11 +108,19 @@ def test_advise_job_reads_its_telemetry(optimizer, stack_endpoints):
                         org=stack_endpoints.influx_org) as client:
         client.write_api(write_options=SYNCHRONOUS).write(
             stack_endpoints.influx_bucket, record="\n".join(lines))
+    # The job as `mlpe control` records it: its spec lets the advice predict a gain.
+    resolved, problems = resolve(c.JobSpec(steps=100, model=c.ModelSpec(preset="gpt-125m"),
+                                           global_batch=32, micro_batch=4))
+    assert not problems
+    r = redis.Redis.from_url(stack_endpoints.redis_url)
+    r.hset(f"{NAMESPACE}:job:{job}", "resolved", json.dumps(resolved))
     answer = optimizer.AdviseJob(o.AdviseJobRequest(job_id=job, window_s=300))
     titles = [r.title for r in answer.recommendations]
     assert titles[0].startswith("Input-bound"), titles
     assert "GPU util 38% while the CPU is 97% busy" in answer.recommendations[0].evidence
-    assert any(t.startswith("Memory headroom") for t in titles)
+    headroom = next(x for x in answer.recommendations if x.title.startswith("Memory headroom"))
+    assert "micro-batch 4 → 8 fits" in headroom.title and headroom.expected_gain_pct > 0
+    assert "tokens/s" in headroom.evidence
     assert "2 GPUs on 1 nodes" in answer.summary
     unknown = optimizer.AdviseJob(o.AdviseJobRequest(job_id="no-such-job"))
     assert unknown.recommendations[0].title == "No telemetry for this job"

@@ -103,7 +103,46 @@ def advise(settings: Settings, job_id: str, window_s: int):
     summary = (f"last {window_s} s of job {job_id}: {len(evidence.gpus)} GPUs on "
                f"{len({n for n, _ in evidence.gpus})} nodes, {len(evidence.alerts)} firing "
                "alerts")
-    return recommend(evidence), summary
+    micro_batch, gain = micro_batch_gain(settings, job_id, evidence)
+    return recommend(evidence, gain, micro_batch), summary
+
+
+def micro_batch_gain(settings: Settings, job_id: str, evidence) -> tuple[int | None,
+                                                                        float | None]:
+    """(micro-batch, predicted % tokens/s from doubling it) for a job `mlpe control` runs
+    (its spec is in Redis); the GPU type is the preset whose memory is nearest to what the
+    job's GPUs report. (None, None) for other jobs."""
+    import json
+
+    import redis
+
+    from mlpe.optimizer.hardware import GPUS, Cluster
+    from mlpe.optimizer.models import worker_model
+    from mlpe.optimizer.timing import plan_time
+    from mlpe.worker.config import GPTConfig
+
+    ns = os.environ.get("MLPE_CONTROL_NAMESPACE", "mlpe")
+    try:
+        raw = redis.Redis.from_url(settings.redis_url).hget(f"{ns}:job:{job_id}", "resolved")
+    except redis.RedisError:
+        return None, None
+    totals = [g["mem_total_mean"] / 1024 for g in evidence.gpus.values()
+              if g.get("mem_total_mean")]
+    if not raw or not totals:
+        return None, None
+    spec = json.loads(raw)
+    model = worker_model(GPTConfig(**spec["model"]))
+    gpu = min(GPUS.values(), key=lambda g: abs(g.memory_gib - max(totals)))
+    world, mb, batch = spec["world_size"], spec["micro_batch"], spec["global_batch"]
+    if batch % (2 * mb * world):
+        return mb, None  # doubling would not divide the global batch
+    cluster = Cluster(1, world, gpu)
+    seq = spec["model"]["seq_len"]
+    now = plan_time(model, cluster, seq, batch, dp=world, micro_batch=mb,
+                    grad_accum=batch // (mb * world))[1]
+    doubled = plan_time(model, cluster, seq, batch, dp=world, micro_batch=2 * mb,
+                        grad_accum=batch // (2 * mb * world))[1]
+    return mb, round(100 * (doubled / now - 1), 1)
 
 
 async def serve(settings: Settings, address: str, cache=None,

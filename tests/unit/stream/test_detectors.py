@@ -157,3 +157,23 @@ def test_a_member_missing_from_a_second_is_not_a_recovery():
         state, alerts = peers.evaluate(state, second * 10**9, without, 0)
         resolved += alerts
     assert [a.state for a in resolved] == [al.ALERT_RESOLVED]
+
+
+def test_a_thin_second_with_the_straggler_and_few_peers_is_not_a_recovery():
+    """After a restart one node's partition can catch up before the others': seconds with
+    the slow GPU and only its node-mates must not clear its alert (then fire it again)."""
+    healthy = {"util": 84.0, "sm_clock": 1980.0, "nvlink_tx": 30000.0}
+    members = {f"n{node}/{gpu}": dict(healthy) for node in range(2) for gpu in range(4)}
+    members["n1/0"] = dict(healthy, sm_clock=1386.0)
+    state, fired = None, []
+    for second in range(5):
+        state, alerts = peers.evaluate(state, second * 10**9, members, 0)
+        fired += alerts
+    assert [a.state for a in fired] == [al.ALERT_FIRING]
+    # Only n1's GPUs for a while: the reference is its own slow clocks, nothing deviates.
+    only_n1 = {m: dict(v, sm_clock=1386.0) for m, v in members.items() if m.startswith("n1/")}
+    for second in range(5, 5 + 2 * peers.CLEAR):
+        state, alerts = peers.evaluate(state, second * 10**9, only_n1, 0)
+        assert alerts == [], second
+    state, alerts = peers.evaluate(state, 12 * 10**9, members, 0)  # everyone back: still slow
+    assert alerts == []

@@ -42,6 +42,7 @@ HOLD, CLEAR = 2, 3
 NODE_SHARE = 0.5      # this share of a node's GPUs (two at least) deviating = a node alert
 MAX_WAIT_S = 2.0      # evaluate a second once a report this much newer has arrived
 FORGET_S = 10.0       # a member silent this long is no longer expected
+THIN_SHARE = 0.75     # fewer members than this share of the usual group: no recovery judged
 
 
 class Buckets:
@@ -129,6 +130,12 @@ def evaluate(state: dict | None, start_ns: int, members: dict[str, dict[str, flo
     reported = {m for m, v in members.items()
                 if any(v.get(f) is not None and v[f] == v[f] for f in FIELDS)}
     reported_nodes = {m.split("/")[0] for m in reported}
+    # A second with far fewer members than usual (after a restart, partitions catch up
+    # one by one) compares a GPU with a few peers only: not enough to call it recovered.
+    usual, usual_at = state.get("usual", 0), state.get("usual_at", 0)
+    if len(reported) >= usual or start_ns - usual_at > FORGET_S * 1e9:
+        usual, usual_at = len(reported), start_ns
+    thin = len(reported) < THIN_SHARE * usual
     for key, c in list(conditions.items()):
         who, name = key.rsplit("|", 1)
         if (who, name) in deviants:
@@ -137,7 +144,7 @@ def evaluate(state: dict | None, start_ns: int, members: dict[str, dict[str, flo
         # No data for it this second (a replay after a restart, a late report) is not a
         # recovery; only silence longer than FORGET_S clears it.
         silent = who not in reported and who not in reported_nodes
-        if silent and start_ns - c.get("seen", c["since"]) <= FORGET_S * 1e9:
+        if (silent or thin) and start_ns - c.get("seen", c["since"]) <= FORGET_S * 1e9:
             continue
         c["bad"], c["good"] = 0, c["good"] + 1
         if c["firing"] and c["good"] >= CLEAR:
@@ -146,7 +153,7 @@ def evaluate(state: dict | None, start_ns: int, members: dict[str, dict[str, flo
             del conditions[key]
         elif not c["firing"]:
             del conditions[key]
-    state.update(last_start=start_ns, conditions=conditions)
+    state.update(last_start=start_ns, conditions=conditions, usual=usual, usual_at=usual_at)
     return state, alerts
 
 

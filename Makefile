@@ -30,8 +30,8 @@ down: setup  ## stop what `make up` started
 status: setup  ## each component's state, version and address
 	@$(MLPE) stack status
 
-run: install  ## the main job (for now: bring the stack up and show its status)
-	@$(MLPE) stack up
+run: install  ## the main job: a watched fleet, alerts, a planned, crashed and recovered job, a report
+	@$(MLPE) run $(RUN_ARGS)
 
 lint: setup  ## ruff
 	@$(BIN)/ruff check .

@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     stack.set_defaults(func=cmd_stack)
 
     from mlpe import bench, tail
+    from mlpe import run as run_main
     from mlpe.agent import main as agent_main
     from mlpe.control import client as jobs_client
     from mlpe.control import main as control_main
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_client.register(sub)
     worker_main.register(sub)
     optimizer_cli.register(sub)
+    run_main.register(sub)
     tail.register(sub)
     bench.register(sub)
     return parser

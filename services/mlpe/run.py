@@ -242,7 +242,10 @@ class Demo:
                                labels.get("job", "").startswith(self.fleet)):
                     received.append(Received(entry["received_at"], SCENARIO.stem, title,
                                              detector, labels))
-        incidents = incidents_of(SCENARIO, self.fleet, stats["started_ns"] / 1e9, 10.0)
+        started = stats["started_ns"] / 1e9
+        # Faults scheduled after the fleet stopped (a short --duration) never happened.
+        incidents = [i for i in incidents_of(SCENARIO, self.fleet, started, 10.0)
+                     if i.onset < started + self.args.duration]
         scored = score(incidents, received)
         stub = optimizer_pb2_grpc.OptimizerStub(
             grpc.insecure_channel(f"127.0.0.1:{self.optimizer_port}"))

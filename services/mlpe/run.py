@@ -41,12 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _free_port() -> int:
-    from mlpe.control.local import free_port
-
-    return free_port()
-
-
 def run(args, settings: Settings) -> int:
     from mlpe import stack
     from mlpe.stack.kafka import kafka_reachable
@@ -74,8 +68,10 @@ class Demo:
     def __init__(self, args, settings: Settings, run_id: str, work: Path):
         self.args, self.settings, self.run_id, self.work = args, settings, run_id, work
         self.procs: dict[str, subprocess.Popen] = {}
-        self.sink_port = _free_port()
-        self.optimizer_port = _free_port()
+        from mlpe.control.local import free_port
+
+        self.sink_port = free_port()
+        self.optimizer_port = free_port()
         self.slack = os.environ.get("SLACK_WEBHOOK_URL") or \
             os.environ.get("MLPE_SLACK_WEBHOOK_URL")
         self.env = {**os.environ, "MLPE_LOG_LEVEL": "warning", "MLPE_STREAM_START": "latest",

@@ -4,7 +4,6 @@ InfluxDB (written in the stream's line format)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -15,8 +14,8 @@ import uuid
 import grpc
 import pytest
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mlpe.common.grpc_server import wait_serving
 from mlpe.control.local import free_port
 from mlpe.control.spec import resolve
 from mlpe.v1 import control_pb2 as c
@@ -37,16 +36,8 @@ def optimizer(stack_endpoints, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "optimizer", "--listen",
                              f"127.0.0.1:{port}"], env=env, stdout=log, stderr=subprocess.STDOUT)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + 60
-    while True:  # ready = SERVING
-        assert proc.poll() is None, (tmp_path / "optimizer.log").read_text()
-        with contextlib.suppress(grpc.RpcError):
-            if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                    health_pb2.HealthCheckResponse.SERVING:
-                break
-        assert time.monotonic() < deadline, "optimizer never became healthy"
-        time.sleep(0.2)
+    wait_serving(channel, proc, "mlpe optimizer",
+                 log=lambda: (tmp_path / "optimizer.log").read_text())
     yield optimizer_pb2_grpc.OptimizerStub(channel)
     proc.terminate()
     proc.wait(30)

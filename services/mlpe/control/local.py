@@ -16,8 +16,8 @@ from pathlib import Path
 
 import grpc
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mlpe.common.grpc_server import wait_serving
 from mlpe.control.supervisor import pid_alive
 from mlpe.v1 import control_pb2 as c
 from mlpe.v1 import control_pb2_grpc
@@ -62,20 +62,7 @@ class LocalController:
                 [sys.executable, "-m", "mlpe.cli", "control", "--slots", str(self.slots),
                  "--jobs-dir", str(self.jobs_dir), "--listen", f"127.0.0.1:{self.port}"],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        health = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlpe control exited ({self.proc.returncode}):\n"
-                                   + self.log())
-            with contextlib.suppress(grpc.RpcError):
-                got = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if got.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlpe control not healthy after {timeout:.0f} s:\n"
-                                   + self.log())
-            time.sleep(0.2)
+        wait_serving(self.channel, self.proc, "mlpe control", timeout, self.log)
 
     def log(self) -> str:
         return self.log_path.read_text()[-4000:] if self.log_path.exists() else ""

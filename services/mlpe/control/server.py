@@ -9,10 +9,9 @@ import hmac
 import logging
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from redis.exceptions import ResponseError
 
+from mlpe.common.grpc_server import start_server
 from mlpe.control import spec as job_spec
 from mlpe.control.store import (
     CANCELLED,
@@ -175,21 +174,10 @@ class TrainingControl(control_pb2_grpc.TrainingControlServicer):
 async def serve(store: JobStore, supervisor: Supervisor, token: str, address: str,
                 credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
     """Start the server (control, health, reflection); returns it and its bound port."""
-    server = grpc.aio.server()
-    control_pb2_grpc.add_TrainingControlServicer_to_server(
-        TrainingControl(store, supervisor, token), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = (server.add_secure_port(address, credentials) if credentials else
-            server.add_insecure_port(address))
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
-    await server.start()
-    for name in ("", SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port
+    servicer = TrainingControl(store, supervisor, token)
+    return await start_server(address, SERVICE, lambda server: control_pb2_grpc.
+                              add_TrainingControlServicer_to_server(servicer, server),
+                              credentials)
 
 
 async def supervise(supervisor: Supervisor, stop: asyncio.Event) -> None:

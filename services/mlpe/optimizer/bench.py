@@ -106,9 +106,9 @@ async def load(address: str, seconds: float, concurrency: int = 16) -> dict:
 
 def run(args, settings: Settings) -> dict:
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from mlpe import stack
+    from mlpe.common.grpc_server import wait_serving
     from mlpe.control.local import free_port
 
     result: dict = {"bench": "plan"}
@@ -139,21 +139,9 @@ def run(args, settings: Settings) -> dict:
                                f"127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 60
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"mlpe optimizer exited: {server.stderr.read()[-2000:]}")
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("mlpe optimizer did not become healthy in 60 s")
-            time.sleep(0.2)
+        wait_serving(grpc.insecure_channel(f"127.0.0.1:{port}"), server, "mlpe optimizer",
+                     log=lambda: server.stderr.read()[-2000:].decode(errors="replace")
+                     if server.poll() is not None else "")
         result.update(asyncio.run(load(f"127.0.0.1:{port}", args.seconds)))
     finally:
         server.terminate()

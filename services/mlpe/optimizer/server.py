@@ -14,10 +14,9 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from mlpe.common import logs
+from mlpe.common.grpc_server import start_server
 from mlpe.common.settings import Settings
 from mlpe.optimizer import service
 from mlpe.optimizer.errors import PlanInputError
@@ -147,21 +146,11 @@ def micro_batch_gain(settings: Settings, job_id: str, evidence) -> tuple[int | N
 
 async def serve(settings: Settings, address: str, cache=None,
                 credentials=None) -> tuple[grpc.aio.Server, int, Optimizer]:
-    server = grpc.aio.server()
     servicer = Optimizer(settings, cache, ThreadPoolExecutor(max_workers=2),
                          os.environ.get("MLPE_CONTROL_NAMESPACE", "mlpe"))
-    optimizer_pb2_grpc.add_OptimizerServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = (server.add_secure_port(address, credentials) if credentials else
-            server.add_insecure_port(address))
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
-    await server.start()
-    for name in ("", SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server, port = await start_server(
+        address, SERVICE,
+        lambda s: optimizer_pb2_grpc.add_OptimizerServicer_to_server(servicer, s), credentials)
     return server, port, servicer
 
 

@@ -212,7 +212,8 @@ async def aggregate(stream):
             await dead_letter(event, str(err))
             ack_in_order(event)
             continue
-        await publish([*events_detector.detect(batch, time.time_ns()), *evaluate_rules(batch)])
+        await publish([*events_detector.detect(batch, time.time_ns(), throttle_masks),
+                       *evaluate_rules(batch)])
         last_offsets[(event.message.topic, event.message.partition)] = event.message.offset
         hold = Hold(event)
         for windows in WINDOWS:
@@ -406,6 +407,7 @@ def backlog(partition: tuple[str, int]) -> bool:
 
 
 annotations: list[str] = []  # alert points for Grafana, written with the next windows
+throttle_masks: dict[tuple[str, int], int] = {}  # (node, gpu) -> last throttle mask seen
 
 
 async def write_once() -> None:

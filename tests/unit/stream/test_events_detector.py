@@ -37,6 +37,24 @@ def test_throttle_mask_fires_set_reasons_and_resolves_clear_ones():
     assert fired <= {a.fingerprint for a in cleared if a.state == al.ALERT_RESOLVED}
 
 
+def test_with_known_masks_only_changed_reasons_alert():
+    masks: dict = {}
+    thermal = pb.THROTTLE_HW_THERMAL | pb.THROTTLE_SW_THERMAL
+
+    def rules(code, t):
+        event = pb.DeviceEvent(time_ns=t, kind=pb.EVENT_THROTTLE, code=code)
+        return {(a.rule, a.state) for a in detect(batch_with(event), t, masks)}
+
+    assert len(rules(thermal, 1)) == 4  # first event: every reason stated
+    assert rules(thermal | pb.THROTTLE_HW_SLOWDOWN, 2) == {
+        ("gpu_throttle_hw_slowdown", al.ALERT_FIRING)}
+    assert rules(pb.THROTTLE_GPU_IDLE, 3) == {
+        ("gpu_throttle_hw_thermal", al.ALERT_RESOLVED),
+        ("gpu_throttle_sw_thermal", al.ALERT_RESOLVED),
+        ("gpu_throttle_hw_slowdown", al.ALERT_RESOLVED)}
+    assert rules(0, 4) == set()  # idle cleared: no reason of ours changed
+
+
 def test_idle_and_power_cap_bits_do_not_alert():
     mask = pb.THROTTLE_GPU_IDLE | pb.THROTTLE_SW_POWER_CAP
     alerts = detect(batch_with(pb.DeviceEvent(time_ns=5, kind=pb.EVENT_THROTTLE, code=mask)), 6)

@@ -59,8 +59,11 @@ def _alert(batch: batches.Batch, event: pb.DeviceEvent, rule: str, severity: int
         explanation=explanation)
 
 
-def detect(batch: batches.Batch, now_ns: int) -> list[al.Alert]:
-    """Alerts for the events of one batch, in event order."""
+def detect(batch: batches.Batch, now_ns: int,
+           throttle_masks: dict | None = None) -> list[al.Alert]:
+    """Alerts for the events of one batch, in event order. `throttle_masks` ({(node, gpu):
+    last mask}, kept by the caller) limits throttle alerts to the reasons that changed;
+    without a known last mask (first event, or after a restart) every reason is stated."""
     out = []
     where = f"GPU {batch.device_index} on {batch.node_id}"
     for e in batch.events:
@@ -85,8 +88,14 @@ def detect(batch: batches.Batch, now_ns: int) -> list[al.Alert]:
                               f"{where} answers again", "The GPU is reachable again.",
                               key="lost"))
         elif e.kind == pb.EVENT_THROTTLE:
+            device = (batch.node_id, batch.device_index)
+            last = None if throttle_masks is None else throttle_masks.get(device)
+            if throttle_masks is not None:
+                throttle_masks[device] = e.code
             for bit, (name, severity, why) in THROTTLE_REASONS.items():
                 on = bool(e.code & bit)
+                if last is not None and on == bool(last & bit):
+                    continue  # unchanged: no alert, no "no longer throttled" noise
                 out.append(_alert(
                     batch, e, f"gpu_throttle_{name}", severity,
                     al.ALERT_FIRING if on else al.ALERT_RESOLVED,

@@ -31,14 +31,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="the main job: a watched fleet with faults, alerts, a "
                        "planned, trained, crashed and recovered job, a report",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--duration", type=float, default=90.0,
-                   help="seconds the simulated fleet runs (90)")
-    p.add_argument("--steps", type=int, default=600, help="training steps of the job (600)")
+    p.add_argument("--duration", type=bounded(float, 20, 3600), default=90.0,
+                   help="seconds the simulated fleet runs, 20 to 3600 (90; its faults begin "
+                        "at 25, 40 and 55 s)")
+    p.add_argument("--steps", type=bounded(int, 100, 100_000), default=600,
+                   help="training steps of the job, at least 100 so that the kill a third of "
+                        "the way lands after the first checkpoint (600)")
     p.add_argument("--report", type=Path, default=None,
                    help="HTML report (default: <state dir>/run/<id>/report.html)")
     p.add_argument("--keep", action="store_true",
                    help="leave the stack running afterwards (default: as it was found)")
     p.set_defaults(func=run)
+
+
+def bounded(kind, low, high):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is outside {low}..{high}")
+        return value
+    return parse
 
 
 def run(args, settings: Settings) -> int:
@@ -92,6 +107,7 @@ class Demo:
         return proc
 
     def go(self) -> int:
+        from mlpe.agent.sources.nvml import nvml_available
         from mlpe.control.local import LocalController
         from mlpe.stream.bench import wait_group_stable
 
@@ -118,17 +134,23 @@ class Demo:
                        "--node-id", self.fleet, "--duration", f"{self.args.duration:g}",
                        "--spool-dir", str(self.work / "spool"),
                        "--stats-json", str(self.work / "agent.json"))
+            if nvml_available():  # this machine's own GPUs, watched alongside the fleet
+                print("mlpe run: NVIDIA GPUs found: their agent runs too (NVML + host)",
+                      flush=True)
+                self.start("gpu-agent", "agent", "--source", "nvml,host", "--duration",
+                           f"{self.args.duration:g}", "--spool-dir",
+                           str(self.work / "gpu-spool"))
             job, recovery = self.train(control)
             self.wait_agent()
-            time.sleep(5)  # the last windows and alerts travel
+            self.wait_last_windows()
             summary = self.summarise(control, job, recovery, plan)
             report = self.args.report or self.work / "report.html"
-            self.report(report, job, summary)
+            summary["report_series"] = self.report(report, job, summary)
             summary["report"] = str(report)
             print(json.dumps(summary), flush=True)
             return 0
         except BaseException:
-            for name in ("stream", "notify", "optimizer", "agent"):
+            for name in ("stream", "notify", "optimizer", "agent", "gpu-agent"):
                 log = self.work / f"{name}.log"
                 if log.exists() and log.stat().st_size:
                     print(f"--- {name} log (tail) ---\n{log.read_text()[-1500:]}",
@@ -219,6 +241,32 @@ class Demo:
             print(f"  fleet running … webhook messages {self.deliveries()}", flush=True)
             time.sleep(5)
 
+    def wait_last_windows(self, timeout: float = 30.0) -> None:
+        """Until the fleet's last second of GPU windows is in InfluxDB (the stream writes a
+        window once its lateness allowance has passed), or `timeout`."""
+        from influxdb_client import InfluxDBClient
+
+        from mlpe.stack.influxdb import read_token
+
+        stopped = json.loads((self.work / "agent.json").read_text())["stopped_at"]
+        s = self.settings
+        flux = f'''import "strings"
+            from(bucket: "{s.influx_bucket}") |> range(start: -10m)
+              |> filter(fn: (r) => r._measurement == "gpu" and r.window == "1s" and
+                  r._field == "samples" and strings.hasPrefix(v: r.node, prefix: "{self.fleet}"))
+              |> group() |> max(column: "_time")'''
+        deadline = time.monotonic() + timeout
+        with InfluxDBClient(url=s.influx_url, token=s.influx_token or read_token(s),
+                            org=s.influx_org) as db:
+            while time.monotonic() < deadline:
+                newest = [r.get_time().timestamp() for t in db.query_api().query(flux)
+                          for r in t.records]
+                if newest and newest[0] >= stopped - 2:
+                    return
+                time.sleep(0.5)
+        print("mlpe run: the last windows are not in InfluxDB after "
+              f"{timeout:.0f} s; the summary may miss the final seconds", file=sys.stderr)
+
     def deliveries(self) -> int:
         return len(self.record.read_text().splitlines()) if self.record.exists() else 0
 
@@ -281,8 +329,9 @@ class Demo:
                 print(f"  {line}")
         return summary
 
-    def report(self, path: Path, job_id: str, summary: dict) -> None:
-        figures = plots(self.settings, self.fleet, job_id)
+    def report(self, path: Path, job_id: str, summary: dict) -> dict:
+        """Write the HTML report; return how many series each plot drew."""
+        figures, drawn = plots(self.settings, self.fleet, job_id)
         body = "".join(f"<h2>{title}</h2><img src='data:image/png;base64,{png}'>"
                        for title, png in figures)
         pre = json.dumps(summary, indent=1).replace("<", "&lt;")
@@ -292,6 +341,7 @@ class Demo:
                         f"<h1>mlpe run {self.run_id}</h1>{body}<h2>Summary</h2><pre>{pre}"
                         f"</pre></body></html>")
         print(f"report: {path}")
+        return drawn
 
 
 def c_state(state: int) -> str:
@@ -300,9 +350,9 @@ def c_state(state: int) -> str:
     return state_name(state)
 
 
-def plots(settings: Settings, fleet: str, job_id: str) -> list[tuple[str, str]]:
+def plots(settings: Settings, fleet: str, job_id: str) -> tuple[list[tuple[str, str]], dict]:
     """(title, base64 PNG) of the fleet's GPUs with alert markers, and the job's training,
-    read back from InfluxDB."""
+    read back from InfluxDB; and how many series (or alert markers) each drew."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -313,7 +363,7 @@ def plots(settings: Settings, fleet: str, job_id: str) -> list[tuple[str, str]]:
 
     token = settings.influx_token or read_token(settings)
     head = f'from(bucket: "{settings.influx_bucket}") |> range(start: -30m)'
-    out = []
+    out, drawn = [], {}
     with InfluxDBClient(url=settings.influx_url, token=token, org=settings.influx_org) as db:
         q = db.query_api()
 
@@ -337,6 +387,7 @@ def plots(settings: Settings, fleet: str, job_id: str) -> list[tuple[str, str]]:
                 r.window == "1s" and r._field == "{field}")
                 |> filter(fn: (r) => strings.hasPrefix(v: r.node, prefix: "{fleet}"))'''
                           .replace("from(", 'import "strings"\nfrom(', 1))
+            drawn[field] = len(data)
             for (node, gpu, _, _), (ts, vs) in sorted(data.items()):
                 ax.plot(ts, vs, lw=0.7, label=f"{node[-2:]}/{gpu}")
             for a in alerts:
@@ -347,6 +398,9 @@ def plots(settings: Settings, fleet: str, job_id: str) -> list[tuple[str, str]]:
         steps = series(f'''{head} |> filter(fn: (r) => r._measurement == "train" and
             r.window == "1s" and r.job == "{job_id}" and (r._field == "loss_mean" or
             r._field == "tokens_per_s_mean" or r._field == "step_time_s_mean"))''')
+        drawn["alert_markers"] = len(alerts)
+        for field in ("loss_mean", "tokens_per_s_mean", "step_time_s_mean"):
+            drawn[field] = sum(1 for key in steps if key[3] == field)
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
         for (_, _, rank, field), (ts, vs) in sorted(steps.items()):
             if field == "step_time_s_mean":
@@ -360,7 +414,7 @@ def plots(settings: Settings, fleet: str, job_id: str) -> list[tuple[str, str]]:
             ax.legend(fontsize=7)
         fig.autofmt_xdate()
         out.append((f"training job {job_id}", _png(fig, plt)))
-    return out
+    return out, drawn
 
 
 def _png(fig, plt) -> str:

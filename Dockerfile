@@ -2,8 +2,9 @@
 FROM python:3.11-slim
 WORKDIR /app
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 MLPE_STATE_DIR=/var/lib/mlpe
-COPY requirements.lock ./
-RUN pip install --no-cache-dir -r requirements.lock
+# The runtime pins (no test or lint tools): the same versions as requirements.lock.
+COPY requirements-runtime.lock ./
+RUN pip install --no-cache-dir -r requirements-runtime.lock
 COPY . .
 RUN pip install --no-cache-dir --no-deps -e .
 ENTRYPOINT ["mlpe"]

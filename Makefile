@@ -54,9 +54,11 @@ test: install lint proto-check  ## all tests; starts the stack if needed (stops 
 test-unit: setup  ## unit tests only (no stack)
 	@$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-lock:  ## re-pin requirements.lock from pyproject.toml
+lock:  ## re-pin requirements.lock (dev) and requirements-runtime.lock (images) from pyproject.toml
 	@$(HOME)/.cache/mlpe/uv-0.13.8/bin/uv pip compile pyproject.toml --extra dev \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 -o requirements.lock
+	@$(HOME)/.cache/mlpe/uv-0.13.8/bin/uv pip compile pyproject.toml -c requirements.lock \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 -o requirements-runtime.lock
 
 clean:  ## remove .venv and .mlpe (data and logs); the per-user cache stays
 	@$(MLPE) stack down 2>/dev/null || true

@@ -36,3 +36,15 @@ def test_grafana_mounts_exist():
         source = volume.split(":")[0]
         assert (REPO_ROOT / source).resolve().is_dir(), source
     assert Path(REPO_ROOT / "deploy/grafana/provisioning/datasources/influxdb.yaml").exists()
+
+
+def _pins(path: Path) -> dict[str, str]:
+    return dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", path.read_text(), re.M))
+
+
+def test_the_image_installs_runtime_pins_equal_to_the_dev_lock():
+    dev, runtime = _pins(REPO_ROOT / "requirements.lock"), _pins(
+        REPO_ROOT / "requirements-runtime.lock")
+    assert runtime and {name: dev.get(name) for name in runtime} == runtime
+    assert not {"pytest", "ruff", "kubernetes-validate", "hypothesis"} & set(runtime)
+    assert "requirements-runtime.lock" in (REPO_ROOT / "Dockerfile").read_text()

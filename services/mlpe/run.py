@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +99,9 @@ class Demo:
                     f"http://127.0.0.1:{self.sink_port}/run"}
         self.record = work / "webhook.jsonl"
         self.fleet = f"run{run_id}"
+        self.tty = sys.stdout.isatty()
+        self.status_shown = False
+        self.fleet_started = 0.0
 
     def start(self, name: str, *argv: str) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, "-m", "mlpe.cli", *argv], env=self.env,
@@ -126,7 +130,7 @@ class Demo:
             wait_group_stable(s.kafka_bootstrap, self.env["MLPE_STREAM_APP_ID"], 1, [stream])
             wait_group_stable(s.kafka_bootstrap, self.env["MLPE_NOTIFY_GROUP_ID"], 1, [notify])
             plan = self.plan()
-            print(f"mlpe run: fleet of 2 x 8 simulated GPUs for {self.args.duration:.0f} s "
+            self.say(f"mlpe run: fleet of 2 x 8 simulated GPUs for {self.args.duration:.0f} s "
                   f"(faults: {SCENARIO.name}); alerts to "
                   f"{'your Slack webhook' if self.slack else 'the built-in webhook sink'}",
                   flush=True)
@@ -134,8 +138,9 @@ class Demo:
                        "--node-id", self.fleet, "--duration", f"{self.args.duration:g}",
                        "--spool-dir", str(self.work / "spool"),
                        "--stats-json", str(self.work / "agent.json"))
+            self.fleet_started = time.monotonic()
             if nvml_available():  # this machine's own GPUs, watched alongside the fleet
-                print("mlpe run: NVIDIA GPUs found: their agent runs too (NVML + host)",
+                self.say("mlpe run: NVIDIA GPUs found: their agent runs too (NVML + host)",
                       flush=True)
                 self.start("gpu-agent", "agent", "--source", "nvml,host", "--duration",
                            f"{self.args.duration:g}", "--spool-dir",
@@ -190,7 +195,7 @@ class Demo:
                     raise
                 time.sleep(0.5)
         best = answer.plans[0]
-        print(f"mlpe run: plan for llama3-8b on 2x8 H100 ({answer.evaluated:,} layouts in "
+        self.say(f"mlpe run: plan for llama3-8b on 2x8 H100 ({answer.evaluated:,} layouts in "
               f"{answer.search_ms:.0f} ms): {best.summary}", flush=True)
         return {"model": "llama3-8b", "cluster": "2x8xH100", "best": best.summary}
 
@@ -201,7 +206,7 @@ class Demo:
             name="mlpe-run", model=c.ModelSpec(preset="tiny"), steps=self.args.steps,
             world_size=2, micro_batch=2, global_batch=8, max_restarts=2, device="cpu",
             kernel_report_steps=50, checkpoint=c.CheckpointPolicy(every_steps=25, keep=3)))
-        print(f"mlpe run: training job {job.job_id} submitted (tiny GPT, 2 ranks, "
+        self.say(f"mlpe run: training job {job.job_id} submitted (tiny GPT, 2 ranks, "
               f"{self.args.steps} steps, checkpoint every 25)", flush=True)
         kill_at = self.args.steps // 3
         victim, killed_at, recovery = None, 0.0, {}
@@ -214,7 +219,7 @@ class Demo:
                 victim = progress[1]
                 os.kill(victim["pid"], signal.SIGKILL)
                 killed_at = now
-                print(f"mlpe run: killed rank 1 (pid {victim['pid']}) at step "
+                self.say(f"mlpe run: killed rank 1 (pid {victim['pid']}) at step "
                       f"{victim['step']} — the controller should bring it back", flush=True)
             if victim and not recovery:
                 p = progress.get(0, {})
@@ -223,13 +228,12 @@ class Demo:
                     recovery = {"kill_to_first_step_s": round(now - killed_at, 1),
                                 "resumed_from": p["resumed_from"],
                                 "killed_at_step": victim["step"]}
-                    print(f"mlpe run: recovered in {recovery['kill_to_first_step_s']} s from "
+                    self.say(f"mlpe run: recovered in {recovery['kill_to_first_step_s']} s from "
                           f"the checkpoint of step {p['resumed_from']}", flush=True)
-            if now - last_print >= 3:
+            if now - last_print >= (0.5 if self.tty else 3):
                 last_print = now
-                print(f"  job {state.step:>4}/{self.args.steps} loss {state.loss:6.3f} "
-                      f"restarts {state.restarts} | webhook messages {self.deliveries()}",
-                      flush=True)
+                self.progress(f"job {state.step:>4}/{self.args.steps} loss {state.loss:6.3f} "
+                              f"restarts {state.restarts}")
             if state.state in (c.JOB_STATE_COMPLETED, c.JOB_STATE_FAILED,
                                c.JOB_STATE_CANCELLED):
                 return job.job_id, recovery
@@ -238,8 +242,9 @@ class Demo:
     def wait_agent(self) -> None:
         agent = self.procs["agent"]
         while agent.poll() is None:
-            print(f"  fleet running … webhook messages {self.deliveries()}", flush=True)
-            time.sleep(5)
+            self.progress("job done; waiting for the fleet")
+            time.sleep(0.5 if self.tty else 5)
+        self.say("mlpe run: the fleet stopped; reading back what it sent")
 
     def wait_last_windows(self, timeout: float = 30.0) -> None:
         """Until the fleet's last second of GPU windows is in InfluxDB (the stream writes a
@@ -266,6 +271,27 @@ class Demo:
                 time.sleep(0.5)
         print("mlpe run: the last windows are not in InfluxDB after "
               f"{timeout:.0f} s; the summary may miss the final seconds", file=sys.stderr)
+
+    def progress(self, text: str) -> None:
+        """One compact status line: rewritten in place on a terminal, a line every few
+        seconds otherwise (logs, CI)."""
+        fleet = min(time.monotonic() - self.fleet_started, self.args.duration) \
+            if self.fleet_started else 0.0
+        line = (f"  {text} | fleet {fleet:3.0f}/{self.args.duration:.0f} s | webhook "
+                f"messages {self.deliveries()}")
+        if self.tty:
+            sys.stdout.write("\r\x1b[2K" + line[:shutil.get_terminal_size().columns - 1])
+            sys.stdout.flush()
+            self.status_shown = True
+        else:
+            print(line, flush=True)
+
+    def say(self, *args, **kwargs) -> None:
+        """print(), after ending an in-place status line."""
+        if self.status_shown:
+            sys.stdout.write("\r\x1b[2K")
+            self.status_shown = False
+        print(*args, **kwargs)
 
     def deliveries(self) -> int:
         return len(self.record.read_text().splitlines()) if self.record.exists() else 0
@@ -313,7 +339,7 @@ class Demo:
                            "loss": round(job.loss, 4), "restarts": job.restarts,
                            **recovery},
                    "advice": advice}
-        print("\n== mlpe run: summary ==")
+        self.say("\n== mlpe run: summary ==")
         print(f"values ingested: {values}")
         print(f"alerts: {len(received)} (faults caught {scored['recall']:.0%}, false alarms "
               f"{scored['false_alarms']}), webhook messages {self.deliveries()}")

@@ -46,3 +46,14 @@ def test_unknown_action_is_refused_by_argparse():
     out = mlpe("stack", "explode")
     assert out.returncode == 2
     assert "invalid choice" in out.stderr
+
+
+def test_run_refuses_out_of_range_arguments_before_starting_anything(tmp_path):
+    env = {"MLPE_STATE_DIR": str(tmp_path)}
+    for args, message in ((("--steps", "50"), "argument --steps: 50 is outside 100..100000"),
+                          (("--duration", "soon"), "argument --duration: 'soon' is not a float"),
+                          (("--duration", "5"), "argument --duration: 5 is outside 20..3600")):
+        out = mlpe("run", *args, env=env)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    assert not any(tmp_path.iterdir())  # no stack started, no state written

@@ -14,6 +14,7 @@ import argparse
 import base64
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -61,6 +62,7 @@ def run(args, settings: Settings) -> int:
     from mlpe import stack
     from mlpe.stack.kafka import kafka_reachable
 
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # refused connects: we report
     before = {s.name: s.state for s in stack.status(settings)}
     print("mlpe run: starting Kafka, InfluxDB and Redis …", flush=True)
     stack.up(settings)
@@ -102,6 +104,7 @@ class Demo:
         self.tty = sys.stdout.isatty()
         self.status_shown = False
         self.fleet_started = 0.0
+        self.killed_wall = 0.0
 
     def start(self, name: str, *argv: str) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, "-m", "mlpe.cli", *argv], env=self.env,
@@ -218,7 +221,7 @@ class Demo:
             if victim is None and progress.get(1, {}).get("step", 0) >= kill_at:
                 victim = progress[1]
                 os.kill(victim["pid"], signal.SIGKILL)
-                killed_at = now
+                killed_at, self.killed_wall = now, time.time()
                 self.say(f"mlpe run: killed rank 1 (pid {victim['pid']}) at step "
                       f"{victim['step']} — the controller should bring it back", flush=True)
             if victim and not recovery:
@@ -304,7 +307,7 @@ class Demo:
         from mlpe.v1 import optimizer_pb2_grpc
 
         stats = json.loads((self.work / "agent.json").read_text())
-        received = []
+        received, on_job = [], []
         for line in (self.record.read_text().splitlines() if self.record.exists() else []):
             entry = json.loads(line)
             for title, detector, labels, firing in parse_message(entry["body"]):
@@ -312,6 +315,10 @@ class Demo:
                                labels.get("job", "").startswith(self.fleet)):
                     received.append(Received(entry["received_at"], SCENARIO.stem, title,
                                              detector, labels))
+                elif labels.get("job") == job_id:  # the real job: not scored, but shown
+                    on_job.append({"alert": title, "firing": firing, "s_after_kill": round(
+                        entry["received_at"] - self.killed_wall, 1) if self.killed_wall
+                        else None})
         started = stats["started_ns"] / 1e9
         # Faults scheduled after the fleet stopped (a short --duration) never happened.
         incidents = [i for i in incidents_of(SCENARIO, self.fleet, started, 10.0)
@@ -334,7 +341,8 @@ class Demo:
                    "alerts": [{"rule": r.rule, "delay_s": None if r.incident is None else
                                round(r.at - r.incident.onset, 1)} for r in received],
                    "fault_recall": scored["recall"], "false_alarms": scored["false_alarms"],
-                   "webhook_deliveries": self.deliveries(), "plan": plan,
+                   "job_alerts": on_job, "webhook_deliveries": self.deliveries(),
+                   "plan": plan,
                    "job": {"id": job_id, "state": c_state(job.state), "steps": job.step,
                            "loss": round(job.loss, 4), "restarts": job.restarts,
                            **recovery},
@@ -345,6 +353,13 @@ class Demo:
               f"{scored['false_alarms']}), webhook messages {self.deliveries()}")
         for a in summary["alerts"]:
             print(f"  - {a['rule']}" + (f" after {a['delay_s']} s" if a["delay_s"] else ""))
+        print(f"alerts on the training job {job_id}: {len(on_job)} (it shares two cores with "
+              "everything else, so its throughput moves)")
+        for a in on_job:
+            when = "" if a["s_after_kill"] is None else \
+                f" ({abs(a['s_after_kill'])} s {'after' if a['s_after_kill'] >= 0 else 'before'}"\
+                " the kill)"
+            print(f"  - {'' if a['firing'] else 'resolved: '}{a['alert']}{when}")
         print(f"plan: {plan['model']} on {plan['cluster']}: {plan['best']}")
         print(f"job {job_id}: {summary['job']['state']} at step {job.step}, loss "
               f"{job.loss:.3f}, restarts {job.restarts}"

@@ -146,9 +146,12 @@ def test_every_rpc_end_to_end_with_health_reflection_and_step_events(control,
         job_id=job.job_id, after_id=events[-2].id)))
     assert [e.id for e in resumed] == [later.id]
 
-    # Step and kernel events reached Kafka, one TrainStep per step.
-    steps, kernels = read_job_events(stack_endpoints.kafka_bootstrap, mark, job.job_id, 30, 3)
-    assert sorted(s.step for s in steps) == list(range(1, 31))
+    # Step and kernel events reached Kafka, one TrainStep per step, then the rank's halt
+    # (the stream's stall detector must not take a finished job's silence for a hang).
+    steps, kernels = read_job_events(stack_endpoints.kafka_bootstrap, mark, job.job_id, 31, 3)
+    assert sorted(s.step for s in steps if not s.halt) == list(range(1, 31))
+    assert [(s.halt, s.step) for s in steps if s.halt] == [("completed", 30)]
+    assert steps[-1].halt == "completed"
     assert {k.last_step for k in kernels} == {10, 20, 30}
     assert {t.op for k in kernels for t in k.kernels} >= {"rmsnorm", "swiglu", "adamw"}
 

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TrainStep(_message.Message):
-    __slots__ = ("job_id", "rank", "world_size", "step", "time_ns", "loss", "tokens_per_s", "step_time_s", "mem_allocated_bytes", "mem_reserved_bytes", "grad_norm", "learning_rate", "node_id", "gpu_index", "micro_batches")
+    __slots__ = ("job_id", "rank", "world_size", "step", "time_ns", "loss", "tokens_per_s", "step_time_s", "mem_allocated_bytes", "mem_reserved_bytes", "grad_norm", "learning_rate", "node_id", "gpu_index", "micro_batches", "halt")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class TrainStep(_message.Message):
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    HALT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     rank: int
     world_size: int
@@ -38,7 +39,8 @@ class TrainStep(_message.Message):
     node_id: str
     gpu_index: int
     micro_batches: int
-    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., time_ns: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., step_time_s: _Optional[float] = ..., mem_allocated_bytes: _Optional[int] = ..., mem_reserved_bytes: _Optional[int] = ..., grad_norm: _Optional[float] = ..., learning_rate: _Optional[float] = ..., node_id: _Optional[str] = ..., gpu_index: _Optional[int] = ..., micro_batches: _Optional[int] = ...) -> None: ...
+    halt: str
+    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., time_ns: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., step_time_s: _Optional[float] = ..., mem_allocated_bytes: _Optional[int] = ..., mem_reserved_bytes: _Optional[int] = ..., grad_norm: _Optional[float] = ..., learning_rate: _Optional[float] = ..., node_id: _Optional[str] = ..., gpu_index: _Optional[int] = ..., micro_batches: _Optional[int] = ..., halt: _Optional[str] = ...) -> None: ...
 
 class KernelTiming(_message.Message):
     __slots__ = ("op", "direction", "calls", "total_ms", "p50_ms", "p99_ms", "max_ms", "bytes_moved")

@@ -65,7 +65,8 @@ async def _losses(bootstrap: str, marks: dict, job_id: str, expected: int) -> di
                     for r in records:
                         if r.key == job_id.encode():
                             s = training_pb2.TrainStep.FromString(r.value)
-                            losses[(s.rank, s.step)] = s.loss
+                            if not s.halt:  # a rank stopping on purpose, not a step
+                                losses[(s.rank, s.step)] = s.loss
     except TimeoutError:
         pass  # compared as they are: a missing step is a mismatch
     finally:

@@ -323,11 +323,13 @@ def parse_step(raw: bytes) -> training_pb2.TrainStep:
         problems.append("job_id is empty")
     if msg.rank < 0 or msg.world_size < 1 or msg.rank >= msg.world_size:
         problems.append(f"rank {msg.rank} does not fit world_size {msg.world_size}")
-    if msg.step < 1:
-        problems.append(f"step {msg.step} is not 1 or more")
+    if msg.halt and msg.halt not in training.HALTS:
+        problems.append(f"halt {msg.halt!r} is not one of {', '.join(training.HALTS)}")
+    if msg.step < (0 if msg.halt else 1):  # a rank may halt before its first step
+        problems.append(f"step {msg.step} is not {0 if msg.halt else 1} or more")
     if not EARLIEST_NS <= msg.time_ns <= time.time_ns() + FUTURE_S * 10**9:
         problems.append(f"time_ns {msg.time_ns} is not a plausible time")
-    for name in ("tokens_per_s", "step_time_s"):
+    for name in () if msg.halt else ("tokens_per_s", "step_time_s"):
         value = getattr(msg, name)
         if not math.isfinite(value) or value < 0:
             problems.append(f"{name} {value} is not a finite number >= 0")
@@ -350,6 +352,15 @@ async def train_steps(stream):
             ack_in_order(event)
             continue
         now_ns = time.time_ns()
+        if msg.halt:  # not a step: the job stopped on purpose, its silence is no stall
+            state = training.halt(train_jobs[msg.job_id] or None, msg)
+            if state is not None:
+                train_jobs[msg.job_id] = state
+            if state is not None and msg.job_id in stalled_jobs:
+                stalled_jobs.discard(msg.job_id)
+                await publish([training.stall_alert(msg.job_id, state, now_ns, stalled=True)])
+            ack_in_order(event)
+            continue
         state, found = training.step(train_jobs[msg.job_id] or None, msg, now_ns)
         train_jobs[msg.job_id] = state
         if msg.job_id in stalled_jobs:
@@ -376,14 +387,19 @@ async def watch_stalls() -> None:
     owned = [tp for tp in app.consumer.assignment() if tp.topic == TRAIN_EVENTS.name]
     if any(backlog((tp.topic, tp.partition)) for tp in owned):
         return
-    now_ns, found = time.time_ns(), []
+    await publish(new_stalls(time.time_ns()))
+
+
+def new_stalls(now_ns: int) -> list[alerts_pb2.Alert]:
+    """Firing stall alerts for the jobs that went quiet since the last look."""
+    found = []
     for job, state in list(train_jobs.items()):
         if state and job not in stalled_jobs:
             alert = training.stall_alert(job, state, now_ns, stalled=False)
             if alert is not None:
                 stalled_jobs.add(job)
                 found.append(alert)
-    await publish(found)
+    return found
 
 
 @app.task

@@ -237,11 +237,20 @@ class Trainer:
                                                   self.step - every + 1, self.step,
                                                   self.device))
 
+    def publish_halt(self, reason: str) -> None:
+        """Tell the stream this rank stops stepping on purpose: its silence is no stall."""
+        if self.publisher is not None:
+            self.publisher.step(training_pb2.TrainStep(
+                job_id=self.job_id, rank=self.rank, world_size=self.world, step=self.step,
+                time_ns=time.time_ns(), node_id=self.node, halt=reason,
+                gpu_index=self.device.index if self.device.type == "cuda" else -1))
+
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> int:
         self.resumed_from = self.resume()
         policy = self.spec["checkpoint"]
         self.report(state="starting")
+        paused = False
         while self.step < self.spec["steps"]:
             pause, stop, wanted, terminate = self.decide()
             if terminate:  # preemption: keep everything done so far, then go
@@ -254,9 +263,13 @@ class Trainer:
             if wanted:
                 self.save()
             if pause:
+                if not paused:
+                    self.publish_halt("paused")
+                paused = True
                 self.report(state="paused")
                 time.sleep(0.2)
                 continue
+            paused = False
             self.fault.maybe_hang(self.step + 1)
             result = self.train_step()
             self.publish(result)
@@ -276,6 +289,7 @@ class Trainer:
             self.saver.wait()
         self.report(state=state, stalls_ms=self.stalls_ms)
         if self.publisher is not None:
+            self.publish_halt(state)
             self.publisher.close()
         if self.world > 1:
             dist.destroy_process_group()

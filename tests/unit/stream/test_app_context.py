@@ -93,6 +93,24 @@ async def test_train_steps_nan_loss_alert_and_job_state(alerts, monkeypatch):
     assert state["steps"] == 50 and state["ranks"] == {"0": 50, "1": 50}
 
 
+async def test_a_completed_job_is_not_reported_stalled(alerts, monkeypatch):
+    monkeypatch.setattr(stream, "WINDOWS", [])
+    monkeypatch.setattr(stream, "stalled_jobs", set())
+    async with stream.train_steps.test_context() as agent:
+        for n in range(1, 31):
+            for rank in (0, 1):
+                await agent.put(step(n, rank))
+        for rank in (0, 1):  # each rank's last message: it halted, no step follows
+            await agent.put(TrainStep(job_id="job-t", rank=rank, world_size=2, step=30,
+                                      time_ns=HOUR_AGO_NS + 31 * 500_000_000,
+                                      halt="completed").SerializeToString())
+    assert stream.train_jobs["job-t"]["halt"][0] == "completed"
+    assert stream.new_stalls(time.time_ns()) == []  # an hour of silence, but it halted
+    assert alerts == []
+    stream.train_jobs.data["job-t"] = {**stream.train_jobs["job-t"], "halt": None}
+    assert [a.rule for a in stream.new_stalls(time.time_ns())] == ["training_stalled"]
+
+
 def test_parse_step_names_every_problem():
     bad = TrainStep(job_id="", rank=3, world_size=2, step=0, time_ns=5,
                     tokens_per_s=math.inf, step_time_s=-1).SerializeToString()
@@ -103,3 +121,9 @@ def test_parse_step_names_every_problem():
         assert words in str(err.value)
     with pytest.raises(ValueError, match="not a TrainStep"):
         stream.parse_step(b"\xff\xff\xff")
+    halted = TrainStep(job_id="j", rank=0, world_size=1, step=0, time_ns=time.time_ns(),
+                       halt="paused")  # before its first step, and no rates: fine
+    assert stream.parse_step(halted.SerializeToString()).halt == "paused"
+    halted.halt = "napping"
+    with pytest.raises(ValueError, match="halt 'napping' is not one of completed, paused"):
+        stream.parse_step(halted.SerializeToString())

@@ -83,3 +83,32 @@ def test_stall_after_quiet_period_and_resolve_on_next_step():
     state, _, _ = feed(steps(1, start=51, t0=(last - T0) / 1e9 + limit + 5), state)
     resolved = training.stall_alert("job-1", state, state["t"], True)
     assert resolved.state == al.ALERT_RESOLVED and resolved.fingerprint == alert.fingerprint
+
+
+def test_a_halted_job_is_no_stall_until_it_steps_again():
+    state, _, _ = feed(steps(50))
+    last, limit = state["t"], training.stall_after_s(state)
+    paused = TrainStep(job_id="job-1", rank=0, world_size=WORLD, step=50, time_ns=last + 10**8,
+                       halt="paused")
+    state = training.halt(state, paused)
+    much_later = last + int(10 * limit * 1e9)
+    assert training.stall_alert("job-1", state, much_later, False) is None
+    # A late step of another rank, from before the halt, does not end it ...
+    state, _, _ = feed([TrainStep(job_id="job-1", rank=3, world_size=WORLD, step=50,
+                                  time_ns=last, loss=2.0, tokens_per_s=1.0, step_time_s=0.5)],
+                       state)
+    assert state["halt"] == ["paused", last + 10**8]
+    # ... a step after it does: from then on a silence is a stall again.
+    state, _, _ = feed(steps(1, start=51, t0=(much_later - T0) / 1e9), state)
+    assert state["halt"] is None
+    alert = training.stall_alert("job-1", state, state["t"] + int((limit + 1) * 1e9), False)
+    assert alert.state == al.ALERT_FIRING
+
+
+def test_a_stalled_job_that_is_then_cancelled_resolves_its_stall():
+    state, _, _ = feed(steps(50))
+    state = training.halt(state, TrainStep(job_id="job-1", rank=0, world_size=WORLD, step=50,
+                                           time_ns=state["t"] + 40 * 10**9, halt="stopped"))
+    resolved = training.stall_alert("job-1", state, state["t"] + 41 * 10**9, True)
+    assert resolved.state == al.ALERT_RESOLVED and resolved.summary == "Job job-1: stopped"
+    assert training.halt(None, TrainStep(job_id="new", halt="paused")) is None

@@ -30,6 +30,7 @@ LOSS_K, LOSS_FLOOR = 6.0, 0.5
 LOSS_ALPHA, BASE_ALPHA, FAST_ALPHA, STEP_ALPHA = 0.1, 0.02, 0.5, 0.1  # per step
 REGRESSION, RECOVERED, REGRESSION_STEPS = 0.8, 0.9, 4
 STALL_MIN_S, STALL_STEPS = 30.0, 20
+HALTS = ("completed", "paused", "stopped", "preempted")  # TrainStep.halt values
 QUIET_STEPS = 20  # a NaN or spike alert resolves after this many good steps
 
 
@@ -41,7 +42,9 @@ def _per_message(alpha: float, world: int) -> float:
 def step(state: dict | None, msg, now_ns: int) -> tuple[dict, list]:
     """Feed one rank's TrainStep; returns (new state, alerts)."""
     state = {"ranks": {}, "t": 0, "steps": 0, "first_step": msg.step, "loss": None,
-             "tps": None, "step_s": None, "firing": {}, **(state or {})}
+             "tps": None, "step_s": None, "firing": {}, "halt": None, **(state or {})}
+    if state["halt"] and msg.time_ns > state["halt"][1]:  # stepping again after a halt,
+        state.update(halt=None, t=max(state["t"], msg.time_ns))  # replayed steps included
     ranks = dict(state["ranks"])
     if msg.step <= ranks.get(str(msg.rank), 0):
         return state, []  # seen before: a replay
@@ -126,6 +129,15 @@ def step(state: dict | None, msg, now_ns: int) -> tuple[dict, list]:
     return state, alerts
 
 
+def halt(state: dict | None, msg) -> dict | None:
+    """A rank says the job stopped stepping on purpose (`msg.halt`); no stall is judged
+    until a step newer than this message arrives. None if the job was never seen."""
+    if state is None:
+        return None
+    since = (state.get("halt") or [None, 0])[1]
+    return {**state, "halt": [msg.halt, max(since, msg.time_ns)]}
+
+
 def stall_after_s(state: dict) -> float:
     return max(STALL_MIN_S, STALL_STEPS * (state.get("step_s") or 0.0))
 
@@ -136,6 +148,12 @@ def stall_alert(job: str, state: dict, now_ns: int, stalled: bool):
     quiet_s = (now_ns - state["t"]) / 1e9
     limit = stall_after_s(state)
     labels = {"job": job}
+    if state.get("halt"):
+        reason = state["halt"][0]
+        return build("training", "training_stalled", CRITICAL, False, labels, quiet_s, limit,
+                     state["t"], now_ns, f"Job {job}: {reason}",
+                     f"The job reported it {reason}: it stopped stepping on purpose.") \
+            if stalled else None
     if quiet_s > limit and not stalled:
         return build("training", "training_stalled", CRITICAL, True, labels, quiet_s, limit,
                      state["t"], now_ns, f"Job {job}: no step for {quiet_s:.0f} s",

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 from mlpe.common.settings import Settings
@@ -372,7 +373,7 @@ class Demo:
 
     def report(self, path: Path, job_id: str, summary: dict) -> dict:
         """Write the HTML report; return how many series each plot drew."""
-        figures, drawn = plots(self.settings, self.fleet, job_id)
+        figures, drawn = plots(self.settings, self.fleet, job_id, self.killed_wall)
         body = "".join(f"<h2>{title}</h2><img src='data:image/png;base64,{png}'>"
                        for title, png in figures)
         pre = json.dumps(summary, indent=1).replace("<", "&lt;")
@@ -391,7 +392,8 @@ def c_state(state: int) -> str:
     return state_name(state)
 
 
-def plots(settings: Settings, fleet: str, job_id: str) -> tuple[list[tuple[str, str]], dict]:
+def plots(settings: Settings, fleet: str, job_id: str,
+          killed_wall: float = 0.0) -> tuple[list[tuple[str, str]], dict]:
     """(title, base64 PNG) of the fleet's GPUs with alert markers, and the job's training,
     read back from InfluxDB; and how many series (or alert markers) each drew."""
     import matplotlib
@@ -446,9 +448,20 @@ def plots(settings: Settings, fleet: str, job_id: str) -> tuple[list[tuple[str, 
         for (_, _, rank, field), (ts, vs) in sorted(steps.items()):
             if field == "step_time_s_mean":
                 axes[2].hist(vs, bins=30, alpha=0.6, label=f"rank {rank}")
-            else:
-                axes[0 if field == "loss_mean" else 1].plot(ts, vs, lw=0.8,
-                                                            label=f"rank {rank}")
+            else:  # a gap (the kill, the restart) is left blank, not bridged
+                gapped_t, gapped_v = [], []
+                for i, (t, v) in enumerate(zip(ts, vs, strict=True)):
+                    if i and (t - ts[i - 1]).total_seconds() > 2.5:
+                        gapped_t.append(t)
+                        gapped_v.append(float("nan"))
+                    gapped_t.append(t)
+                    gapped_v.append(v)
+                axes[0 if field == "loss_mean" else 1].plot(gapped_t, gapped_v, ".-", lw=0.8,
+                                                            ms=3, label=f"rank {rank}")
+        if killed_wall:
+            killed = datetime.fromtimestamp(killed_wall, UTC)
+            for ax in axes[:2]:
+                ax.axvline(killed, color="red", lw=0.8, label="rank 1 killed")
         for ax, title in zip(axes, ("loss", "tokens/s per rank", "step time (s) distribution"),
                              strict=True):
             ax.set_title(title)

@@ -65,6 +65,19 @@ def test_throughput_regression_needs_a_sustained_drop():
     assert alerts[0].labels["job"] == "job-1"
 
 
+def test_fast_steps_need_a_drop_held_for_seconds_not_just_steps():
+    # 20 ms steps on shared cores: 10-step slow patches (0.4 s) come and go — no alert;
+    # a drop held for 3 s (75 steps) is one alert, resolved once recovered for long enough.
+    patches = lambda s: 1.6 if 200 <= s % 100 + 200 < 210 and s >= 200 else 1.0  # noqa: E731
+    _, fired, _ = feed(steps(1000, step_s=0.02, slow=patches))
+    assert fired == []
+    held = lambda s: 1.6 if 500 <= s < 575 else 1.0  # noqa: E731
+    _, fired, alerts = feed(steps(1000, step_s=0.02, slow=held))
+    assert [r for _, r in fired] == ["training_throughput_regression"]
+    assert fired[0][0] >= 500 + 1.5 / (0.02 * 1.6)  # not before 1.5 s of slow steps
+    assert [a.state for a in alerts] == [al.ALERT_FIRING, al.ALERT_RESOLVED]
+
+
 def test_replayed_steps_change_nothing():
     messages = list(steps(60))
     state, _, _ = feed(messages)

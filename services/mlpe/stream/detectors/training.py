@@ -28,7 +28,7 @@ from mlpe.stream.detectors.alert import CRITICAL, WARNING, build
 WARMUP_STEPS = 20
 LOSS_K, LOSS_FLOOR = 6.0, 0.5
 LOSS_ALPHA, BASE_ALPHA, FAST_ALPHA, STEP_ALPHA = 0.1, 0.02, 0.5, 0.1  # per step
-REGRESSION, RECOVERED, REGRESSION_STEPS = 0.8, 0.9, 4
+REGRESSION, RECOVERED, REGRESSION_STEPS, REGRESSION_MIN_S = 0.8, 0.9, 4, 1.5
 STALL_MIN_S, STALL_STEPS = 30.0, 20
 HALTS = ("completed", "paused", "stopped", "preempted")  # TrainStep.halt values
 QUIET_STEPS = 20  # a NaN or spike alert resolves after this many good steps
@@ -101,12 +101,22 @@ def step(state: dict | None, msg, now_ns: int) -> tuple[dict, list]:
     # Throughput and step time.
     tps = msg.tokens_per_s
     if math.isfinite(tps) and tps >= 0:
-        s = dict(state["tps"] or {"base": tps, "fast": tps, "low_since": 0})
+        s = {"low_since": 0, "low_since_ns": 0, "ok_since": 0, "ok_since_ns": 0,
+             **(state["tps"] or {"base": tps, "fast": tps})}
         s["fast"] += _per_message(FAST_ALPHA, world) * (tps - s["fast"])
         low = warm and s["fast"] < REGRESSION * s["base"]
+
+        def held(since_step: int, since_ns: int) -> bool:
+            """For REGRESSION_STEPS steps and REGRESSION_MIN_S seconds: with steps of a few
+            ms, a few steps are noise (a job sharing its cores would flap)."""
+            return (msg.step - since_step >= REGRESSION_STEPS and
+                    msg.time_ns - since_ns >= REGRESSION_MIN_S * 1e9)
+
         if low:
             s["low_since"] = s["low_since"] or msg.step
-            if msg.step - s["low_since"] >= REGRESSION_STEPS:
+            s["low_since_ns"] = s["low_since_ns"] or msg.time_ns
+            s["ok_since"] = s["ok_since_ns"] = 0
+            if held(s["low_since"], s["low_since_ns"]):
                 drop = 1 - s["fast"] / s["base"]
                 fire("training_throughput_regression", WARNING, s["fast"], s["base"],
                      f"Job {job}: throughput down {drop:.0%}",
@@ -114,11 +124,14 @@ def step(state: dict | None, msg, now_ns: int) -> tuple[dict, list]:
                      f"{s['base']:,.0f} usually: something slowed every rank (a throttled "
                      "or straggling GPU, input pipeline, network).")
         else:
-            s["low_since"] = 0
+            s["low_since"] = s["low_since_ns"] = 0
             early = msg.step - state["first_step"] < 2 * WARMUP_STEPS  # follow the ramp-up
             s["base"] += _per_message(FAST_ALPHA if early else BASE_ALPHA, world) * (
                 tps - s["base"])
-            if s["fast"] >= RECOVERED * s["base"]:
+            recovered = s["fast"] >= RECOVERED * s["base"]
+            s["ok_since"] = (s["ok_since"] or msg.step) if recovered else 0
+            s["ok_since_ns"] = (s["ok_since_ns"] or msg.time_ns) if recovered else 0
+            if recovered and held(s["ok_since"], s["ok_since_ns"]):
                 resolve("training_throughput_regression", s["fast"], s["base"],
                         f"Job {job}: throughput recovered",
                         f"{s['fast']:,.0f} tokens/s per rank, baseline {s['base']:,.0f}.")

@@ -48,3 +48,17 @@ def test_the_image_installs_runtime_pins_equal_to_the_dev_lock():
     assert runtime and {name: dev.get(name) for name in runtime} == runtime
     assert not {"pytest", "ruff", "kubernetes-validate", "hypothesis"} & set(runtime)
     assert "requirements-runtime.lock" in (REPO_ROOT / "Dockerfile").read_text()
+
+
+def test_every_mlpe_service_command_parses_and_the_sink_is_the_default_webhook():
+    from mlpe.cli import build_parser
+
+    commands = {name: s["command"] for name, s in COMPOSE["services"].items()
+                if name.startswith("mlpe")}
+    assert {"mlpe-stream", "mlpe-notify", "mlpe-optimizer", "mlpe-control",
+            "mlpe-agent"} <= set(commands)
+    for name, argv in commands.items():
+        assert callable(build_parser().parse_args(argv).func), name
+    webhook = COMPOSE["services"]["mlpe-notify"]["environment"]["MLPE_SLACK_WEBHOOK_URL"]
+    sink = build_parser().parse_args(COMPOSE["services"]["mlpe-webhook-sink"]["command"])
+    assert _substitute(webhook) == f"http://mlpe-webhook-sink:{sink.port}/hook"

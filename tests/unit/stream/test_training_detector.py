@@ -125,3 +125,9 @@ def test_a_stalled_job_that_is_then_cancelled_resolves_its_stall():
     resolved = training.stall_alert("job-1", state, state["t"] + 41 * 10**9, True)
     assert resolved.state == al.ALERT_RESOLVED and resolved.summary == "Job job-1: stopped"
     assert training.halt(None, TrainStep(job_id="new", halt="paused")) is None
+
+
+def test_a_30_s_pause_between_epochs_is_no_stall_even_when_its_next_step_arrives_late():
+    state, _, _ = feed(steps(50))
+    # The pause ends after 30 s; its next step reaches the stream a second later.
+    assert training.stall_alert("job-1", state, state["t"] + 31 * 10**9, False) is None

@@ -29,7 +29,7 @@ WARMUP_STEPS = 20
 LOSS_K, LOSS_FLOOR = 6.0, 0.5
 LOSS_ALPHA, BASE_ALPHA, FAST_ALPHA, STEP_ALPHA = 0.1, 0.02, 0.5, 0.1  # per step
 REGRESSION, RECOVERED, REGRESSION_STEPS, REGRESSION_MIN_S = 0.8, 0.9, 4, 1.5
-STALL_MIN_S, STALL_STEPS = 30.0, 20
+STALL_MIN_S, STALL_STEPS = 45.0, 20  # 45 s: a 30 s pause between epochs is no stall
 HALTS = ("completed", "paused", "stopped", "preempted")  # TrainStep.halt values
 QUIET_STEPS = 20  # a NaN or spike alert resolves after this many good steps
 

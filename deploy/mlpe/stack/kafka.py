@@ -210,14 +210,15 @@ async def _describe_cluster(bootstrap: str):
         await admin.close()
 
 
-async def create_topics(bootstrap: str) -> list[str]:
+async def create_topics(bootstrap: str, topics=ALL_TOPICS) -> list[str]:
+    """Create those of `topics` that do not exist; return their names."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [t for t in ALL_TOPICS if t.name not in existing]
+        missing = [t for t in topics if t.name not in existing]
         if missing:
             await admin.create_topics(
                 [NewTopic(t.name, t.partitions, 1, topic_configs=t.config) for t in missing]

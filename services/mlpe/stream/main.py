@@ -58,8 +58,34 @@ def run(args, settings: Settings) -> int:
             print(f"mlpe stream: {err}", file=sys.stderr)
             return 2
 
+    ensure_internal_topic(settings)
     from mlpe.stream.app import app
 
     worker = Worker(app, loglevel=settings.log_level.upper(), quiet=True)
     worker.execute_from_commandline()  # exits the process when the worker stops
     return 0
+
+
+def ensure_internal_topic(settings: Settings) -> None:
+    """Create the app's `<app id>-gpu-seconds` topic before the worker subscribes. Faust
+    creates it too, but a first subscription that races the creation logs "Ignoring
+    missing topic" and never consumes it: the peer, statistical and trend detectors would
+    then see nothing until the next rebalance (seen in `mlpe run`)."""
+    import asyncio
+    import dataclasses
+    import logging
+
+    from mlpe.common.topics import GPU_SECONDS
+    from mlpe.stack.kafka import create_topics
+
+    topic = dataclasses.replace(GPU_SECONDS, name=f"{settings.stream_app_id}-{GPU_SECONDS.name}")
+    kafka_log = logging.getLogger("aiokafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)  # a refused connection is reported below
+    try:
+        asyncio.run(create_topics(settings.kafka_bootstrap, [topic]))
+    except Exception as err:  # noqa: BLE001 - Kafka down: the worker waits for it itself
+        print(f"mlpe stream: could not create {topic.name} yet ({err}); the worker will",
+              file=sys.stderr)
+    finally:
+        kafka_log.setLevel(level)

@@ -354,8 +354,7 @@ class Demo:
               f"{scored['false_alarms']}), webhook messages {self.deliveries()}")
         for a in summary["alerts"]:
             print(f"  - {a['rule']}" + (f" after {a['delay_s']} s" if a["delay_s"] else ""))
-        print(f"alerts on the training job {job_id}: {len(on_job)} (it shares two cores with "
-              "everything else, so its throughput moves)")
+        print(f"alerts on the training job {job_id} (not scored): {len(on_job)}")
         for a in on_job:
             when = "" if a["s_after_kill"] is None else \
                 f" ({abs(a['s_after_kill'])} s {'after' if a['s_after_kill'] >= 0 else 'before'}"\

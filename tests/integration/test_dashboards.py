@@ -33,6 +33,8 @@ from mlpe.agent.sources.train_sim import SimulatedTraining
 from mlpe.agent.spool import Spool
 from mlpe.stream.bench import wait_group_stable
 
+from .test_stream import stop
+
 DASHBOARDS = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards"
 GPUS, SECONDS = 4, 24
 THERMAL, STRAGGLER, XID = ("00", "1"), ("01", "2"), ("01", "3")  # (node suffix, gpu)
@@ -152,12 +154,7 @@ def filled(stack_endpoints, tmp_path_factory) -> Filled:
             assert time.monotonic() < deadline, f"InfluxDB holds only {have}"
             time.sleep(1)
     finally:
-        stream.terminate()
-        try:
-            stream.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            stream.kill()
-            stream.wait()
+        stop(stream)
 
 
 def dashboard(name: str) -> dict:

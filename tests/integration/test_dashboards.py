@@ -329,7 +329,8 @@ def test_job_view(filled):
         "Memory allocated by rank (max)": by_rank,
         "Utilization of the job's GPUs":
             lambda rows: len(series(rows, "node", "gpu")) == 2 * GPUS or pytest.fail(),
-        "Stragglers: the job's GPUs by SM clock against the job's median": stragglers,
+        "Stragglers: the job's GPUs by SM clock against the job's median, last 5 min":
+            stragglers,
         "Alerts on the job and its nodes": alerts,
         "annotation": lambda rows: alerts(rows, "text"),
     })

@@ -11,3 +11,11 @@ def test_design_topics_declared_once():
     for topic in ALL_TOPICS:
         assert topic.partitions >= 1
         assert int(topic.config["retention.ms"]) == topic.retention_ms > 0
+
+
+def test_an_apps_own_topic_keeps_the_shape_and_takes_the_app_id():
+    from mlpe.common.topics import GPU_SECONDS, of_app
+
+    own = of_app(GPU_SECONDS, "run-1")
+    assert own.name == "run-1-gpu-seconds"
+    assert (own.partitions, own.retention_ms) == (GPU_SECONDS.partitions, GPU_SECONDS.retention_ms)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 HOUR_MS = 3_600_000
@@ -38,6 +39,11 @@ INVENTORY = Topic("mlpe.inventory", 1, 365 * DAY_MS, "node id", "NodeInventory",
 # changelogs, so two apps never read each other's): each node's 1 s GPU means, keyed by
 # job, so one worker sees every GPU of a job and can compare them.
 GPU_SECONDS = Topic("gpu-seconds", 4, HOUR_MS, "job id", "per-node 1 s GPU means (JSON)")
+
+
+def of_app(topic: Topic, app_id: str) -> Topic:
+    """`topic` as one stream app's own: named "<app id>-<name>"."""
+    return dataclasses.replace(topic, name=f"{app_id}-{topic.name}")
 
 ALL_TOPICS: tuple[Topic, ...] = (
     GPU_METRICS,

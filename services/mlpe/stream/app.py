@@ -41,6 +41,7 @@ from mlpe.common.topics import (
     GPU_SECONDS,
     HOST_METRICS,
     TRAIN_EVENTS,
+    of_app,
 )
 from mlpe.stream import rules as rules_module
 from mlpe.stream.detectors import baseline, peers, training, trend
@@ -79,7 +80,7 @@ alerts_topic = app.topic(ALERTS.name, value_type=bytes, value_serializer="raw",
                          key_serializer="raw")
 dead_letters = app.topic(DEAD_LETTER.name, value_type=bytes, value_serializer="raw",
                          key_serializer="raw")
-gpu_seconds = app.topic(f"{settings.stream_app_id}-{GPU_SECONDS.name}", internal=True,
+gpu_seconds = app.topic(of_app(GPU_SECONDS, settings.stream_app_id).name, internal=True,
                         partitions=GPU_SECONDS.partitions,
                         retention=GPU_SECONDS.retention_ms / 1000, value_type=bytes,
                         value_serializer="raw", key_serializer="raw")

@@ -72,13 +72,12 @@ def ensure_internal_topic(settings: Settings) -> None:
     missing topic" and never consumes it: the peer, statistical and trend detectors would
     then see nothing until the next rebalance (seen in `mlpe run`)."""
     import asyncio
-    import dataclasses
     import logging
 
-    from mlpe.common.topics import GPU_SECONDS
+    from mlpe.common.topics import GPU_SECONDS, of_app
     from mlpe.stack.kafka import create_topics
 
-    topic = dataclasses.replace(GPU_SECONDS, name=f"{settings.stream_app_id}-{GPU_SECONDS.name}")
+    topic = of_app(GPU_SECONDS, settings.stream_app_id)
     kafka_log = logging.getLogger("aiokafka")
     level = kafka_log.level
     kafka_log.setLevel(logging.CRITICAL)  # a refused connection is reported below

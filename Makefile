@@ -7,13 +7,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 MLPE := $(BIN)/mlpe
 PROTOS := $(wildcard proto/mlpe/v1/*.proto)
+# The stack's data, logs and secrets stay in the clone (mlpe's own default is per user).
+export MLPE_STATE_DIR ?= $(CURDIR)/.mlpe
 
 .PHONY: help setup install run up down status test test-unit lint proto proto-check lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(VENV)/.mlpe-installed: requirements.lock pyproject.toml
+PACKAGED := deploy/kafka/pom.xml deploy/kafka/log4j2.xml deploy/influxdb/build-influxd.sh \
+	deploy/rules/default.yaml
+
+$(VENV)/.mlpe-installed: requirements.lock pyproject.toml $(PACKAGED)
 	@deploy/setup-python.sh
 
 setup: $(VENV)/.mlpe-installed  ## the pinned Python environment in .venv

@@ -12,7 +12,11 @@ UV_HOME="$CACHE/uv-$UV_VERSION"
 PYTHON="${MLPE_PYTHON:-python3}"
 STAMP=.venv/.mlpe-installed
 
-WANT="$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
+# The deploy/ files the wheel carries (pyproject.toml's force-include) are copied even
+# by the editable install, so they are part of what the stamp stands for.
+PACKAGED=(deploy/kafka/pom.xml deploy/kafka/log4j2.xml deploy/influxdb/build-influxd.sh
+          deploy/rules/default.yaml)
+WANT="$(cat requirements.lock pyproject.toml "${PACKAGED[@]}" | sha256sum | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x .venv/bin/mlpe ]]; then
   exit 0
 fi

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlpe.stack.process import StackError
+    from mlpe.stack.component import StackError
 
     args = build_parser().parse_args(argv)
     try:

@@ -18,8 +18,8 @@ import pytest
 
 from mlpe import stack
 from mlpe.common import settings as settings_module
+from mlpe.common.kafka import create_topics
 from mlpe.stack.influxdb import InfluxDB
-from mlpe.stack.kafka import create_topics
 
 
 def pytest_collection_modifyitems(items):

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 from collections import defaultdict
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -20,6 +16,7 @@ from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.spool import Spool
 from mlpe.common import batches
 from mlpe.common.topics import GPU_METRICS, Topic
+from tests.helpers import isolated_stack_env, mlpe
 
 
 async def end_offsets(bootstrap: str, topic: Topic) -> dict[TopicPartition, int]:
@@ -88,24 +85,13 @@ async def test_every_sample_arrives_once_in_order(stack_endpoints, unique, tmp_p
     assert all(len(b.columns) == len(batches.GPU_FIELDS) for b in got)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def test_kafka_outage_of_60s_loses_nothing(stack_endpoints, unique, tmp_path):
-    env = {**os.environ, "MLPE_STATE_DIR": str(tmp_path / "state"),
-           "MLPE_KAFKA_PORT": str(_free_port()), "MLPE_KAFKA_CONTROLLER_PORT": str(_free_port()),
-           "MLPE_KAFKA_HEAP": "384m"}
-    env.pop("MLPE_KAFKA_BOOTSTRAP", None)
+    env = isolated_stack_env(tmp_path / "state", "kafka")
     bootstrap = f"127.0.0.1:{env['MLPE_KAFKA_PORT']}"
 
     async def stack(*args: str) -> None:
-        cmd = [sys.executable, "-m", "mlpe.cli", "stack", *args, "--only", "kafka", "--json"]
-        out = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True,
-                                      text=True, timeout=180)
-        assert out.returncode == 0, out.stderr
+        await asyncio.to_thread(mlpe, "stack", *args, "--only", "kafka", "--json", env=env,
+                                timeout=180, check=True)
 
     await stack("up")
     try:

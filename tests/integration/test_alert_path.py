@@ -20,9 +20,9 @@ from mlpe.agent.scenario import parse
 from mlpe.agent.shipper import Shipper
 from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.spool import Spool
+from mlpe.common.kafka import wait_group_stable
 from mlpe.common.topics import ALERTS
-from mlpe.stream.bench import wait_group_stable
-from mlpe.stream.bench_detect import parse_message
+from mlpe.notify.slack import parse_message
 from mlpe.v1 import alerts_pb2
 
 from .test_notify import received, start_sink

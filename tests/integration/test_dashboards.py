@@ -19,7 +19,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from influxdb_client import InfluxDBClient
@@ -31,11 +30,12 @@ from mlpe.agent.sources.host import HostMetrics
 from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.sources.train_sim import SimulatedTraining
 from mlpe.agent.spool import Spool
-from mlpe.stream.bench import wait_group_stable
+from mlpe.common.kafka import wait_group_stable
+from tests.helpers import DEPLOY
 
 from .test_stream import stop
 
-DASHBOARDS = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards"
+DASHBOARDS = DEPLOY / "grafana" / "dashboards"
 GPUS, SECONDS = 4, 24
 THERMAL, STRAGGLER, XID = ("00", "1"), ("01", "2"), ("01", "3")  # (node suffix, gpu)
 SCENARIO = f"""

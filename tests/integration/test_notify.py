@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,21 +15,16 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
+from mlpe.common.kafka import wait_group_stable
 from mlpe.notify.notifier import Notifier, Timing
 from mlpe.notify.routes import Route, Routes
 from mlpe.notify.sink import make_app
-from mlpe.stream.bench import wait_group_stable
 from mlpe.v1 import alerts_pb2 as pb
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import free_port
 
 
 async def start_sink(fail=(), retry_after=None):
-    port = _free_port()
+    port = free_port()
     runner = web.AppRunner(make_app(None, list(fail), retry_after))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -51,10 +45,11 @@ def alert(fp: str, state=pb.ALERT_FIRING, node="n1", rule="gpu_hot") -> bytes:
 @pytest.fixture
 async def notifier_and_sink(stack_endpoints, unique, monkeypatch):
     runner, base = await start_sink()
-    monkeypatch.setenv(f"HOOK_{unique}", f"{base}/hook-secret-{unique}")
+    hooks = {f"HOOK_{unique}": f"{base}/hook-secret-{unique}"}
     redis = aioredis.Redis.from_url(stack_endpoints.redis_url)
     routes = Routes((), Route("default", f"HOOK_{unique}"))
-    notifier = Notifier(redis, routes, Timing(group_wait_s=0.3, min_post_interval_s=0.05),
+    notifier = Notifier(redis, routes, hooks.get,
+                        Timing(group_wait_s=0.3, min_post_interval_s=0.05),
                         prefix=f"test:{unique}")
     yield notifier, base
     await redis.aclose()
@@ -93,9 +88,9 @@ async def test_group_dedup_and_resolve(notifier_and_sink):
 
 async def test_500_then_200_is_exactly_one_delivery(stack_endpoints, unique, monkeypatch):
     runner, base = await start_sink(fail=[500, 429], retry_after=0.2)
-    monkeypatch.setenv(f"HOOK_{unique}", f"{base}/hook")
+    hooks = {f"HOOK_{unique}": f"{base}/hook"}
     redis = aioredis.Redis.from_url(stack_endpoints.redis_url)
-    notifier = Notifier(redis, Routes((), Route("default", f"HOOK_{unique}")),
+    notifier = Notifier(redis, Routes((), Route("default", f"HOOK_{unique}")), hooks.get,
                         Timing(group_wait_s=0.1, min_post_interval_s=0.05),
                         prefix=f"test:{unique}")
     try:
@@ -114,11 +109,11 @@ async def test_500_then_200_is_exactly_one_delivery(stack_endpoints, unique, mon
 
 async def test_unreachable_webhook_keeps_the_alert_and_hides_the_url(stack_endpoints, unique,
                                                                     monkeypatch, caplog):
-    secret = f"http://127.0.0.1:{_free_port()}/services/T000/B000/secret{unique}"
-    monkeypatch.setenv(f"HOOK_{unique}", secret)
+    secret = f"http://127.0.0.1:{free_port()}/services/T000/B000/secret{unique}"
     redis = aioredis.Redis.from_url(stack_endpoints.redis_url)
     notifier = Notifier(redis, Routes((), Route("default", f"HOOK_{unique}")),
-                        Timing(group_wait_s=0.0), prefix=f"test:{unique}")
+                        {f"HOOK_{unique}": secret}.get, Timing(group_wait_s=0.0),
+                        prefix=f"test:{unique}")
     monkeypatch.setattr("mlpe.notify.notifier.post",
                         _fast_post)  # same code path, fewer retries: keeps the test short
     try:

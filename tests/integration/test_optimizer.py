@@ -16,8 +16,8 @@ import pytest
 import redis
 
 from mlpe.common.grpc_server import wait_serving
-from mlpe.control.local import free_port
-from mlpe.control.spec import resolve
+from mlpe.common.jobs import resolve
+from mlpe.common.process import free_port
 from mlpe.v1 import control_pb2 as c
 from mlpe.v1 import optimizer_pb2 as o
 from mlpe.v1 import optimizer_pb2_grpc

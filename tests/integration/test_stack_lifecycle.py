@@ -3,51 +3,32 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import isolated_stack_env, mlpe
 
 
 @pytest.fixture
 def isolated_env(tmp_path, stack_endpoints):
     """A second stack beside the session's (whose cache it reuses), on free ports."""
-    env = {**os.environ,
-           "MLPE_STATE_DIR": str(tmp_path / "state"),
-           "MLPE_KAFKA_PORT": str(_free_port()),
-           "MLPE_KAFKA_CONTROLLER_PORT": str(_free_port()),
-           "MLPE_KAFKA_HEAP": "384m",
-           "MLPE_INFLUX_PORT": str(_free_port()),
-           "MLPE_REDIS_PORT": str(_free_port())}
-    for name in ("MLPE_KAFKA_BOOTSTRAP", "MLPE_INFLUX_URL", "MLPE_REDIS_URL",
-                 "MLPE_INFLUX_TOKEN"):
-        env.pop(name, None)
+    env = isolated_stack_env(tmp_path / "state")
     yield env
-    subprocess.run([sys.executable, "-m", "mlpe.cli", "stack", "down"], env=env,
-                   capture_output=True, timeout=120)
+    stack(env, "down")
 
 
-def mlpe(env, *args):
-    return subprocess.run([sys.executable, "-m", "mlpe.cli", "stack", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+def stack(env, *args):
+    return mlpe("stack", *args, env=env, timeout=300)
 
 
 def statuses(env) -> dict[str, dict]:
-    out = mlpe(env, "status", "--json")
+    out = stack(env, "status", "--json")
     return {s["name"]: s for s in json.loads(out.stdout)}
 
 
 def test_up_twice_then_down(isolated_env):
-    first = mlpe(isolated_env, "up")
+    first = stack(isolated_env, "up")
     assert first.returncode == 0, first.stderr
     state = Path(isolated_env["MLPE_STATE_DIR"])
     token = json.loads((state / "secrets" / "influxdb.json").read_text())["token"]
@@ -59,31 +40,31 @@ def test_up_twice_then_down(isolated_env):
     assert all(s["detail"].startswith("managed, pid ") for s in up.values())
     assert up["kafka"]["address"].endswith(isolated_env["MLPE_KAFKA_PORT"])
 
-    second = mlpe(isolated_env, "up")
+    second = stack(isolated_env, "up")
     assert second.returncode == 0, second.stderr
     assert statuses(isolated_env) == up  # same processes: the second `up` changed nothing
 
-    one_down = mlpe(isolated_env, "down", "--only", "redis")
+    one_down = stack(isolated_env, "down", "--only", "redis")
     assert one_down.stdout.strip() == "redis: stopped"
-    partial = mlpe(isolated_env, "status")
+    partial = stack(isolated_env, "status")
     assert partial.returncode == 3
     redis_line = next(line for line in partial.stdout.splitlines() if line.startswith("redis"))
     assert "down" in redis_line and "not running" in redis_line
 
-    all_down = mlpe(isolated_env, "down")
+    all_down = stack(isolated_env, "down")
     assert all_down.returncode == 0
     assert {s["state"] for s in statuses(isolated_env).values()} == {"down"}
 
 
 def test_external_redis_is_used_and_left_alone(isolated_env, tmp_path):
     owner = {**isolated_env, "MLPE_STATE_DIR": str(tmp_path / "owner")}
-    assert mlpe(owner, "up", "--only", "redis").returncode == 0
+    assert stack(owner, "up", "--only", "redis").returncode == 0
     try:
-        guest = mlpe(isolated_env, "up", "--only", "redis")
+        guest = stack(isolated_env, "up", "--only", "redis")
         assert guest.returncode == 0, guest.stderr
         assert "external" in guest.stdout
-        left = mlpe(isolated_env, "down", "--only", "redis")
+        left = stack(isolated_env, "down", "--only", "redis")
         assert "left alone" in left.stdout
         assert statuses(owner)["redis"]["state"] == "up"
     finally:
-        mlpe(owner, "down", "--only", "redis")
+        stack(owner, "down", "--only", "redis")

@@ -22,8 +22,8 @@ from mlpe.agent.scenario import Scenario
 from mlpe.agent.shipper import Shipper
 from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.spool import Spool
+from mlpe.common.kafka import wait_group_stable
 from mlpe.common.topics import DEAD_LETTER, GPU_METRICS, TRAIN_EVENTS
-from mlpe.stream.bench import wait_group_stable
 from mlpe.v1 import deadletter_pb2
 from mlpe.v1.training_pb2 import TrainStep
 

@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import signal
 import socket
 import sys
@@ -45,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sim: GPUs per node (default 8); nvml: indices to watch, e.g. 0,1,3")
     p.add_argument("--nodes", default=None, help="sim: number of simulated nodes (default 1)")
     p.add_argument("--scenario", default=None, metavar="FILE",
-                   help="sim: YAML scenario with faults (format: agents/scenarios/README.md)")
+                   help="sim: YAML scenario with faults (format: mlpe/agent/scenarios/README.md)")
     p.add_argument("--seed", default=None, help="sim: override the scenario's seed")
     p.add_argument("--no-train-events", action="store_true",
                    help="sim: do not ship the simulated training job's step events "
@@ -114,7 +113,7 @@ def build(args, settings: Settings):
         print("mlpe agent: no NVIDIA GPU found; using the simulator (--source sim)",
               file=sys.stderr, flush=True)
     node_id = args.node_id or socket.gethostname()
-    job_id = args.job or os.environ.get("MLPE_JOB_ID", "")
+    job_id = args.job or settings.job_id
 
     sources = []
     training = None

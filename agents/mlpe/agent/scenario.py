@@ -8,6 +8,7 @@ in agents/scenarios/README.md; errors name the file and the line.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import yaml
@@ -202,6 +203,12 @@ def _fault(item: yaml.Node, where: str, get, nodes: int, gpus: int) -> Fault:
         for_s = for_s if for_s is not None else 0.0
     return Fault(kind=kind, node=node, gpu=gpu, at_s=get(fault, "at_s", float, 0.0, 0),
                  for_s=for_s, magnitude=magnitude, line=line)
+
+
+def packaged(name: str = "") -> Path:
+    """A scenario (or folder of them) shipped with mlpe, e.g. packaged("run.yaml"),
+    packaged("detect"); their format is scenarios/README.md beside this file."""
+    return Path(str(files("mlpe.agent") / "scenarios" / name))
 
 
 def load(path: str | Path) -> Scenario:

@@ -1,5 +1,5 @@
-"""What every mlpe gRPC service shares: health and reflection on start, and a client-side
-wait until a server says SERVING."""
+"""What every mlpe gRPC service shares: health and reflection on start, a client-side
+wait until a server says SERVING, and the client channel to `mlpe control`."""
 
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ async def start_server(address: str, service: str, add_servicer: Callable[[grpc.
     for name in ("", service):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port
+
+
+def control_channel(settings) -> grpc.Channel:
+    """A channel to mlpe control at Settings.control_address (TLS with control_tls_ca)."""
+    if settings.control_tls_ca is not None:
+        creds = grpc.ssl_channel_credentials(settings.control_tls_ca.read_bytes())
+        return grpc.secure_channel(settings.control_address, creds)
+    return grpc.insecure_channel(settings.control_address)
 
 
 def wait_serving(channel: grpc.Channel, proc: subprocess.Popen, what: str,

@@ -1,8 +1,13 @@
 """Every setting mlpe reads, from environment variables with defaults.
 
 One place, so a typo'd or malformed variable is caught at start with an error
-that names the variable and the form it expects. docker-compose.yml and the
-local stack use the same names.
+that names the variable and the form it expects. docker-compose.yml, the Kubernetes
+manifests and the local stack use the same names. Nothing here runs at import time:
+`load()` reads the environment when a command starts, and a test passes its own mapping.
+
+The only other environment reads in mlpe are the worker's launch variables (RANK,
+WORLD_SIZE, LOCAL_RANK, which torchrun sets) and the kernel package's own switches
+(MLPE_KERNELS, MLPE_KERNEL_PROFILE: mlpe.kernels depends on nothing of mlpe).
 """
 
 from __future__ import annotations
@@ -10,10 +15,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from urllib.parse import urlparse
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 class SettingsError(ValueError):
@@ -81,6 +85,24 @@ def _float(env: Mapping[str, str], name: str, default: float, low: float, high: 
     return value
 
 
+def _secret_url(env: Mapping[str, str], *names: str) -> str | None:
+    """The first of `names` that is set, checked for form; the value is never shown."""
+    for name in names:
+        value = env.get(name, "").strip()
+        if not value:
+            continue
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise SettingsError(f"{name}: expected an http(s) URL (value not shown: a secret)")
+        return value
+    return None
+
+
+def _optional_path(env: Mapping[str, str], name: str) -> Path | None:
+    value = env.get(name, "").strip()
+    return Path(value).expanduser() if value else None
+
+
 def _size(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name, default).strip().lower()
     digits = value[:-1] if value[-1:] in "kmg" else value
@@ -118,6 +140,24 @@ class Settings:
 
     control_port: int         # mlpe control's gRPC port
     control_address: str      # where clients reach it (host:port)
+    control_namespace: str    # prefix of the controller's Redis keys (workers inherit it)
+    control_token: str | None = field(repr=False)  # bearer token; None: the stored one
+    control_tls_cert: Path | None  # server certificate and key (both or neither)
+    control_tls_key: Path | None
+    control_tls_ca: Path | None    # clients: CA that signed the server's certificate
+
+    optimizer_port: int       # mlpe optimizer's gRPC port
+
+    notify_routes: str        # routes YAML ("" = everything to the default route)
+    notify_group_id: str      # Kafka consumer group of the notifiers
+    notify_start: str         # where a new notifier group starts: earliest or latest
+    notify_redis_prefix: str  # prefix of the notifier's Redis keys (dedup, groups)
+    slack_webhook_url: str | None = field(repr=False)  # the default route's webhook
+
+    job_id: str               # agent: the training job this node's GPUs belong to
+    worker_fault: str         # worker: fault injection for tests, hang@STEP[:RANK]
+    # Variables a routes file names for its webhooks; read through `secret()`.
+    environment: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
 
     @property
     def logs_dir(self) -> Path:
@@ -135,6 +175,33 @@ class Settings:
     def secrets_dir(self) -> Path:
         return self.state_dir / "secrets"
 
+    def secret(self, name: str) -> str | None:
+        """A secret named by a config file (a route's webhook variable); never logged."""
+        if name == "MLPE_SLACK_WEBHOOK_URL":
+            return self.slack_webhook_url
+        return self.environment.get(name, "").strip() or None
+
+
+def default_state_dir(env: Mapping[str, str]) -> Path:
+    """Per user, as XDG says; the Makefile points it at the clone's .mlpe/ instead."""
+    base = env.get("XDG_STATE_HOME", "").strip() or str(Path.home() / ".local" / "state")
+    return Path(base) / "mlpe"
+
+
+def packaged(*parts: str) -> Path:
+    """A data file shipped with mlpe from deploy/ (the wheel carries a copy under
+    mlpe/deploy: see pyproject.toml), e.g. packaged("rules", "default.yaml")."""
+    path = files("mlpe.deploy")  # a namespace package: one part at a time (Python 3.11)
+    for part in parts:
+        path = path / part
+    return Path(str(path))
+
+
+def environment(**overrides: str) -> dict[str, str]:
+    """This process's environment plus `overrides`, for a child process (a service, a
+    torchrun rank, a build): settings travel to children as the same variables."""
+    return {**os.environ, **overrides}
+
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate settings; raises SettingsError naming the bad variable."""
@@ -145,8 +212,14 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     redis_port = _port(env, "MLPE_REDIS_PORT", 6379)
     control_port = _port(env, "MLPE_CONTROL_PORT", 50052)
     token = env.get("MLPE_INFLUX_TOKEN", "").strip() or None
+    cert = _optional_path(env, "MLPE_CONTROL_TLS_CERT")
+    key = _optional_path(env, "MLPE_CONTROL_TLS_KEY")
+    if (cert is None) != (key is None):
+        raise SettingsError("MLPE_CONTROL_TLS_CERT and MLPE_CONTROL_TLS_KEY go together: "
+                            "set both or neither")
+    rules = env.get("MLPE_RULES")
     return Settings(
-        state_dir=Path(_text(env, "MLPE_STATE_DIR", str(REPO_ROOT / ".mlpe"))).expanduser(),
+        state_dir=Path(_text(env, "MLPE_STATE_DIR", str(default_state_dir(env)))).expanduser(),
         cache_dir=Path(
             _text(env, "MLPE_CACHE_DIR", str(Path.home() / ".cache" / "mlpe"))
         ).expanduser(),
@@ -173,7 +246,21 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         stream_lateness_s=_float(env, "MLPE_STREAM_LATENESS_S", 0.3, 0.0, 60.0),
         stream_app_id=_text(env, "MLPE_STREAM_APP_ID", "mlpe-stream"),
         stream_start=_choice(env, "MLPE_STREAM_START", "earliest", ("earliest", "latest")),
-        rules_path=env.get("MLPE_RULES", str(REPO_ROOT / "deploy" / "rules" / "default.yaml")),
+        rules_path=str(packaged("rules", "default.yaml")) if rules is None else rules.strip(),
         control_port=control_port,
         control_address=_host_ports(env, "MLPE_CONTROL_ADDRESS", f"127.0.0.1:{control_port}"),
+        control_namespace=_text(env, "MLPE_CONTROL_NAMESPACE", "mlpe"),
+        control_token=env.get("MLPE_CONTROL_TOKEN", "").strip() or None,
+        control_tls_cert=cert,
+        control_tls_key=key,
+        control_tls_ca=_optional_path(env, "MLPE_CONTROL_TLS_CA"),
+        optimizer_port=_port(env, "MLPE_OPTIMIZER_PORT", 50051),
+        notify_routes=env.get("MLPE_NOTIFY_ROUTES", "").strip(),
+        notify_group_id=_text(env, "MLPE_NOTIFY_GROUP_ID", "mlpe-notify"),
+        notify_start=_choice(env, "MLPE_NOTIFY_START", "earliest", ("earliest", "latest")),
+        notify_redis_prefix=_text(env, "MLPE_NOTIFY_REDIS_PREFIX", "mlpe:notify"),
+        slack_webhook_url=_secret_url(env, "MLPE_SLACK_WEBHOOK_URL", "SLACK_WEBHOOK_URL"),
+        job_id=env.get("MLPE_JOB_ID", "").strip(),
+        worker_fault=env.get("MLPE_WORKER_FAULT", "").strip(),
+        environment=dict(env),
     )

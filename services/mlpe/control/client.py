@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from mlpe.common.settings import Settings
+from mlpe.common.tokens import control_token
 
 ACTIONS = ("submit", "list", "status", "pause", "resume", "cancel", "checkpoint", "events")
 
@@ -63,24 +63,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     for a in actions.choices.values():
         a.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
-
-
-def client_token(settings: Settings) -> str:
-    token = os.environ.get("MLPE_CONTROL_TOKEN", "").strip()
-    path = settings.secrets_dir / "control.token"
-    if not token and path.exists():
-        token = path.read_text().strip()
-    return token
-
-
-def channel(settings: Settings):
-    import grpc
-
-    ca = os.environ.get("MLPE_CONTROL_TLS_CA", "")
-    if ca:
-        creds = grpc.ssl_channel_credentials(Path(ca).read_bytes())
-        return grpc.secure_channel(settings.control_address, creds)
-    return grpc.insecure_channel(settings.control_address)
 
 
 def build_spec(args):
@@ -176,14 +158,15 @@ def follow(stub, job_id: str, as_json: bool) -> int:
 def run(args, settings: Settings) -> int:
     import grpc
 
+    from mlpe.common.grpc_server import control_channel
     from mlpe.control.store import S
     from mlpe.v1 import control_pb2, control_pb2_grpc
 
     metadata = [("mlpe-user", getpass.getuser())]
-    token = client_token(settings)
+    token = control_token(settings)
     if token:
         metadata.append(("authorization", f"Bearer {token}"))
-    stub = control_pb2_grpc.TrainingControlStub(channel(settings))
+    stub = control_pb2_grpc.TrainingControlStub(control_channel(settings))
     try:
         if args.action == "submit":
             try:

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,13 @@ import grpc
 import redis
 
 from mlpe.common.grpc_server import wait_serving
-from mlpe.control.supervisor import pid_alive
+from mlpe.common.jobs import JobKeys
+from mlpe.common.process import free_port, pid_alive
+from mlpe.common.settings import environment
 from mlpe.v1 import control_pb2 as c
 from mlpe.v1 import control_pb2_grpc
 
 LIVE = (c.JOB_STATE_QUEUED, c.JOB_STATE_RUNNING, c.JOB_STATE_PAUSED)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalController:
@@ -42,10 +37,12 @@ class LocalController:
         self.workdir = Path(workdir)
         self.jobs_dir = self.workdir / "jobs"
         self.log_path = self.workdir / f"control-{self.port}.log"
-        self.env = {**os.environ, "MLPE_CONTROL_NAMESPACE": self.namespace,
-                    "MLPE_CONTROL_TOKEN": self.token, "MLPE_CONTROL_PORT": str(self.port),
-                    "MLPE_REDIS_URL": redis_url, "MLPE_KAFKA_BOOTSTRAP": kafka_bootstrap,
-                    "MLPE_STATE_DIR": str(self.workdir / "state"), **(extra_env or {})}
+        self.keys = JobKeys(self.namespace)
+        self.env = environment(
+            MLPE_CONTROL_NAMESPACE=self.namespace, MLPE_CONTROL_TOKEN=self.token,
+            MLPE_CONTROL_PORT=str(self.port), MLPE_REDIS_URL=redis_url,
+            MLPE_KAFKA_BOOTSTRAP=kafka_bootstrap, MLPE_STATE_DIR=str(self.workdir / "state"),
+            **(extra_env or {}))
         self.slots = slots
         self.redis = redis.Redis.from_url(redis_url)
         target = f"localhost:{self.port}" if tls_ca else f"127.0.0.1:{self.port}"
@@ -80,9 +77,9 @@ class LocalController:
                     with contextlib.suppress(grpc.RpcError):
                         self.stub.CancelJob(c.JobRequest(job_id=job.job_id),
                                             metadata=self.auth, timeout=10)
-        for raw_id in self.redis.zrange(f"{self.namespace}:jobs", 0, -1):
+        for raw_id in self.redis.zrange(self.keys.jobs, 0, -1):
             job_id = raw_id.decode()
-            launch = self.redis.hget(f"{self.namespace}:job:{job_id}", "launch")
+            launch = self.redis.hget(self.keys.job(job_id), "launch")
             pids = [json.loads(launch)] if launch else []
             pids += self.progress(job_id).values()  # torchrun gives each rank its own session
             for p in pids:
@@ -104,7 +101,7 @@ class LocalController:
         return self.stub.GetJob(c.JobRequest(job_id=job_id))
 
     def progress(self, job_id: str) -> dict[int, dict]:
-        raw = self.redis.hgetall(f"{self.namespace}:job:{job_id}:ranks")
+        raw = self.redis.hgetall(self.keys.ranks(job_id))
         return {int(k): json.loads(v) for k, v in raw.items()}
 
     def wait(self, what: str, condition, timeout: float = 120.0, poll_s: float = 0.2):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import secrets
 import signal
 from pathlib import Path
 
@@ -35,31 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def control_token(settings: Settings) -> str:
-    """$MLPE_CONTROL_TOKEN, else the token in the secrets folder (made on first use)."""
-    token = os.environ.get("MLPE_CONTROL_TOKEN", "").strip()
-    if token:
-        return token
-    path = settings.secrets_dir / "control.token"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
-
-
-def server_credentials():
+def server_credentials(settings: Settings):
     import grpc
 
-    cert, key = (os.environ.get(f"MLPE_CONTROL_TLS_{n}", "") for n in ("CERT", "KEY"))
-    if not cert and not key:
+    if settings.control_tls_cert is None:
         return None
-    if not (cert and key):
-        raise SettingsError("MLPE_CONTROL_TLS_CERT and MLPE_CONTROL_TLS_KEY go together: "
-                            "set both or neither")
     try:
-        return grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
+        return grpc.ssl_server_credentials([(settings.control_tls_key.read_bytes(),
+                                             settings.control_tls_cert.read_bytes())])
     except OSError as err:
         raise SettingsError(f"TLS certificate or key unreadable: {err}") from None
 
@@ -69,8 +50,8 @@ def alert_sender(settings: Settings, log):
     outage is logged, never allowed to stall the supervisor)."""
     from aiokafka import AIOKafkaProducer
 
+    from mlpe.common.alerts import CRITICAL, WARNING, build
     from mlpe.common.topics import ALERTS
-    from mlpe.stream.detectors.alert import CRITICAL, WARNING, build
 
     producer: AIOKafkaProducer | None = None
 
@@ -110,6 +91,8 @@ def run(args, settings: Settings) -> int:
 async def _run(args, settings: Settings) -> int:
     import redis.asyncio as redis
 
+    from mlpe.common.jobs import JobKeys
+    from mlpe.common.tokens import control_token
     from mlpe.control.server import serve, supervise
     from mlpe.control.store import JobStore
     from mlpe.control.supervisor import Supervisor, default_slots
@@ -119,9 +102,9 @@ async def _run(args, settings: Settings) -> int:
         args.slots = default_slots()
     if args.slots < 1:
         raise SettingsError(f"--slots must be ≥ 1, got {args.slots}")
-    token = control_token(settings)
+    token = control_token(settings, create=True)
     logs.register_secret(token)
-    credentials = server_credentials()
+    credentials = server_credentials(settings)
     client = redis.Redis.from_url(settings.redis_url)
     try:
         await client.ping()
@@ -129,7 +112,7 @@ async def _run(args, settings: Settings) -> int:
         log.error("Redis is not reachable; start it with `mlpe stack up`",
                   url=settings.redis_url, error=str(err))
         return 1
-    store = JobStore(client)
+    store = JobStore(client, JobKeys(settings.control_namespace))
     supervisor = Supervisor(store, args.jobs_dir or settings.state_dir / "jobs", args.slots,
                             alerts=alert_sender(settings, log))
     listen = args.listen or f"0.0.0.0:{settings.control_port}"

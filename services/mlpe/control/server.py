@@ -11,8 +11,8 @@ import logging
 import grpc
 from redis.exceptions import ResponseError
 
+from mlpe.common import jobs as job_spec
 from mlpe.common.grpc_server import start_server
-from mlpe.control import spec as job_spec
 from mlpe.control.store import (
     CANCELLED,
     ENDED,

@@ -12,7 +12,7 @@ import time
 
 import redis.asyncio as redis
 
-from mlpe.control import keys
+from mlpe.common.jobs import JobKeys
 from mlpe.v1 import control_pb2
 
 S = control_pb2.JobState
@@ -36,30 +36,30 @@ class TransitionError(ValueError):
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis):
-        self.r = client
+    def __init__(self, client: redis.Redis, keys: JobKeys):
+        self.r, self.keys = client, keys
 
     # -- records ----------------------------------------------------------------------
     async def create(self, spec: control_pb2.JobSpec, resolved: dict) -> str:
         job_id = f"job-{secrets.token_hex(4)}"
         now = time.time_ns()
-        seq = await self.r.incr(keys.SEQ)
-        await self.r.hset(keys.job(job_id), mapping={
+        seq = await self.r.incr(self.keys.seq)
+        await self.r.hset(self.keys.job(job_id), mapping={
             "spec": spec.SerializeToString(), "resolved": json.dumps(resolved),
             "state": QUEUED, "step": 0, "checkpoint_step": 0, "restarts": 0,
             "submitted_ns": now, "started_ns": 0, "ended_ns": 0, "message": "",
             "loss": 0.0, "tokens_per_s": 0.0, "seq": seq})
-        await self.r.zadd(keys.JOBS, {job_id: now})
+        await self.r.zadd(self.keys.jobs, {job_id: now})
         await self.enqueue(job_id, resolved["priority"], seq)
         await self.event(job_id, "state", state=QUEUED, message="submitted")
         return job_id
 
     async def enqueue(self, job_id: str, priority: int, seq: int) -> None:
         # Higher priority first, then submit order.
-        await self.r.zadd(keys.QUEUE, {job_id: -priority * 1e12 + seq})
+        await self.r.zadd(self.keys.queue, {job_id: -priority * 1e12 + seq})
 
     async def get(self, job_id: str) -> dict | None:
-        raw = await self.r.hgetall(keys.job(job_id))
+        raw = await self.r.hgetall(self.keys.job(job_id))
         if not raw:
             return None
         record = {k.decode(): v for k, v in raw.items()}
@@ -77,7 +77,7 @@ class JobStore:
     async def update(self, job_id: str, **fields) -> None:
         if "launch" in fields:
             fields["launch"] = json.dumps(fields["launch"]) if fields["launch"] else ""
-        await self.r.hset(keys.job(job_id), mapping=fields)
+        await self.r.hset(self.keys.job(job_id), mapping=fields)
 
     async def move(self, job_id: str, to: int, message: str = "", **fields) -> dict:
         """Change state along an allowed edge; records an event. Raises TransitionError."""
@@ -89,51 +89,51 @@ class JobStore:
             fields["ended_ns"] = time.time_ns()
         await self.update(job_id, state=to, message=message, **fields)
         if to != QUEUED:
-            await self.r.zrem(keys.QUEUE, job_id)
+            await self.r.zrem(self.keys.queue, job_id)
         await self.event(job_id, "state", state=to, message=message)
         record.update(fields, state=to, message=message)
         return record
 
     async def ids(self, limit: int = 100) -> list[str]:
-        return [i.decode() for i in await self.r.zrevrange(keys.JOBS, 0, limit - 1)]
+        return [i.decode() for i in await self.r.zrevrange(self.keys.jobs, 0, limit - 1)]
 
     async def queued(self) -> list[str]:
-        return [i.decode() for i in await self.r.zrange(keys.QUEUE, 0, -1)]
+        return [i.decode() for i in await self.r.zrange(self.keys.queue, 0, -1)]
 
     async def queue_position(self, job_id: str) -> int:
-        rank = await self.r.zrank(keys.QUEUE, job_id)
+        rank = await self.r.zrank(self.keys.queue, job_id)
         return 0 if rank is None else rank + 1
 
     # -- workers' side --------------------------------------------------------------------
     async def progress(self, job_id: str) -> dict[int, dict]:
-        raw = await self.r.hgetall(keys.ranks(job_id))
+        raw = await self.r.hgetall(self.keys.ranks(job_id))
         return {int(k): json.loads(v) for k, v in raw.items()}
 
     async def clear_progress(self, job_id: str) -> None:
-        await self.r.delete(keys.ranks(job_id))
+        await self.r.delete(self.keys.ranks(job_id))
 
     async def control(self, job_id: str, **fields) -> None:
-        await self.r.hset(keys.control(job_id), mapping=fields)
+        await self.r.hset(self.keys.control(job_id), mapping=fields)
 
     async def request_checkpoint(self, job_id: str) -> int:
-        return await self.r.hincrby(keys.control(job_id), "checkpoint", 1)
+        return await self.r.hincrby(self.keys.control(job_id), "checkpoint", 1)
 
     # -- logs -----------------------------------------------------------------------------
     async def event(self, job_id: str, kind: str, *, state: int = 0, step: int = 0,
                     loss: float = 0.0, message: str = "") -> None:
-        await self.r.xadd(keys.events(job_id), {
+        await self.r.xadd(self.keys.events(job_id), {
             "kind": kind, "state": state, "step": step, "loss": loss, "message": message,
             "time_ns": time.time_ns()}, maxlen=EVENTS_KEPT, approximate=True)
 
     async def events(self, job_id: str, after: str, block_ms: int = 0):
         """[(id, fields)] after the event id `after` ("0" = from the first)."""
-        got = await self.r.xread({keys.events(job_id): after}, count=500,
+        got = await self.r.xread({self.keys.events(job_id): after}, count=500,
                                  block=block_ms or None)
         return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()})
                 for _, entries in got for i, f in entries]
 
     async def audit(self, who: str, what: str, job_id: str, outcome: str) -> None:
-        await self.r.xadd(keys.AUDIT, {"who": who, "what": what, "job_id": job_id,
+        await self.r.xadd(self.keys.audit, {"who": who, "what": what, "job_id": job_id,
                                        "outcome": outcome, "time_ns": time.time_ns()},
                           maxlen=100_000, approximate=True)
 

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from mlpe.common.process import pid_alive, signal_group, start_ticks
 from mlpe.control.store import (
     CANCELLED,
     COMPLETED,
@@ -34,20 +35,12 @@ from mlpe.control.store import (
     JobStore,
     TransitionError,
 )
-from mlpe.stack.process import _alive, _signal, _start_ticks
 
 log = logging.getLogger("mlpe.control")
 TICK_S = 0.25
 STARTUP_GRACE_S = 60.0    # before a rank's first report: imports, rendezvous, checkpoint load
 CANCEL_GRACE_S = 10.0     # a cancelled job's workers get this long to stop by themselves
 STEP_EVENT_EVERY_S = 0.5  # step events in the log at most this often per job
-
-
-def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
-    """Alive, and the same process (not a recycled pid) when start_ticks is given."""
-    if not pid or not _alive(pid):
-        return False
-    return start_ticks is None or _start_ticks(pid) == start_ticks
 
 
 class Supervisor:
@@ -86,7 +79,7 @@ class Supervisor:
                                      start_new_session=True)  # its own group: killable
         self.children[job_id] = child
         self.active[job_id] = spec["world_size"]
-        launch = {"pid": child.pid, "start_ticks": _start_ticks(child.pid),
+        launch = {"pid": child.pid, "start_ticks": start_ticks(child.pid),
                   "attempt": attempt, "launched_ns": time.time_ns()}
         fields = {"launch": launch}
         if not record["started_ns"]:
@@ -109,10 +102,10 @@ class Supervisor:
         """Signal torchrun's process group and every rank's: torchrun starts each worker
         in a session of its own, so killing torchrun alone would leave them running."""
         if launch and pid_alive(launch["pid"], launch.get("start_ticks")):
-            _signal(launch["pid"], sig)
+            signal_group(launch["pid"], sig)
         for p in (await self.store.progress(job_id)).values():
             if pid_alive(p.get("pid", 0), p.get("start_ticks")):
-                _signal(p["pid"], sig)
+                signal_group(p["pid"], sig)
         child = self.children.get(job_id)
         if child is not None and sig == signal.SIGKILL:
             child.wait()

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 
@@ -25,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "default route posts to $MLPE_SLACK_WEBHOOK_URL (or $SLACK_WEBHOOK_URL); --routes "
         "adds routes by severity and labels, each naming the variable that holds its URL.",
     )
-    p.add_argument("--routes", default=os.environ.get("MLPE_NOTIFY_ROUTES"), metavar="FILE",
+    p.add_argument("--routes", default=None, metavar="FILE",
                    help="routes YAML (default $MLPE_NOTIFY_ROUTES; none: everything to default)")
     p.add_argument("--group-wait", type=float, default=1.0,
                    help="seconds to gather alerts of one group into one message (1)")
@@ -42,11 +41,10 @@ async def consume(settings: Settings, notifier, stop: asyncio.Event, log) -> Non
     from mlpe.v1 import deadletter_pb2
 
     consumer = AIOKafkaConsumer(ALERTS.name, bootstrap_servers=settings.kafka_bootstrap,
-                                group_id=os.environ.get("MLPE_NOTIFY_GROUP_ID", "mlpe-notify"),
+                                group_id=settings.notify_group_id,
                                 enable_auto_commit=False,
                                 # A new group reads what is retained, unless told otherwise.
-                                auto_offset_reset=os.environ.get("MLPE_NOTIFY_START",
-                                                                 "earliest"))
+                                auto_offset_reset=settings.notify_start)
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
     await consumer.start()
     await producer.start()
@@ -79,13 +77,12 @@ async def serve(settings: Settings, args, log) -> None:
     from mlpe.notify.notifier import Notifier, Timing
     from mlpe.notify.routes import load
 
-    routes = load(args.routes)
-    if not os.environ.get(routes.default.webhook_env) and os.environ.get("SLACK_WEBHOOK_URL"):
-        os.environ[routes.default.webhook_env] = os.environ["SLACK_WEBHOOK_URL"]
+    routes = load(args.routes or settings.notify_routes)
     redis = aioredis.Redis.from_url(settings.redis_url)
-    notifier = Notifier(redis, routes, Timing(group_wait_s=args.group_wait,
-                                              repeat_interval_s=args.repeat_interval),
-                        prefix=os.environ.get("MLPE_NOTIFY_REDIS_PREFIX", "mlpe:notify"))
+    notifier = Notifier(redis, routes, settings.secret,
+                        Timing(group_wait_s=args.group_wait,
+                               repeat_interval_s=args.repeat_interval),
+                        prefix=settings.notify_redis_prefix)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

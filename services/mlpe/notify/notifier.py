@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -46,9 +47,11 @@ def group_key(alert: alerts_pb2.Alert, group_by: tuple[str, ...]) -> str:
 
 
 class Notifier:
-    def __init__(self, redis: aioredis.Redis, routes: Routes, timing: Timing | None = None,
+    def __init__(self, redis: aioredis.Redis, routes: Routes,
+                 secret: Callable[[str], str | None], timing: Timing | None = None,
                  group_by: tuple[str, ...] = ("node", "job"), prefix: str = PREFIX):
         self.redis = redis
+        self.secret = secret  # webhook variable name -> URL (Settings.secret)
         self.prefix = prefix  # Redis key prefix: separate notifiers (tests) never mix
         self.routes = routes
         self.timing = timing or Timing()
@@ -122,7 +125,7 @@ class Notifier:
         return sent
 
     async def _post(self, route: Route, alerts: list[alerts_pb2.Alert]) -> bool:
-        url = route.webhook_url()
+        url = route.webhook_url(self.secret)
         if url is None:
             log.error("route %s: webhook variable %s is not set; alerts kept for later",
                       route.name, route.webhook_env)

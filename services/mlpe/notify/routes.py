@@ -1,9 +1,10 @@
 """Where alerts go: routes matched on severity and labels, each to a webhook named by an
-environment variable (the URL is a secret: never in a file, a log or an error)."""
+environment variable (the URL is a secret: never in a file, a log or an error). The
+variables are read through Settings.secret, the routes file only names them."""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +36,8 @@ class Route:
                 return False
         return True
 
-    def webhook_url(self) -> str | None:
-        return os.environ.get(self.webhook_env) or None
+    def webhook_url(self, secret: Callable[[str], str | None]) -> str | None:
+        return secret(self.webhook_env) or None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 
 import aiohttp
 
@@ -75,3 +76,18 @@ async def post(url: str, payload: dict, *, attempts: int = 6, max_delay_s: float
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, max_delay_s)
     raise WebhookError(f"webhook failed after {attempts} attempts, last: {last}")
+
+
+def parse_message(body: str) -> list[tuple[str, str, dict[str, str], bool]]:
+    """(rule title, detector, labels, firing) per alert of a Slack message that
+    `mlpe notify` formatted (format_message above: this is its inverse)."""
+    blocks = json.loads(body).get("blocks", [])
+    out = []
+    for section, context in zip(blocks[::2], blocks[1::2], strict=False):
+        first_line = section["text"]["text"].split("\n")[0]  # ":icon: *[RESOLVED: ]title*"
+        title = first_line.split(" *", 1)[-1].rstrip("*")
+        resolved = title.startswith("RESOLVED: ")
+        detector, labels_text, *_ = context["elements"][0]["text"].split(" · ")
+        labels = dict(pair.split("=", 1) for pair in labels_text.split(", ") if "=" in pair)
+        out.append((title.removeprefix("RESOLVED: "), detector, labels, not resolved))
+    return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,9 +28,9 @@ CACHE_TTL_S = 24 * 3600
 
 
 class Optimizer(optimizer_pb2_grpc.OptimizerServicer):
-    def __init__(self, settings: Settings, cache, pool: ThreadPoolExecutor,
-                 namespace: str = "mlpe"):
-        self.settings, self.cache, self.pool, self.ns = settings, cache, pool, namespace
+    def __init__(self, settings: Settings, cache, pool: ThreadPoolExecutor):
+        self.settings, self.cache, self.pool = settings, cache, pool
+        self.ns = settings.control_namespace  # plans are cached beside control's keys
         self.stats = {"plans": 0, "cache_hits": 0}
 
     async def _run(self, fn, *args):
@@ -94,10 +93,10 @@ class Optimizer(optimizer_pb2_grpc.OptimizerServicer):
 
 
 def advise(settings: Settings, job_id: str, window_s: int):
+    from mlpe.common.tokens import influx_token
     from mlpe.optimizer.advise import gather, recommend
-    from mlpe.stack.influxdb import read_token
 
-    token = settings.influx_token or read_token(settings)
+    token = influx_token(settings)
     evidence = gather(settings, token, job_id, window_s)
     summary = (f"last {window_s} s of job {job_id}: {len(evidence.gpus)} GPUs on "
                f"{len({n for n, _ in evidence.gpus})} nodes, {len(evidence.alerts)} firing "
@@ -109,28 +108,32 @@ def advise(settings: Settings, job_id: str, window_s: int):
 def micro_batch_gain(settings: Settings, job_id: str, evidence) -> tuple[int | None,
                                                                         float | None]:
     """(micro-batch, predicted % tokens/s from doubling it) for a job `mlpe control` runs
-    (its spec is in Redis); the GPU type is the preset whose memory is nearest to what the
-    job's GPUs report. (None, None) for other jobs."""
-    import json
-
-    import redis
-
+    (its spec, from control's GetJob); the GPU type is the preset whose memory is nearest
+    to what the job's GPUs report. (None, None) for other jobs, or when control is not
+    reachable."""
+    from mlpe.common.grpc_server import control_channel
+    from mlpe.common.jobs import model_config, resolve
     from mlpe.optimizer.hardware import GPUS, Cluster
     from mlpe.optimizer.models import worker_model
     from mlpe.optimizer.timing import plan_time
-    from mlpe.worker.config import GPTConfig
+    from mlpe.v1 import control_pb2, control_pb2_grpc
 
-    ns = os.environ.get("MLPE_CONTROL_NAMESPACE", "mlpe")
-    try:
-        raw = redis.Redis.from_url(settings.redis_url).hget(f"{ns}:job:{job_id}", "resolved")
-    except redis.RedisError:
-        return None, None
     totals = [g["mem_total_mean"] / 1024 for g in evidence.gpus.values()
               if g.get("mem_total_mean")]
-    if not raw or not totals:
+    if not totals:
         return None, None
-    spec = json.loads(raw)
-    model = worker_model(GPTConfig(**spec["model"]))
+    try:
+        with control_channel(settings) as channel:
+            job = control_pb2_grpc.TrainingControlStub(channel).GetJob(
+                control_pb2.JobRequest(job_id=job_id), timeout=5)
+    except grpc.RpcError as err:  # NOT_FOUND: not control's job; UNAVAILABLE: no control
+        if err.code() != grpc.StatusCode.NOT_FOUND:
+            log.info("control not asked about %s: %s", job_id, err.code().name)
+        return None, None
+    spec, problems = resolve(job.spec)
+    if problems:
+        return None, None
+    model = worker_model(model_config(spec))
     gpu = min(GPUS.values(), key=lambda g: abs(g.memory_gib - max(totals)))
     world, mb, batch = spec["world_size"], spec["micro_batch"], spec["global_batch"]
     if batch % (2 * mb * world):
@@ -146,8 +149,7 @@ def micro_batch_gain(settings: Settings, job_id: str, evidence) -> tuple[int | N
 
 async def serve(settings: Settings, address: str, cache=None,
                 credentials=None) -> tuple[grpc.aio.Server, int, Optimizer]:
-    servicer = Optimizer(settings, cache, ThreadPoolExecutor(max_workers=2),
-                         os.environ.get("MLPE_CONTROL_NAMESPACE", "mlpe"))
+    servicer = Optimizer(settings, cache, ThreadPoolExecutor(max_workers=2))
     server, port = await start_server(
         address, SERVICE,
         lambda s: optimizer_pb2_grpc.add_OptimizerServicer_to_server(servicer, s), credentials)
@@ -163,7 +165,7 @@ async def _run(args, settings: Settings) -> int:
 
     logs.configure("optimizer", settings.log_level, settings.log_format)
     cache = None if args.no_cache else redis.Redis.from_url(settings.redis_url)
-    listen = args.listen or f"0.0.0.0:{os.environ.get('MLPE_OPTIMIZER_PORT', '50051')}"
+    listen = args.listen or f"0.0.0.0:{settings.optimizer_port}"
     server, port, servicer = await serve(settings, listen, cache)
     log.info("optimizer serving on %s (port %d), cache %s", listen, port,
              "off" if cache is None else "on")

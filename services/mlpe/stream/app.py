@@ -34,6 +34,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from mlpe.common import batches
 from mlpe.common import settings as settings_module
+from mlpe.common.alerts import fingerprint
 from mlpe.common.topics import (
     ALERTS,
     DEAD_LETTER,
@@ -46,7 +47,6 @@ from mlpe.common.topics import (
 from mlpe.stream import rules as rules_module
 from mlpe.stream.detectors import baseline, peers, training, trend
 from mlpe.stream.detectors import events as events_detector
-from mlpe.stream.detectors.alert import fingerprint
 from mlpe.stream.influx import InfluxWriter, alert_line
 from mlpe.stream.windows import TRAIN_KIND, WindowSet
 from mlpe.v1 import alerts_pb2, deadletter_pb2, metrics_pb2, training_pb2

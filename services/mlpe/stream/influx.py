@@ -44,10 +44,10 @@ def alert_line(alert) -> str:
 
 class InfluxWriter:
     def __init__(self, settings: Settings):
-        from mlpe.stack.influxdb import read_token
+        from mlpe.common.tokens import influx_token
 
         self.settings = settings
-        self.token = read_token(settings)
+        self.token = influx_token(settings)
         register_secret(self.token)
         self.client: InfluxDBClientAsync | None = None
         self.failures = 0

@@ -74,8 +74,8 @@ def ensure_internal_topic(settings: Settings) -> None:
     import asyncio
     import logging
 
+    from mlpe.common.kafka import create_topics
     from mlpe.common.topics import GPU_SECONDS, of_app
-    from mlpe.stack.kafka import create_topics
 
     topic = of_app(GPU_SECONDS, settings.stream_app_id)
     kafka_log = logging.getLogger("aiokafka")

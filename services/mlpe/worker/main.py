@@ -5,6 +5,7 @@ resolved spec (`spec.json`), the checkpoints and the event spools."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -33,6 +34,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Where this rank sits, as torchrun's launch environment says (1 rank without it):
+    the one place the worker reads the environment itself, since torchrun, not mlpe's
+    Settings, owns these variables."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    under_torchrun: bool = False
+
+    @classmethod
+    def from_environment(cls) -> Launch:
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
+                   int(env.get("LOCAL_RANK", 0)), "TORCHELASTIC_RUN_ID" in env)
+
+
 def die_with_parent() -> None:
     """SIGKILL this rank when its parent (torchrun's agent) dies: torchrun starts each
     rank in a session of its own, so a killed launcher would otherwise leave it training."""
@@ -50,9 +68,10 @@ def run(args, settings: Settings) -> int:
     from mlpe.worker.publish import Publisher
     from mlpe.worker.train import Trainer
 
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun
+    launch = Launch.from_environment()
+    if launch.under_torchrun:
         die_with_parent()
-    rank = int(os.environ.get("RANK", 0))
+    rank = launch.rank
     log = logs.configure(f"worker-{rank}", settings.log_level, settings.log_format)
     spec_path = args.job_dir / "spec.json"
     try:
@@ -62,7 +81,7 @@ def run(args, settings: Settings) -> int:
         return 2
     publisher = (None if args.no_kafka else
                  Publisher(settings.kafka_bootstrap, args.job_dir / "spool" / f"rank-{rank}"))
-    trainer = Trainer(spec, args.job, args.job_dir, settings.redis_url, publisher)
+    trainer = Trainer(spec, args.job, args.job_dir, settings, launch, publisher)
     code = trainer.run()
     log.info("worker done", job=args.job, rank=rank, step=trainer.step, exit_code=code)
     return code

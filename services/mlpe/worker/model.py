@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mlpe.common.jobs import PRESETS, RECOMPUTE, GPTConfig  # noqa: F401 - re-exported
 from mlpe.kernels.linear_cross_entropy import linear_cross_entropy
 from mlpe.kernels.rmsnorm import RMSNorm
 from mlpe.kernels.rope import RotaryEmbedding
 from mlpe.kernels.swiglu import SwiGLUMLP
-from mlpe.worker.config import PRESETS, RECOMPUTE, GPTConfig  # noqa: F401 - re-exported
 
 
 class Attention(nn.Module):

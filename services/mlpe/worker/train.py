@@ -27,8 +27,8 @@ import redis
 import torch
 import torch.distributed as dist
 
-from mlpe.control import keys
-from mlpe.control.spec import model_config
+from mlpe.common.jobs import JobKeys, model_config
+from mlpe.common.settings import Settings
 from mlpe.kernels import dispatch, profile
 from mlpe.kernels.adamw import FusedAdamW
 from mlpe.v1 import training_pb2
@@ -85,23 +85,23 @@ class Fault:
 
 
 class Trainer:
-    def __init__(self, spec: dict, job_id: str, job_dir: Path, redis_url: str,
+    def __init__(self, spec: dict, job_id: str, job_dir: Path, settings: Settings, launch,
                  publisher=None):
         self.spec, self.job_id, self.job_dir = spec, job_id, job_dir
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.keys = JobKeys(settings.control_namespace)
+        self.rank, self.world = launch.rank, launch.world_size
         if self.world != spec["world_size"]:
             raise RuntimeError(f"WORLD_SIZE={self.world} but the job asks for "
                                f"{spec['world_size']} ranks")
-        self.device = pick_device(spec["device"], int(os.environ.get("LOCAL_RANK", 0)))
+        self.device = pick_device(spec["device"], launch.local_rank)
         if self.device.type == "cpu":  # ranks share the cores; also fixes reduction order
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
         if self.world > 1:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.redis = redis.Redis.from_url(redis_url)
+        self.redis = redis.Redis.from_url(settings.redis_url)
         self.publisher = publisher
         self.node = socket.gethostname()
-        self.fault = Fault(os.environ.get("MLPE_WORKER_FAULT", ""), job_dir, self.rank)
+        self.fault = Fault(settings.worker_fault, job_dir, self.rank)
         self.terminate = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -161,7 +161,7 @@ class Trainer:
         """(pause, stop, checkpoint now, terminate), the same on every rank."""
         flags = torch.zeros(4, dtype=torch.int64)
         if self.rank == 0:
-            raw = self.redis.hgetall(keys.control(self.job_id))
+            raw = self.redis.hgetall(self.keys.control(self.job_id))
             seq = int(raw.get(b"checkpoint", 0))
             flags[0] = int(raw.get(b"pause", 0))
             flags[1] = int(raw.get(b"stop", 0))
@@ -181,7 +181,7 @@ class Trainer:
                         start_ticks=self.start_ticks,
                         checkpoint_step=self.saver.last_written if self.saver else 0,
                         resumed_from=self.resumed_from)
-        self.redis.hset(keys.ranks(self.job_id), str(self.rank), json.dumps(progress))
+        self.redis.hset(self.keys.ranks(self.job_id), str(self.rank), json.dumps(progress))
 
     # -- one step ---------------------------------------------------------------------
     def train_step(self) -> dict:

@@ -1,10 +1,9 @@
-from pathlib import Path
 
 import pytest
 
-from mlpe.agent.scenario import ScenarioError, load, parse
+from mlpe.agent.scenario import ScenarioError, load, packaged, parse
 
-EXAMPLE = Path(__file__).parents[3] / "agents" / "scenarios" / "faults.yaml"
+EXAMPLE = packaged("faults.yaml")
 
 
 def test_example_scenario_has_every_gpu_fault_kind():

@@ -284,11 +284,11 @@ def test_agent_ships_the_steps_of_each_flush_with_the_metric_batches():
     assert steps[0].time_ns == agent.tick_ns(10)              # 0.1 s on the sample clock
 
 
-def build_agent(tmp_path, *flags):
+def build_agent(tmp_path, *flags, env=None):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["agent", "--source", "sim", "--spool-dir", str(tmp_path), *flags])
-    agent, _ = build(args, load_settings({}))
+    agent, _ = build(args, load_settings(env or {}))
     return agent
 
 
@@ -298,7 +298,7 @@ def test_cli_wires_the_training_job_unless_told_not_to(tmp_path):
     assert build_agent(tmp_path, "--no-train-events").training is None
 
 
-def test_every_metric_batch_names_the_job_its_gpus_work_for(tmp_path, monkeypatch):
+def test_every_metric_batch_names_the_job_its_gpus_work_for(tmp_path):
     from mlpe.common import batches
 
     def job_of(agent):
@@ -310,5 +310,5 @@ def test_every_metric_batch_names_the_job_its_gpus_work_for(tmp_path, monkeypatc
 
     assert job_of(build_agent(tmp_path, "--node-id", "rack7")) == {"rack7-job"}
     assert job_of(build_agent(tmp_path, "--job", "llama-70b")) == {"llama-70b"}
-    monkeypatch.setenv("MLPE_JOB_ID", "from-env")
-    assert job_of(build_agent(tmp_path, "--no-train-events")) == {"from-env"}
+    assert job_of(build_agent(tmp_path, "--no-train-events",
+                              env={"MLPE_JOB_ID": "from-env"})) == {"from-env"}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mlpe.control.spec import resolve
+from mlpe.common.jobs import resolve
 from mlpe.v1 import control_pb2 as c
 from mlpe.worker.train import Fault, lr_at
 

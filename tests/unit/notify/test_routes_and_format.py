@@ -3,8 +3,7 @@ import json
 import pytest
 
 from mlpe.notify.routes import RoutesError, load
-from mlpe.notify.slack import format_message
-from mlpe.stream.bench_detect import parse_message
+from mlpe.notify.slack import format_message, parse_message
 from mlpe.v1 import alerts_pb2 as pb
 
 

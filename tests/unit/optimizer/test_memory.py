@@ -155,7 +155,7 @@ def test_fp32_doubles_activations_and_reserve_is_explicit():
 
 
 def test_worker_formula_scales_with_batch_and_dtype():
-    from mlpe.worker.config import GPTConfig
+    from mlpe.common.jobs import GPTConfig
 
     cfg = GPTConfig()
     one = worker_activation_bytes(cfg, 1, 64, 2)

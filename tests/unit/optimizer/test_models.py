@@ -59,7 +59,7 @@ def test_worker_model_counts_the_gpt_exactly(fields):
 
 
 def test_worker_presets():
-    from mlpe.worker.config import PRESETS
+    from mlpe.common.jobs import PRESETS
 
     for cfg in PRESETS.values():
         shape = worker_model(cfg)

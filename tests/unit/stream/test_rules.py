@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from mlpe.common.settings import REPO_ROOT
 from mlpe.stream.rules import RulesError, batch_stat, load, parse, step
 from mlpe.v1 import alerts_pb2 as al
 from mlpe.v1 import metrics_pb2 as pb
+from tests.helpers import REPO_ROOT
 
 GOOD = """rules:
   - name: hot

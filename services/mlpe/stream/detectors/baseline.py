@@ -17,7 +17,7 @@ State is a plain dict (stored in a Faust table); `step` is pure.
 
 from __future__ import annotations
 
-from mlpe.stream.detectors.alert import CRITICAL, WARNING, build
+from mlpe.common.alerts import CRITICAL, WARNING, build
 
 WATCHED = {  # field: (floor above baseline, unit, severity, why it matters)
     "temp": (5.0, "°C", WARNING, "cooling is failing or the GPU works harder than its peers; "

@@ -10,7 +10,7 @@ dropped by the notifier).
 from __future__ import annotations
 
 from mlpe.common import batches
-from mlpe.stream.detectors.alert import fingerprint
+from mlpe.common.alerts import fingerprint
 from mlpe.v1 import alerts_pb2 as al
 from mlpe.v1 import metrics_pb2 as pb
 

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from mlpe.stream.detectors.alert import CRITICAL, WARNING, build
+from mlpe.common.alerts import CRITICAL, WARNING, build
 
 # field: (relative tolerance, absolute tolerance, activity floor of the reference, unit,
 #         severity, what it means)

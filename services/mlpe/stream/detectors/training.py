@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 
-from mlpe.stream.detectors.alert import CRITICAL, WARNING, build
+from mlpe.common.alerts import CRITICAL, WARNING, build
 
 WARMUP_STEPS = 20
 LOSS_K, LOSS_FLOOR = 6.0, 0.5

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlpe.stream.detectors.alert import WARNING, build
+from mlpe.common.alerts import WARNING, build
 
 WINDOW_S = 15.0
 MIN_POINTS = 5

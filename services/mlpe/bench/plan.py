@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from mlpe.common.settings import Settings
+from mlpe.common.settings import Settings, environment
 
 SEARCH_CASE = ("llama3-70b", "128x8xH100", 1024, 8192)
 
@@ -109,11 +109,11 @@ def run(args, settings: Settings) -> dict:
 
     from mlpe import stack
     from mlpe.common.grpc_server import wait_serving
-    from mlpe.control.local import free_port
+    from mlpe.common.process import free_port
 
     result: dict = {"bench": "plan"}
     if not args.skip_accuracy:
-        from mlpe.optimizer.accuracy import accuracy_table
+        from mlpe.bench.plan_accuracy import accuracy_table
 
         print("measuring the worker's GPT on the CPU (fused kernels in Triton's "
               "interpreter) …", flush=True)
@@ -134,7 +134,7 @@ def run(args, settings: Settings) -> dict:
     stack.up(settings, ("redis",))
     port = free_port()
     namespace = f"bench-{os.getpid()}"
-    env = {**os.environ, "MLPE_CONTROL_NAMESPACE": namespace}
+    env = environment(MLPE_CONTROL_NAMESPACE=namespace)
     server = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "optimizer", "--listen",
                                f"127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)

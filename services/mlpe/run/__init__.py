@@ -25,9 +25,10 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mlpe.common.settings import Settings
+from mlpe.agent import scenario
+from mlpe.common.settings import Settings, environment
 
-SCENARIO = Path(__file__).resolve().parents[2] / "agents" / "scenarios" / "run.yaml"
+SCENARIO = scenario.packaged("run.yaml")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +62,7 @@ def bounded(kind, low, high):
 
 def run(args, settings: Settings) -> int:
     from mlpe import stack
-    from mlpe.stack.kafka import kafka_reachable
+    from mlpe.common.kafka import kafka_reachable
 
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # refused connects: we report
     before = {s.name: s.state for s in stack.status(settings)}
@@ -87,19 +88,17 @@ class Demo:
     def __init__(self, args, settings: Settings, run_id: str, work: Path):
         self.args, self.settings, self.run_id, self.work = args, settings, run_id, work
         self.procs: dict[str, subprocess.Popen] = {}
-        from mlpe.control.local import free_port
+        from mlpe.common.process import free_port
 
         self.sink_port = free_port()
         self.optimizer_port = free_port()
-        self.slack = os.environ.get("SLACK_WEBHOOK_URL") or \
-            os.environ.get("MLPE_SLACK_WEBHOOK_URL")
-        self.env = {**os.environ, "MLPE_LOG_LEVEL": "warning", "MLPE_STREAM_START": "latest",
-                    "MLPE_STREAM_APP_ID": f"run-{run_id}",
-                    "MLPE_NOTIFY_GROUP_ID": f"run-notify-{run_id}",
-                    "MLPE_NOTIFY_REDIS_PREFIX": f"mlpe:run:{run_id}",
-                    "MLPE_NOTIFY_START": "latest", "MLPE_CONTROL_NAMESPACE": f"run-{run_id}",
-                    "MLPE_SLACK_WEBHOOK_URL": self.slack or
-                    f"http://127.0.0.1:{self.sink_port}/run"}
+        self.slack = settings.slack_webhook_url
+        self.env = environment(
+            MLPE_LOG_LEVEL="warning", MLPE_STREAM_START="latest",
+            MLPE_STREAM_APP_ID=f"run-{run_id}", MLPE_NOTIFY_GROUP_ID=f"run-notify-{run_id}",
+            MLPE_NOTIFY_REDIS_PREFIX=f"mlpe:run:{run_id}", MLPE_NOTIFY_START="latest",
+            MLPE_CONTROL_NAMESPACE=f"run-{run_id}",
+            MLPE_SLACK_WEBHOOK_URL=self.slack or f"http://127.0.0.1:{self.sink_port}/run")
         self.record = work / "webhook.jsonl"
         self.fleet = f"run{run_id}"
         self.tty = sys.stdout.isatty()
@@ -116,8 +115,8 @@ class Demo:
 
     def go(self) -> int:
         from mlpe.agent.sources.nvml import nvml_available
+        from mlpe.common.kafka import wait_group_stable
         from mlpe.control.local import LocalController
-        from mlpe.stream.bench import wait_group_stable
 
         s = self.settings
         control = LocalController(s.redis_url, s.kafka_bootstrap, self.work, slots=2,
@@ -255,7 +254,7 @@ class Demo:
         window once its lateness allowance has passed), or `timeout`."""
         from influxdb_client import InfluxDBClient
 
-        from mlpe.stack.influxdb import read_token
+        from mlpe.common.tokens import influx_token
 
         stopped = json.loads((self.work / "agent.json").read_text())["stopped_at"]
         s = self.settings
@@ -265,7 +264,7 @@ class Demo:
                   r._field == "samples" and strings.hasPrefix(v: r.node, prefix: "{self.fleet}"))
               |> group() |> max(column: "_time")'''
         deadline = time.monotonic() + timeout
-        with InfluxDBClient(url=s.influx_url, token=s.influx_token or read_token(s),
+        with InfluxDBClient(url=s.influx_url, token=influx_token(s),
                             org=s.influx_org) as db:
             while time.monotonic() < deadline:
                 newest = [r.get_time().timestamp() for t in db.query_api().query(flux)
@@ -303,7 +302,8 @@ class Demo:
     def summarise(self, control, job_id: str, recovery: dict, plan: dict) -> dict:
         import grpc
 
-        from mlpe.stream.bench_detect import Received, incidents_of, parse_message, score
+        from mlpe.notify.slack import parse_message
+        from mlpe.run.score import Received, incidents_of, score
         from mlpe.v1 import optimizer_pb2 as o
         from mlpe.v1 import optimizer_pb2_grpc
 
@@ -401,9 +401,9 @@ def plots(settings: Settings, fleet: str, job_id: str,
     import matplotlib.pyplot as plt
     from influxdb_client import InfluxDBClient
 
-    from mlpe.stack.influxdb import read_token
+    from mlpe.common.tokens import influx_token
 
-    token = settings.influx_token or read_token(settings)
+    token = influx_token(settings)
     head = f'from(bucket: "{settings.influx_bucket}") |> range(start: -30m)'
     out, drawn = [], {}
     with InfluxDBClient(url=settings.influx_url, token=token, org=settings.influx_org) as db:

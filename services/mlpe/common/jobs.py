@@ -1,16 +1,78 @@
-"""Job specs: defaults filled in, every bad field named, and the plain dict the worker runs.
+"""The job contract that control, the worker and the optimizer share.
 
-`resolve(spec)` returns (resolved dict, problems); problems are "field: reason" strings,
-all of them at once, so one INVALID_ARGUMENT tells the user everything to fix.
+- `GPTConfig` and `PRESETS`: the worker's model shapes, without torch (the controller
+  validates specs with them and must start quickly; the optimizer models them).
+- `resolve(spec)`: a JobSpec with its defaults filled in and every bad field named, as
+  the plain dict the worker runs; `model_config` turns it into a GPTConfig.
+- `JobKeys`: the Redis keys the controller and its workers share, under a namespace
+  (Settings.control_namespace) so controllers sharing one Redis keep apart.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from google.protobuf import json_format
 
 from mlpe.v1 import control_pb2
-from mlpe.worker.config import PRESETS, RECOMPUTE, GPTConfig
 
+RECOMPUTE = ("none", "full")
+
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    vocab: int = 512
+    seq_len: int = 128
+    layers: int = 4
+    hidden: int = 128
+    heads: int = 4
+    kv_heads: int = 4
+    ffn: int = 0  # 0: about 8/3 of hidden, a multiple of 64 (Llama's choice)
+    tied: bool = False
+    recompute: str = "none"  # "full": each block's activations recomputed in backward
+
+    def __post_init__(self):
+        for name in ("vocab", "seq_len", "layers", "hidden", "heads", "kv_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.ffn < 0:
+            raise ValueError(f"model.ffn must be ≥ 0, got {self.ffn}")
+        if self.hidden % self.heads:
+            raise ValueError(f"model.hidden {self.hidden} is not divisible by model.heads "
+                             f"{self.heads}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"model.heads {self.heads} is not divisible by model.kv_heads "
+                             f"{self.kv_heads}")
+        if (self.hidden // self.heads) % 2:
+            raise ValueError(f"head size hidden/heads = {self.hidden // self.heads} must be "
+                             "even for rotary embeddings")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"model.recompute must be one of {', '.join(RECOMPUTE)}, got "
+                             f"{self.recompute!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn or 64 * math.ceil(self.hidden * 8 / 3 / 64)
+
+
+PRESETS = {
+    "tiny": GPTConfig(vocab=256, seq_len=32, layers=2, hidden=64, heads=4, kv_heads=2),
+    "small": GPTConfig(),
+    "gpt-30m": GPTConfig(vocab=32000, seq_len=512, layers=6, hidden=384, heads=6, kv_heads=6),
+    "gpt-125m": GPTConfig(vocab=50304, seq_len=1024, layers=12, hidden=768, heads=12,
+                          kv_heads=12, ffn=2048, tied=True),
+}
+
+
+# -- specs ---------------------------------------------------------------------------------
+# `resolve(spec)` returns (resolved dict, problems); problems are "field: reason" strings,
+# all of them at once, so one INVALID_ARGUMENT tells the user everything to fix.
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "constant")
@@ -136,3 +198,46 @@ def to_json(spec: control_pb2.JobSpec) -> str:
 def from_json(text: str) -> control_pb2.JobSpec:
     return json_format.Parse(text, control_pb2.JobSpec())
 
+
+# -- Redis keys ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class JobKeys:
+    """Redis keys of one controller namespace (workers inherit it from the controller)."""
+
+    namespace: str = "mlpe"
+
+    @property
+    def jobs(self) -> str:
+        """sorted set: job id by submit time (ns)"""
+        return f"{self.namespace}:jobs"
+
+    @property
+    def queue(self) -> str:
+        """sorted set: queued job ids, lowest score runs first"""
+        return f"{self.namespace}:queue"
+
+    @property
+    def audit(self) -> str:
+        """stream: every state-changing call (who, what, when)"""
+        return f"{self.namespace}:audit"
+
+    @property
+    def seq(self) -> str:
+        """counter: submit order, breaks priority ties"""
+        return f"{self.namespace}:job-seq"
+
+    def job(self, job_id: str) -> str:
+        """hash: spec (JSON), state, step, restarts, times, message, launch (pid, start)."""
+        return f"{self.namespace}:job:{job_id}"
+
+    def ranks(self, job_id: str) -> str:
+        """hash: rank -> JSON progress {step, time_ns, pid, loss, …}, written by each worker."""
+        return f"{self.namespace}:job:{job_id}:ranks"
+
+    def control(self, job_id: str) -> str:
+        """hash: pause (0/1), stop (0/1), checkpoint (request counter), read by rank 0."""
+        return f"{self.namespace}:job:{job_id}:control"
+
+    def events(self, job_id: str) -> str:
+        """stream: the job's events (state changes, steps, checkpoints, restarts)."""
+        return f"{self.namespace}:job:{job_id}:events"

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-GRAFANA = ROOT / "deploy" / "grafana"
+from tests.helpers import DEPLOY
+from tests.helpers import REPO_ROOT as ROOT
+
+GRAFANA = DEPLOY / "grafana"
 BOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
 VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}")
 BUILTIN_VARIABLES = {"__field", "__data", "__url_time_range"}

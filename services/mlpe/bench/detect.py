@@ -5,15 +5,7 @@ process) each: agents → Kafka → `mlpe stream` → mlpe.alerts → `mlpe noti
 `mlpe webhook-sink`. What the sink receives is matched against the scenarios'
 faults (the ground truth):
 
-- an incident is one fault: its node (or, for faults of the whole training job,
-  the job), from onset to its end plus --grace seconds;
-- a firing alert in a notification is a true positive when it falls in an
-  incident's time and names its node, or its job without a node; otherwise it
-  is a false alarm (every alert from a fault-free scenario is one);
-- recall per fault type = incidents with at least one true alert / incidents;
-  delay = first true alert received - onset;
-- precision = true alerts / all firing alerts; per fault type, the share of
-  alerts received during its incidents that name the right node or job.
+How alerts are matched to faults: mlpe.run.score.
 
 Scenario files without faults are the fault-free runs; put benign look-alikes in
 them (warm-up, idle gaps).
@@ -22,7 +14,6 @@ them (warm-up, idle gaps).
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -30,18 +21,14 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from mlpe.agent.scenario import packaged
+from mlpe.common.settings import Settings, environment
+from mlpe.notify.slack import parse_message
+from mlpe.run.score import INSTANT_S, Received, incidents_of, score
 
-from mlpe.common.settings import Settings
-
-DEFAULT_SCENARIOS = Path(__file__).resolve().parents[3] / "agents" / "scenarios" / "detect"
-# Faults a detector can only confirm over time (a trend, a sustained drop): the delay
-# target is for the others.
-GRADUAL = {"memory_leak", "slow_steps"}
-INSTANT_S = 1.0      # how long an instantaneous fault (Xid, ECC, NaN loss) "lasts"
+DEFAULT_SCENARIOS = packaged("detect")
 TAIL_S = 20.0        # the fleet runs this long after its last fault or gap
 
 
@@ -50,7 +37,7 @@ def register(sub) -> None:
                        "recall, delay", description=__doc__.split("\n\n")[0])
     p.add_argument("--scenarios", default=str(DEFAULT_SCENARIOS), metavar="DIR",
                    help="directory of scenario YAML files, run together (default: "
-                   "agents/scenarios/detect)")
+                   "the detect scenarios shipped in mlpe.agent)")
     p.add_argument("--hz", type=float, default=100.0, help="GPU samples per second (100)")
     p.add_argument("--workers", type=int, default=1, help="stream worker processes (1)")
     p.add_argument("--grace", type=float, default=10.0,
@@ -59,27 +46,6 @@ def register(sub) -> None:
                    help="write every incident and every firing alert received, with what it "
                    "was matched to, as JSON lines")
     p.set_defaults(bench=bench_detect)
-
-
-@dataclass
-class Incident:
-    scenario: str
-    kind: str
-    node: str | None      # None: the whole training job
-    job: str
-    onset: float          # Unix seconds
-    end: float
-    first_alert: float | None = None
-
-
-@dataclass
-class Received:
-    at: float             # Unix seconds the sink got the message
-    scenario: str | None
-    rule: str
-    detector: str
-    labels: dict[str, str]
-    incident: Incident | None = None
 
 
 def _free_port() -> int:
@@ -101,35 +67,6 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None
     raise RuntimeError(f"the webhook sink did not listen on port {port} in {timeout:.0f} s")
 
 
-def parse_message(body: str) -> list[tuple[str, str, dict[str, str], bool]]:
-    """(rule title, detector, labels, firing) per alert of a Slack message that
-    `mlpe notify` formatted (mlpe.notify.slack.format_message)."""
-    blocks = json.loads(body).get("blocks", [])
-    out = []
-    for section, context in zip(blocks[::2], blocks[1::2], strict=False):
-        first_line = section["text"]["text"].split("\n")[0]  # ":icon: *[RESOLVED: ]title*"
-        title = first_line.split(" *", 1)[-1].rstrip("*")
-        resolved = title.startswith("RESOLVED: ")
-        detector, labels_text, *_ = context["elements"][0]["text"].split(" · ")
-        labels = dict(pair.split("=", 1) for pair in labels_text.split(", ") if "=" in pair)
-        out.append((title.removeprefix("RESOLVED: "), detector, labels, not resolved))
-    return out
-
-
-def incidents_of(scenario_file: Path, prefix: str, started_s: float, grace: float):
-    from mlpe.agent.scenario import TRAINING_ONLY_KINDS, load
-
-    s = load(str(scenario_file))
-    job = f"{prefix}-job"
-    out = []
-    for fault in s.faults:
-        node = None if fault.kind in TRAINING_ONLY_KINDS else f"{prefix}-{fault.node:02d}"
-        onset = started_s + fault.at_s
-        out.append(Incident(scenario_file.stem, fault.kind, node, job, onset,
-                            onset + (fault.for_s or INSTANT_S) + grace))
-    return out
-
-
 def duration_of(scenario_file: Path) -> float:
     from mlpe.agent.scenario import load
 
@@ -139,59 +76,8 @@ def duration_of(scenario_file: Path) -> float:
     return max(ends) + TAIL_S
 
 
-def score(incidents: list[Incident], received: list[Received]) -> dict:
-    """Match alerts to incidents; the figures of the module docstring."""
-    for r in received:
-        for inc in incidents:
-            if inc.scenario != r.scenario or not inc.onset - 0.5 <= r.at <= inc.end:
-                continue
-            node = r.labels.get("node")
-            if (node is None and r.labels.get("job") == inc.job) or \
-                    (inc.node is None and r.labels.get("job") == inc.job) or \
-                    (node is not None and node == inc.node):
-                r.incident = inc
-                if inc.first_alert is None or r.at < inc.first_alert:
-                    inc.first_alert = r.at
-                break
-    true = [r for r in received if r.incident is not None]
-    false = [r for r in received if r.incident is None]
-    per_fault = {}
-    for kind in sorted({i.kind for i in incidents}):
-        ours = [i for i in incidents if i.kind == kind]
-        delays = [i.first_alert - i.onset for i in ours if i.first_alert is not None]
-        during = [r for r in received if any(
-            r.scenario == i.scenario and i.onset - 0.5 <= r.at <= i.end for i in ours)]
-        right = [r for r in during if r.incident is not None and r.incident.kind == kind]
-        per_fault[kind] = {
-            "incidents": len(ours), "detected": len(delays),
-            "recall": round(len(delays) / len(ours), 3),
-            "precision": round(len(right) / len(during), 3) if during else None,
-            "alerts": len(right),
-            "delay_p50_s": _pct(delays, 50), "delay_p99_s": _pct(delays, 99),
-            "detectors": sorted({r.detector for r in right}),
-        }
-    sudden = [i.first_alert - i.onset for i in incidents
-              if i.first_alert is not None and i.kind not in GRADUAL]
-    every = [i.first_alert - i.onset for i in incidents if i.first_alert is not None]
-    return {
-        "precision": round(len(true) / len(received), 3) if received else None,
-        "recall": round(sum(i.first_alert is not None for i in incidents) / len(incidents), 3)
-        if incidents else None,
-        "delay_p50_s": _pct(sudden, 50), "delay_p99_s": _pct(sudden, 99),
-        "delay_all_p50_s": _pct(every, 50), "delay_all_p99_s": _pct(every, 99),
-        "false_alarms": len(false),
-        "false_alarm_rules": sorted({f"{r.rule} ({r.scenario})" for r in false}),
-        "alerts": len(received), "incidents": len(incidents), "per_fault": per_fault,
-    }
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 2) if values else None
-
-
 def bench_detect(args, settings: Settings) -> dict:
-    from mlpe.stack.kafka import kafka_reachable
-    from mlpe.stream.bench import wait_group_stable
+    from mlpe.common.kafka import kafka_reachable, wait_group_stable
 
     files = sorted(Path(args.scenarios).glob("*.yaml"))
     if not files:
@@ -207,12 +93,12 @@ def bench_detect(args, settings: Settings) -> dict:
                            "`mlpe stack up` (or `make up`)")
     run_id = uuid.uuid4().hex[:6]
     port = _free_port()
-    env = {**os.environ, "MLPE_LOG_LEVEL": "warning", "MLPE_STREAM_START": "latest",
-           "MLPE_STREAM_APP_ID": f"bench-detect-{run_id}",
-           "MLPE_NOTIFY_GROUP_ID": f"bench-detect-notify-{run_id}",
-           "MLPE_NOTIFY_REDIS_PREFIX": f"mlpe:bench-detect:{run_id}",
-           "MLPE_NOTIFY_START": "latest",
-           "MLPE_SLACK_WEBHOOK_URL": f"http://127.0.0.1:{port}/bench"}
+    env = environment(MLPE_LOG_LEVEL="warning", MLPE_STREAM_START="latest",
+                      MLPE_STREAM_APP_ID=f"bench-detect-{run_id}",
+                      MLPE_NOTIFY_GROUP_ID=f"bench-detect-notify-{run_id}",
+                      MLPE_NOTIFY_REDIS_PREFIX=f"mlpe:bench-detect:{run_id}",
+                      MLPE_NOTIFY_START="latest",
+                      MLPE_SLACK_WEBHOOK_URL=f"http://127.0.0.1:{port}/bench")
     total = max(durations.values())
     print(f"bench detect: {len(files)} scenario(s) from {args.scenarios}, run together for "
           f"{total:.0f} s at {args.hz:g} Hz", flush=True)

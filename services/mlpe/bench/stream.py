@@ -10,20 +10,19 @@ first step whose p99 lag exceeds the target or whose windows go missing.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import psutil
 
-from mlpe.common.settings import Settings
-from mlpe.stack.process import ManagedProcess
+from mlpe.common.kafka import wait_group_stable
+from mlpe.common.process import ManagedProcess
+from mlpe.common.settings import Settings, environment
 
 LAG_TARGET_S = 2.0
 
@@ -55,38 +54,6 @@ def _cpu(pid: int | None) -> float | None:
         return None
 
 
-def wait_group_stable(bootstrap: str, group: str, members: int, workers, timeout=90.0):
-    """Until the stream workers' consumer group is Stable with all of them in it."""
-    import asyncio
-
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    async def state() -> tuple[str, int]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-        await admin.start()
-        try:
-            described = await admin.describe_consumer_groups([group])
-            g = described[0].groups[0]
-            return g[2], len(g[5])  # (error, group, state, protocol type, protocol, members)
-        finally:
-            await admin.close()
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(w.poll() is not None for w in workers):
-            raise RuntimeError("a stream worker exited while joining its group")
-        try:
-            # A thread of its own, so this also works when called inside an event loop.
-            with ThreadPoolExecutor(1) as pool:
-                group_state, joined = pool.submit(asyncio.run, state()).result()
-        except Exception:  # noqa: BLE001 - not there yet
-            group_state, joined = "", 0
-        if group_state == "Stable" and joined == members:
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"stream workers did not form a stable group in {timeout:.0f} s")
-
-
 def _visible_windows(client, settings: Settings, node: str) -> list[tuple[str, int]]:
     tables = client.query_api().query(f'''
         from(bucket: "{settings.influx_bucket}") |> range(start: -2m)
@@ -99,14 +66,13 @@ def _visible_windows(client, settings: Settings, node: str) -> list[tuple[str, i
 def _step(settings: Settings, nodes: int, args, workdir: Path) -> dict:
     from influxdb_client import InfluxDBClient
 
-    from mlpe.stack.influxdb import read_token
+    from mlpe.common.tokens import influx_token
 
     run_id = uuid.uuid4().hex[:8]
     prefix = f"bench-{run_id}"
-    env = {**os.environ, "MLPE_LOG_LEVEL": "warning",
-           "MLPE_STREAM_APP_ID": f"bench-stream-{run_id}"}
     # Start the workers at the end of the topics: only this step's data is measured.
-    env["MLPE_STREAM_START"] = "latest"
+    env = environment(MLPE_LOG_LEVEL="warning", MLPE_STREAM_APP_ID=f"bench-stream-{run_id}",
+                      MLPE_STREAM_START="latest")
     workers = [subprocess.Popen([sys.executable, "-m", "mlpe.cli", "stream"], env=env,
                                 stdout=(workdir / f"w{run_id}{i}.log").open("wb"),
                                 stderr=subprocess.STDOUT) for i in range(args.workers)]
@@ -126,7 +92,7 @@ def _step(settings: Settings, nodes: int, args, workdir: Path) -> dict:
             "influxdb": _cpu(_pid(settings, "influxdb"))}
     seen: dict[tuple[str, int], float] = {}
     started = time.time()
-    with InfluxDBClient(url=settings.influx_url, token=read_token(settings),
+    with InfluxDBClient(url=settings.influx_url, token=influx_token(settings),
                         org=settings.influx_org) as client:
         while time.time() < started + args.seconds + 6:
             now = time.time()

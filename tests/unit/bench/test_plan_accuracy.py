@@ -3,7 +3,7 @@ interpreter, in a subprocess) and the PyTorch references, both within 5 %."""
 
 import pytest
 
-from mlpe.optimizer.accuracy import accuracy_table, format_table, measure_saved_bytes
+from mlpe.bench.plan_accuracy import accuracy_table, format_table, measure_saved_bytes
 from mlpe.optimizer.memory import worker_activation_bytes
 
 pytest.importorskip("triton")
@@ -35,7 +35,7 @@ def test_measured_matches_predicted_on_both_kernel_paths():
 
 
 def test_measure_saved_bytes_reference_in_process():
-    from mlpe.worker.config import GPTConfig
+    from mlpe.common.jobs import GPTConfig
 
     cfg = GPTConfig(**CONFIGS[0][0])
     measured = measure_saved_bytes(cfg, 3, fused=False, seq=8)

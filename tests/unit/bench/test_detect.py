@@ -4,7 +4,8 @@ import argparse
 
 import pytest
 
-from mlpe.stream.bench_detect import Incident, Received, bench_detect, score
+from mlpe.bench.detect import bench_detect
+from mlpe.run.score import Incident, Received, score
 
 
 def incident(kind="straggler", node="fleet-00", onset=100.0, end=120.0, scenario="a"):

@@ -1,7 +1,7 @@
 """Apache Kafka, single node in KRaft combined mode, from Maven Central jars.
 
-deploy/kafka/pom.xml names the broker; Maven copies it and its runtime
-dependencies into the per-user cache, keyed by the pom's hash, once.
+deploy/kafka/pom.xml (packaged as mlpe.deploy) names the broker; Maven copies it and
+its runtime dependencies into the per-user cache, keyed by the pom's hash, once.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from mlpe.common.settings import REPO_ROOT, Settings
-from mlpe.common.topics import ALL_TOPICS
-from mlpe.stack.process import ManagedProcess, StackError, Status, port_open, wait_until
+from mlpe.common.kafka import create_topics, describe_cluster, kafka_reachable
+from mlpe.common.process import ManagedProcess, port_open
+from mlpe.common.settings import Settings, packaged
+from mlpe.stack.component import StackError, Status, wait_until
 
-POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
-LOG4J2 = REPO_ROOT / "deploy" / "kafka" / "log4j2.xml"
+POM = packaged("kafka", "pom.xml")
+LOG4J2 = packaged("kafka", "log4j2.xml")
 MIN_JAVA = 17
 
 
@@ -165,7 +166,7 @@ class Kafka:
         self.create_topics()
 
     def _metadata_ok(self) -> bool:
-        return asyncio.run(_describe_cluster(self.s.kafka_bootstrap)) is not None
+        return asyncio.run(describe_cluster(self.s.kafka_bootstrap)) is not None
 
     def reachable(self) -> bool:
         return kafka_reachable(self.s.kafka_bootstrap)
@@ -189,40 +190,3 @@ class Kafka:
             if record else "not running (start it with `mlpe stack up`)"
         )
         return Status(self.name, "down", self.version, self.address, why)
-
-
-def kafka_reachable(bootstrap: str) -> bool:
-    """Does a broker at `bootstrap` answer a metadata request?"""
-    try:
-        return asyncio.run(_describe_cluster(bootstrap)) is not None
-    except Exception:  # noqa: BLE001 - any failure means "not answering"
-        return False
-
-
-async def _describe_cluster(bootstrap: str):
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
-    try:
-        await asyncio.wait_for(admin.start(), timeout=5)
-        return await asyncio.wait_for(admin.describe_cluster(), timeout=5)
-    finally:
-        await admin.close()
-
-
-async def create_topics(bootstrap: str, topics=ALL_TOPICS) -> list[str]:
-    """Create those of `topics` that do not exist; return their names."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        missing = [t for t in topics if t.name not in existing]
-        if missing:
-            await admin.create_topics(
-                [NewTopic(t.name, t.partitions, 1, topic_configs=t.config) for t in missing]
-            )
-        return [t.name for t in missing]
-    finally:
-        await admin.close()

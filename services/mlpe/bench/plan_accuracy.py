@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from typing import Any
 
+from mlpe.common.settings import environment
 from mlpe.optimizer.memory import worker_activation_bytes, worker_state_bytes
 
 # (GPTConfig fields, batch, seq): small enough for Triton's interpreter.
@@ -99,13 +99,10 @@ def _measure_here(jobs: list[dict]) -> list[dict]:
 
 
 def _measure_in_subprocess(jobs: list[dict], fused: bool) -> list[dict]:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    if fused:
-        env.update(MLPE_KERNELS="triton", TRITON_INTERPRET="1")
-    else:
-        env.update(MLPE_KERNELS="reference")
-    proc = subprocess.run([sys.executable, "-m", "mlpe.optimizer.accuracy", json.dumps(jobs)],
+    # TRITON_INTERPRET="" is off for Triton, as unset is.
+    env = (environment(MLPE_KERNELS="triton", TRITON_INTERPRET="1") if fused else
+           environment(MLPE_KERNELS="reference", TRITON_INTERPRET=""))
+    proc = subprocess.run([sys.executable, "-m", "mlpe.bench.plan_accuracy", json.dumps(jobs)],
                           env=env, capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode:
         raise RuntimeError(f"measuring in a subprocess failed ({proc.returncode}):\n"
@@ -156,7 +153,7 @@ def accuracy_table(configs: list[tuple[dict, int, int]] | None = None,
     """Rows {config, component, predicted, measured, error_pct} for every configuration
     (GPTConfig fields, batch, seq) and kernel path (True: fused, False: reference), for the
     activations saved by one forward and for parameters, gradients and FusedAdamW state."""
-    from mlpe.worker.config import GPTConfig
+    from mlpe.common.jobs import GPTConfig
 
     configs = CONFIGS if configs is None else configs
     jobs = [{"cfg": cfg, "batch": b, "seq": s, "states": True} for cfg, b, s in configs]

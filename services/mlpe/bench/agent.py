@@ -17,9 +17,9 @@ from pathlib import Path
 
 import psutil
 
-from mlpe.common.settings import Settings
-from mlpe.stack.kafka import kafka_reachable
-from mlpe.stack.process import ManagedProcess
+from mlpe.common.kafka import kafka_reachable
+from mlpe.common.process import ManagedProcess
+from mlpe.common.settings import Settings, environment
 
 GPU_FIELDS_COUNT = 19
 
@@ -57,7 +57,7 @@ def _start_agent(args: list[str], workdir: Path, name: str) -> tuple[subprocess.
     stats = workdir / f"{name}.json"
     cmd = [sys.executable, "-m", "mlpe.cli", "agent", "--source", "sim",
            "--spool-dir", str(workdir / f"{name}-spool"), "--stats-json", str(stats), *args]
-    env = {**os.environ, "MLPE_LOG_LEVEL": "warning"}
+    env = environment(MLPE_LOG_LEVEL="warning")
     log = (workdir / f"{name}.log").open("wb")
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), stats
 

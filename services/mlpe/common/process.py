@@ -1,8 +1,9 @@
-"""Background processes that `mlpe stack up` starts and only `down` stops.
+"""Processes mlpe starts and stops: pid files, liveness, signals, ports.
 
-A component's pid file (JSON) records the pid, the version and the process's
-start time (from /proc), so a recycled pid is never mistaken for ours and
-`down` never signals a process it did not start.
+A managed process's pid file (JSON) records the pid, the version and the process's
+start time (from /proc), so a recycled pid is never mistaken for ours and `stop` never
+signals a process it did not start. The local stack's servers, the controller's
+training ranks, the main job's services and the tests all use these.
 """
 
 from __future__ import annotations
@@ -14,25 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-
-
-class StackError(RuntimeError):
-    """A one-line, user-facing failure naming the component (and its log)."""
-
-
-@dataclass
-class Status:
-    name: str
-    state: str  # "up" or "down"
-    version: str
-    address: str
-    detail: str  # "managed, pid 123", "external", or why it is down
-
-    def as_dict(self) -> dict[str, str]:
-        return dict(self.__dict__)
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -43,31 +26,31 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def wait_until(
-    ready: Callable[[], bool],
-    *,
-    name: str,
-    what: str,
-    timeout: float,
-    log: Path,
-    proc: subprocess.Popen | None = None,
-    poll: float = 0.25,
-) -> None:
-    """Poll `ready()` until true; fail fast if `proc` exits, and at `timeout`."""
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_child(proc: subprocess.Popen, timeout: float = 20.0) -> int | None:
+    """SIGTERM a child we started, SIGKILL it after `timeout`; its exit code."""
+    stop_children([proc], timeout)
+    return proc.returncode
+
+
+def stop_children(procs, timeout: float = 20.0) -> None:
+    """SIGTERM every child still running, then wait; SIGKILL what is left at `timeout`."""
+    running = [p for p in procs if p.poll() is None]
+    for proc in running:
+        proc.terminate()
     deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise StackError(
-                f"{name}: exited with code {proc.returncode} while starting; see {log}"
-            )
+    for proc in running:
         try:
-            if ready():
-                return
-        except Exception:  # noqa: BLE001 - not ready yet; the timeout reports it
-            pass
-        if time.monotonic() > deadline:
-            raise StackError(f"{name}: not {what} after {timeout:.0f} s; see {log}")
-        time.sleep(poll)
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class ManagedProcess:
@@ -85,7 +68,7 @@ class ManagedProcess:
             pid = int(record["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        if _start_ticks(pid) != record.get("start_ticks") or _is_zombie(pid):
+        if start_ticks(pid) != record.get("start_ticks") or is_zombie(pid):
             return None
         return record
 
@@ -105,7 +88,7 @@ class ManagedProcess:
             )
         tmp = self.pidfile.with_suffix(".tmp")
         tmp.write_text(json.dumps({
-            "pid": proc.pid, "start_ticks": _start_ticks(proc.pid),
+            "pid": proc.pid, "start_ticks": start_ticks(proc.pid),
             "version": version, "started": time.time(),
         }))
         tmp.replace(self.pidfile)
@@ -118,19 +101,19 @@ class ManagedProcess:
             self.pidfile.unlink(missing_ok=True)
             return False
         pid = int(record["pid"])
-        _signal(pid, signal.SIGTERM)
+        signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _alive(pid):
-            _signal(pid, signal.SIGKILL)
-            while _alive(pid):
+        if alive(pid):
+            signal_group(pid, signal.SIGKILL)
+            while alive(pid):
                 time.sleep(0.05)
         self.pidfile.unlink(missing_ok=True)
         return True
 
 
-def _signal(pid: int, sig: int) -> None:
+def signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)  # the component and anything it forked
     except ProcessLookupError:
@@ -147,17 +130,24 @@ def _stat_fields(pid: int) -> list[str] | None:
         return None
 
 
-def _start_ticks(pid: int) -> int | None:
+def start_ticks(pid: int) -> int | None:
     fields = _stat_fields(pid)
     return int(fields[19]) if fields else None  # field 22: start time since boot
 
 
-def _is_zombie(pid: int) -> bool:
+def is_zombie(pid: int) -> bool:
     fields = _stat_fields(pid)
     return fields is None or fields[0] == "Z"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int, ticks: int | None = None) -> bool:
+    """Is `pid` running, and (when `ticks` is given) still the process that started then?"""
+    if not pid or not alive(pid):
+        return False
+    return ticks is None or start_ticks(pid) == ticks
+
+
+def alive(pid: int) -> bool:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
-    return Path(f"/proc/{pid}").exists() and not _is_zombie(pid)
+    return Path(f"/proc/{pid}").exists() and not is_zombie(pid)

@@ -20,8 +20,9 @@ from packaging.version import Version
 from mlpe.agent.main import parse_sources
 from mlpe.cli import build_parser
 from mlpe.common import settings as settings_module
-from mlpe.common.settings import REPO_ROOT, SettingsError
+from mlpe.common.settings import SettingsError
 from mlpe.common.topics import GPU_METRICS
+from tests.helpers import REPO_ROOT
 
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
 KUSTOMIZATION = "kustomization.yaml"
@@ -280,7 +281,8 @@ def test_secret_holds_only_placeholders():
     assert "data" not in secret  # base64 would hide a real value from review
     assert set(secret["stringData"]) == {
         "MLPE_INFLUX_TOKEN", "MLPE_CONTROL_TOKEN", "MLPE_SLACK_WEBHOOK_URL"}
-    assert set(secret["stringData"].values()) == {"change-me"}
+    assert {v.rpartition("/")[2] for v in secret["stringData"].values()} == {"change-me"}
+    assert secret["stringData"]["MLPE_SLACK_WEBHOOK_URL"].startswith("https://example.invalid/")
 
 
 def test_service_links_are_off():

@@ -6,10 +6,11 @@ import pytest
 
 from mlpe import stack
 from mlpe.common.settings import load
+from mlpe.stack.component import StackError
 from mlpe.stack.influxdb import InfluxDB
 from mlpe.stack.kafka import Kafka
-from mlpe.stack.process import StackError
 from mlpe.stack.redis import Redis
+from tests.helpers import free_port
 
 
 @pytest.fixture
@@ -20,18 +21,12 @@ def taken_port():
         yield sock.getsockname()[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _settings(tmp_path, **ports):
     env = {"MLPE_STATE_DIR": str(tmp_path / "state"),
-           "MLPE_KAFKA_PORT": str(_free_port()),
-           "MLPE_KAFKA_CONTROLLER_PORT": str(_free_port()),
-           "MLPE_INFLUX_PORT": str(_free_port()),
-           "MLPE_REDIS_PORT": str(_free_port())}
+           "MLPE_KAFKA_PORT": str(free_port()),
+           "MLPE_KAFKA_CONTROLLER_PORT": str(free_port()),
+           "MLPE_INFLUX_PORT": str(free_port()),
+           "MLPE_REDIS_PORT": str(free_port())}
     env.update({k: str(v) for k, v in ports.items()})
     return load(env)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mlpe.stack.process import ManagedProcess, StackError, wait_until
+from mlpe.common.process import ManagedProcess
+from mlpe.stack.component import StackError, wait_until
 
 
 @pytest.fixture

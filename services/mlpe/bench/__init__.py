@@ -1,4 +1,9 @@
-"""`mlpe bench …`: benchmarks that print a human summary, then one JSON line of figures."""
+"""`mlpe bench …`: benchmarks that print a human summary, then one JSON line of figures.
+
+One module per benchmark (`mlpe bench X` is mlpe/bench/X.py), except the kernels', which
+lives with the kernels (mlpe.kernels.bench: that package depends on nothing of mlpe).
+Benchmarks drive whole processes against the real stack, so they sit above the services
+and import them; no service imports a benchmark."""
 
 from __future__ import annotations
 
@@ -10,12 +15,12 @@ from mlpe.common.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mlpe.agent import bench as agent_bench
-    from mlpe.control import bench as recovery_bench
+    from mlpe.bench import agent as agent_bench
+    from mlpe.bench import detect as bench_detect
+    from mlpe.bench import plan as plan_bench
+    from mlpe.bench import recovery as recovery_bench
+    from mlpe.bench import stream as stream_bench
     from mlpe.kernels import bench as kernels_bench
-    from mlpe.optimizer import bench as plan_bench
-    from mlpe.stream import bench as stream_bench
-    from mlpe.stream import bench_detect
 
     p = sub.add_parser("bench", help="benchmarks (last line of output: JSON figures)",
                        description="Benchmarks against the real stack; each prints a summary "

@@ -1,23 +1,24 @@
 """InfluxDB 2.x OSS: `influxd` built once per user from its Go module, set up on first start.
 
 The org, bucket and an all-access token are created through /api/v2/setup the
-first time; the token is kept in .mlpe/secrets/influxdb.json (mode 0600) and is
+first time; the token is kept in <state dir>/secrets/influxdb.json (mode 0600) and is
 never printed.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 import urllib.error
 import urllib.request
 
-from mlpe.common.settings import REPO_ROOT, Settings
-from mlpe.stack.process import ManagedProcess, StackError, Status, port_open, wait_until
+from mlpe.common.process import ManagedProcess, port_open
+from mlpe.common.settings import Settings, environment, packaged
+from mlpe.common.tokens import influx_token, influx_token_file, write_private
+from mlpe.stack.component import StackError, Status, wait_until
 
-BUILD_SCRIPT = REPO_ROOT / "deploy" / "influxdb" / "build-influxd.sh"
+BUILD_SCRIPT = packaged("influxdb", "build-influxd.sh")
 VERSION = "v2.7.12"
 
 
@@ -50,7 +51,7 @@ class InfluxDB:
         self.url = settings.influx_url.rstrip("/")
         self.binary = settings.cache_dir / "influxd" / VERSION / "influxd"
         self.data = settings.data_dir / "influxdb"
-        self.secret_file = settings.secrets_dir / "influxdb.json"
+        self.secret_file = influx_token_file(settings)
         self.proc = ManagedProcess(self.name, settings.run_dir, settings.logs_dir)
 
     # -- install -----------------------------------------------------------------
@@ -64,8 +65,7 @@ class InfluxDB:
         log.parent.mkdir(parents=True, exist_ok=True)
         print(f"influxdb: building influxd {VERSION} from its Go module "
               f"(first time only, 10-30 min; progress in {log})", flush=True)
-        env = {**os.environ, "MLPE_CACHE_DIR": str(self.s.cache_dir),
-               "MLPE_INFLUXD_VERSION": VERSION}
+        env = environment(MLPE_CACHE_DIR=str(self.s.cache_dir), MLPE_INFLUXD_VERSION=VERSION)
         with log.open("ab") as out:
             code = subprocess.run(["bash", str(BUILD_SCRIPT)], stdout=out,
                                   stderr=subprocess.STDOUT, env=env).returncode
@@ -106,12 +106,7 @@ class InfluxDB:
 
     def token(self) -> str | None:
         """The API token: MLPE_INFLUX_TOKEN if set, else the one stored at setup."""
-        if self.s.influx_token:
-            return self.s.influx_token
-        try:
-            return json.loads(self.secret_file.read_text())["token"]
-        except (OSError, ValueError, KeyError):
-            return None
+        return influx_token(self.s)
 
     def setup(self) -> None:
         """Create org, bucket and token on a fresh server; check the token otherwise."""
@@ -128,11 +123,8 @@ class InfluxDB:
             })
             if code != 201:
                 raise StackError(f"influxdb: setup refused ({code}: {body.get('message')})")
-            self.secret_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as out:
-                json.dump({"token": token, "org": self.s.influx_org,
-                           "bucket": self.s.influx_bucket}, out)
+            write_private(self.secret_file, json.dumps(
+                {"token": token, "org": self.s.influx_org, "bucket": self.s.influx_bucket}))
             return
         token = self.token()
         if token is None:
@@ -165,9 +157,3 @@ class InfluxDB:
         else:
             why = "not running (start it with `mlpe stack up`)"
         return Status(self.name, "down", VERSION, self.url, why)
-
-
-def read_token(settings: Settings) -> str | None:
-    """For clients: MLPE_INFLUX_TOKEN, or the token stored by the local stack."""
-    return InfluxDB(settings).token()
-

@@ -14,8 +14,9 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-from mlpe.common.settings import Settings
-from mlpe.stack.process import ManagedProcess, StackError, Status, port_open, wait_until
+from mlpe.common.process import ManagedProcess, port_open
+from mlpe.common.settings import Settings, environment
+from mlpe.stack.component import StackError, Status, wait_until
 
 # redis-server's own package is only a symlink; the binary and the libraries it
 # links against (but that a base image lacks) come from these.
@@ -66,9 +67,10 @@ class Redis:
         system = shutil.which("redis-server")
         if system:
             return Path(system), {}
-        for version_dir in sorted(self.root.glob("*/usr/bin/redis-server"), reverse=True):
-            libs = version_dir.parents[2] / LIB_DIR
-            return version_dir, {"LD_LIBRARY_PATH": str(libs)}
+        for unpacked in sorted(self.root.glob("*"), reverse=True):  # newest version first
+            binary = unpacked / "usr" / "bin" / "redis-server"
+            if binary.exists():
+                return binary, {"LD_LIBRARY_PATH": str(unpacked / LIB_DIR)}
         return None
 
     def installed(self) -> bool:
@@ -130,11 +132,11 @@ class Redis:
             "--save", "60 1000",
         ]
         return self.proc.spawn(argv, version=self._version(binary, extra_env),
-                               env={**os.environ, **extra_env})
+                               env=environment(**extra_env))
 
     def _version(self, binary: Path, extra_env: dict[str, str]) -> str:
         out = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
-                             env={**os.environ, **extra_env}).stdout
+                             env=environment(**extra_env)).stdout
         return next((w[2:] for w in out.split() if w.startswith("v=")), "unknown")
 
     def wait_ready(self, proc: subprocess.Popen | None, timeout: float = 30.0) -> None:

@@ -7,10 +7,11 @@ import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from mlpe.common.kafka import create_topics
 from mlpe.common.settings import Settings
+from mlpe.stack.component import StackError, Status
 from mlpe.stack.influxdb import InfluxDB
-from mlpe.stack.kafka import Kafka, create_topics
-from mlpe.stack.process import StackError, Status
+from mlpe.stack.kafka import Kafka
 from mlpe.stack.redis import Redis
 
 __all__ = ["COMPONENT_NAMES", "StackError", "Status", "down", "ensure_topics", "install",

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import yaml
 
-from mlpe.common.settings import REPO_ROOT, load
+from mlpe.common.settings import load
+from tests.helpers import REPO_ROOT
 
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
 

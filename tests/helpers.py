@@ -1,0 +1,65 @@
+"""What many tests need, written once: the repository's folders, free ports, an isolated
+stack's environment, the `mlpe` command as a subprocess, and stopping what a test started.
+
+Tests live in the repository, so unlike mlpe's own code they may find its files by path.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mlpe.common.process import free_port, stop_child, stop_children
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = REPO_ROOT / "deploy"
+
+__all__ = ["DEPLOY", "REPO_ROOT", "free_port", "isolated_stack_env", "mlpe", "mlpe_env",
+           "start_mlpe", "stop_child", "stop_children"]
+
+
+def mlpe_env(**overrides: str) -> dict[str, str]:
+    """This process's environment plus `overrides`; a value of None removes the variable."""
+    env = {**os.environ, **{k: v for k, v in overrides.items() if v is not None}}
+    for name in [k for k, v in overrides.items() if v is None]:
+        env.pop(name, None)
+    return env
+
+
+def mlpe(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+         check: bool = False) -> subprocess.CompletedProcess:
+    """`mlpe ARGS` run to the end (output captured as text)."""
+    done = subprocess.run([sys.executable, "-m", "mlpe.cli", *args], capture_output=True,
+                          text=True, env=mlpe_env() if env is None else env, timeout=timeout)
+    if check and done.returncode:
+        raise AssertionError(f"mlpe {' '.join(args)} exited {done.returncode}:\n"
+                             f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return done
+
+
+def start_mlpe(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`mlpe ARGS` in the background, its output in `log`; stop it with stop_child."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "mlpe.cli", *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def isolated_stack_env(state_dir: Path, *components: str) -> dict[str, str]:
+    """The environment of a second local stack beside the session's: its own state folder
+    and free ports (the per-user cache is shared, so nothing is installed again). Only
+    the ports of `components` are chosen (all three by default)."""
+    wanted = set(components or ("kafka", "influxdb", "redis"))
+    overrides: dict[str, str | None] = {
+        "MLPE_STATE_DIR": str(state_dir), "MLPE_KAFKA_BOOTSTRAP": None,
+        "MLPE_INFLUX_URL": None, "MLPE_REDIS_URL": None, "MLPE_INFLUX_TOKEN": None}
+    if "kafka" in wanted:
+        overrides.update(MLPE_KAFKA_PORT=str(free_port()),
+                         MLPE_KAFKA_CONTROLLER_PORT=str(free_port()), MLPE_KAFKA_HEAP="384m")
+    if "influxdb" in wanted:
+        overrides["MLPE_INFLUX_PORT"] = str(free_port())
+    if "redis" in wanted:
+        overrides["MLPE_REDIS_PORT"] = str(free_port())
+    return mlpe_env(**overrides)

@@ -10,7 +10,7 @@ PROTOS := $(wildcard proto/mlpe/v1/*.proto)
 # The stack's data, logs and secrets stay in the clone (mlpe's own default is per user).
 export MLPE_STATE_DIR ?= $(CURDIR)/.mlpe
 
-.PHONY: help setup install run up down status test test-unit lint proto proto-check lock clean
+.PHONY: help setup install run up down status test test-fast test-unit lint proto proto-check lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,8 +38,9 @@ status: setup  ## each component's state, version and address
 run: install  ## the main job: a watched fleet, alerts, a planned, crashed and recovered job, a report
 	@$(MLPE) run $(RUN_ARGS)
 
-lint: setup  ## ruff
+lint: setup  ## ruff, and import-linter: dependencies point down (docs/architecture.md)
 	@$(BIN)/ruff check .
+	@$(BIN)/lint-imports --no-cache
 
 proto: setup  ## regenerate Python from proto/
 	@$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
@@ -52,12 +53,22 @@ proto-check: setup  ## fail if the generated code is not what proto/ generates
 	diff -r -x __pycache__ -x '*.proto' $$tmp/mlpe/v1 proto/mlpe/v1 \
 	|| { echo "generated code is stale: run 'make proto' and commit" >&2; exit 1; }
 
-test: install lint proto-check  ## all tests; starts the stack if needed (stops it after)
-	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+# The stack is started once for the whole run (pytest's workers share it) and stopped
+# afterwards if it was not running before.
+PYTEST_WORKERS ?= 4
+test: install lint proto-check  ## all tests (pytest workers side by side); starts the stack if needed, stops it after
+	@down=$$($(MLPE) stack status --json | $(BIN)/python -c 'import json, sys; \
+		print(",".join(s["name"] for s in json.load(sys.stdin) if s["state"] != "up"))'); \
+	$(MLPE) stack up || exit 1; \
+	MLPE_TEST_KEEP_STACK=1 $(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
+	if [ -n "$$down" ]; then $(MLPE) stack down --only "$$down"; fi; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
+test-fast: setup  ## unit tests without the slow ones (no stack needed)
+	@$(BIN)/pytest tests/unit -n 2 -m "not slow" $(PYTEST_ARGS)
+
 test-unit: setup  ## unit tests only (no stack)
-	@$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+	@$(BIN)/pytest tests/unit -n 2 $(PYTEST_ARGS)
 
 lock:  ## re-pin requirements.lock (dev) and requirements-runtime.lock (images) from pyproject.toml
 	@$(HOME)/.cache/mlpe/uv-0.13.8/bin/uv pip compile pyproject.toml --extra dev \

@@ -7,6 +7,7 @@ Tests live in the repository, so unlike mlpe's own code they may find its files 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = REPO_ROOT / "deploy"
 
 __all__ = ["DEPLOY", "REPO_ROOT", "free_port", "isolated_stack_env", "mlpe", "mlpe_env",
-           "start_mlpe", "stop_child", "stop_children"]
+           "start_mlpe", "stop_child", "stop_children", "uv"]
+
+
+def uv() -> Path:
+    """The uv that deploy/setup-python.sh installed into the per-user cache."""
+    version = re.search(r"^UV_VERSION=(\S+)$", (DEPLOY / "setup-python.sh").read_text(),
+                        re.MULTILINE).group(1)
+    cache = Path(os.environ.get("MLPE_CACHE_DIR", Path.home() / ".cache" / "mlpe"))
+    return cache / f"uv-{version}" / "bin" / "uv"
 
 
 def mlpe_env(**overrides: str) -> dict[str, str]:

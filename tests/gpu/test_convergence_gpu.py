@@ -1,35 +1,16 @@
 """The small GPT trained 50 steps with the fused ops (and fused AdamW) gives the loss
 curve of the plain-PyTorch references within tolerance. On a GPU here; the interpreter
-test in tests/unit/worker runs the same loop on the CPU through Triton's interpreter."""
+test in tests/unit/worker/interpreted runs the same loop on the CPU through Triton's interpreter."""
 
 import pytest
 import torch
 
+from mlpe.common.jobs import GPTConfig
 from mlpe.kernels import dispatch
-from mlpe.kernels.adamw import FusedAdamW
-from mlpe.worker.data import SyntheticTokens
-from mlpe.worker.model import GPT, GPTConfig
+from tests.convergence import train_losses
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")]
-
-
-def train_losses(cfg: GPTConfig, steps: int, batch: int, device: str, dtype=torch.float32,
-                 fused_optimizer: bool = True) -> list[float]:
-    torch.manual_seed(0)
-    model = GPT(cfg).to(device=device, dtype=dtype)
-    data = SyntheticTokens(cfg.vocab, cfg.seq_len, seed=1)
-    make = FusedAdamW if fused_optimizer else torch.optim.AdamW
-    opt = make(model.parameters(), lr=3e-3, weight_decay=0.1)
-    losses = []
-    for step in range(steps):
-        x, y = (t.to(device) for t in data.batch(step, batch))
-        loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def with_backend(monkeypatch, choice: str) -> None:

@@ -1,4 +1,4 @@
-"""Kafka is real: topics from DESIGN.md exist, and bytes go through a broker."""
+"""Kafka is real: mlpe's topics exist, and bytes go through a broker."""
 
 from __future__ import annotations
 

@@ -1,47 +1,58 @@
 """mlpe optimizer end to end over gRPC: plans (cached in the real Redis), explanations,
 validation errors, and AdviseJob reading a job's aggregates and alerts from the real
-InfluxDB (written in the stream's line format)."""
+InfluxDB (written in the stream's line format) and the job's spec from a real `mlpe
+control` (GetJob)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 
 import grpc
 import pytest
-import redis
 
 from mlpe.common.grpc_server import wait_serving
-from mlpe.common.jobs import resolve
-from mlpe.common.process import free_port
+from mlpe.control.local import LocalController
 from mlpe.v1 import control_pb2 as c
 from mlpe.v1 import optimizer_pb2 as o
 from mlpe.v1 import optimizer_pb2_grpc
+from tests.helpers import free_port, mlpe_env, start_mlpe, stop_child
 
 NAMESPACE = f"test-{uuid.uuid4().hex[:8]}"
 
 
+def start_optimizer(stack_endpoints, tmp_path, **env):
+    port = free_port()
+    log = tmp_path / "optimizer.log"
+    proc = start_mlpe("optimizer", "--listen", f"127.0.0.1:{port}", log=log, env=mlpe_env(
+        MLPE_REDIS_URL=stack_endpoints.redis_url, MLPE_INFLUX_URL=stack_endpoints.influx_url,
+        MLPE_INFLUX_TOKEN=stack_endpoints.influx_token, MLPE_CONTROL_NAMESPACE=NAMESPACE,
+        **env))
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    wait_serving(channel, proc, "mlpe optimizer", log=log.read_text)
+    return proc, channel
+
+
 @pytest.fixture
 def optimizer(stack_endpoints, tmp_path):
-    port = free_port()
-    env = {**os.environ, "MLPE_REDIS_URL": stack_endpoints.redis_url,
-           "MLPE_INFLUX_URL": stack_endpoints.influx_url,
-           "MLPE_INFLUX_TOKEN": stack_endpoints.influx_token,
-           "MLPE_CONTROL_NAMESPACE": NAMESPACE}
-    log = (tmp_path / "optimizer.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "optimizer", "--listen",
-                             f"127.0.0.1:{port}"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    wait_serving(channel, proc, "mlpe optimizer",
-                 log=lambda: (tmp_path / "optimizer.log").read_text())
+    proc, channel = start_optimizer(stack_endpoints, tmp_path)
     yield optimizer_pb2_grpc.OptimizerStub(channel)
-    proc.terminate()
-    proc.wait(30)
+    stop_child(proc)
     channel.close()
+
+
+@pytest.fixture
+def control_and_optimizer(stack_endpoints, tmp_path):
+    """An `mlpe control` and an optimizer that asks it about jobs (MLPE_CONTROL_ADDRESS)."""
+    control = LocalController(stack_endpoints.redis_url, stack_endpoints.kafka_bootstrap,
+                              tmp_path / "control", slots=1)
+    control.start()
+    proc, channel = start_optimizer(stack_endpoints, tmp_path,
+                                    MLPE_CONTROL_ADDRESS=f"127.0.0.1:{control.port}")
+    yield control, optimizer_pb2_grpc.OptimizerStub(channel)
+    stop_child(proc)
+    channel.close()
+    control.stop()
 
 
 def request(model="llama3-70b", cluster="16x8xH100", batch=1024, seq=8192, **training):
@@ -79,11 +90,16 @@ def test_impossible_and_infeasible_requests(optimizer):
     assert not answer.closest.fits
 
 
-def test_advise_job_reads_its_telemetry(optimizer, stack_endpoints):
+def test_advise_job_reads_its_telemetry(control_and_optimizer, stack_endpoints):
     from influxdb_client import InfluxDBClient
     from influxdb_client.client.write_api import SYNCHRONOUS
 
-    job = f"advise-{uuid.uuid4().hex[:8]}"
+    control, optimizer = control_and_optimizer
+    # The job as `mlpe control` knows it: its spec lets the advice predict a gain. Only its
+    # spec matters here, so it is cancelled at once (no need to train a 125M model).
+    job = control.submit(c.JobSpec(steps=100, model=c.ModelSpec(preset="gpt-125m"),
+                                   global_batch=32, micro_batch=4, device="cpu")).job_id
+    control.stub.CancelJob(c.JobRequest(job_id=job), metadata=control.auth, timeout=10)
     now = time.time_ns()
     lines = []
     for i in range(6):  # a minute of 10 s windows
@@ -99,12 +115,6 @@ def test_advise_job_reads_its_telemetry(optimizer, stack_endpoints):
                         org=stack_endpoints.influx_org) as client:
         client.write_api(write_options=SYNCHRONOUS).write(
             stack_endpoints.influx_bucket, record="\n".join(lines))
-    # The job as `mlpe control` records it: its spec lets the advice predict a gain.
-    resolved, problems = resolve(c.JobSpec(steps=100, model=c.ModelSpec(preset="gpt-125m"),
-                                           global_batch=32, micro_batch=4))
-    assert not problems
-    r = redis.Redis.from_url(stack_endpoints.redis_url)
-    r.hset(f"{NAMESPACE}:job:{job}", "resolved", json.dumps(resolved))
     answer = optimizer.AdviseJob(o.AdviseJobRequest(job_id=job, window_s=300))
     titles = [r.title for r in answer.recommendations]
     assert titles[0].startswith("Input-bound"), titles

@@ -34,9 +34,12 @@ def backend() -> str:
 
 @functools.cache
 def triton_available() -> bool:
+    """Do the kernels' imports work? (triton.language, not just triton: under
+    TRITON_INTERPRET=1 it also needs numpy, which mlpe-kernels[interpret] brings.)"""
     try:
-        import triton  # noqa: F401
-    except ImportError:
+        import triton.language  # noqa: F401
+    except ImportError as err:
+        log.info("Triton unavailable (%s): the PyTorch references run", err)
         return False
     return True
 

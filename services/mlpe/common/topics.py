@@ -1,4 +1,4 @@
-"""The Kafka topics of DESIGN.md, declared once: `mlpe stack up` creates them."""
+"""The Kafka topics of mlpe (docs/architecture.md), declared once; `mlpe stack up` makes them."""
 
 from __future__ import annotations
 

@@ -172,7 +172,7 @@ class Kafka:
         return kafka_reachable(self.s.kafka_bootstrap)
 
     def create_topics(self) -> list[str]:
-        """Create DESIGN.md's topics that are missing; returns the names created."""
+        """Create mlpe's topics that are missing; returns the names created."""
         return asyncio.run(create_topics(self.s.kafka_bootstrap))
 
     def stop(self) -> bool:

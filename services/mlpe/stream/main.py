@@ -59,9 +59,10 @@ def run(args, settings: Settings) -> int:
             return 2
 
     ensure_internal_topic(settings)
-    from mlpe.stream.app import app
+    from mlpe.stream.app import StreamApp
 
-    worker = Worker(app, loglevel=settings.log_level.upper(), quiet=True)
+    stream = StreamApp(settings)
+    worker = Worker(stream.app, loglevel=settings.log_level.upper(), quiet=True)
     worker.execute_from_commandline()  # exits the process when the worker stops
     return 0
 

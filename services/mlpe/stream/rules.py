@@ -12,8 +12,8 @@ A rule file (format in deploy/rules/README.md):
         explanation: "{value:.0f} °C for {for}, limit {threshold:g} °C"
 
 Rules are evaluated on every batch (100 ms of samples of one device) with the
-batch statistic named in `when`; the state (since when true, firing or not) is
-kept per rule and device by the caller.
+batch statistic named in `when` (`evaluate`); the state (since when true, firing or
+not) is kept per rule and device in a mapping the caller owns.
 """
 
 from __future__ import annotations
@@ -21,13 +21,16 @@ from __future__ import annotations
 import fnmatch
 import operator
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from mlpe.common import batches
+from mlpe.common.alerts import fingerprint
 from mlpe.v1 import alerts_pb2 as al
+from mlpe.v1 import metrics_pb2
 
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,
        "==": operator.eq, "!=": operator.ne}
@@ -182,3 +185,39 @@ def render(template: str, **values) -> str:
         return template.format(**values)
     except (KeyError, ValueError, IndexError):
         return template
+
+
+def evaluate(rules: list[Rule], states: dict[str, dict], batch: batches.Batch) -> list[al.Alert]:
+    """The alerts `rules` raise or resolve on one batch; `states` ({rule|node|gpu: state})
+    is updated in place. In memory only: a restart re-arms the hold timers."""
+    kind = "gpu" if batch.device_kind == metrics_pb2.DEVICE_KIND_GPU else "host"
+    labels = {"node": batch.node_id}
+    if kind == "gpu":
+        labels["gpu"] = str(batch.device_index)
+    out = []
+    t_ns = int(batch.timestamps_ns[-1]) if batch.samples else 0
+    for rule in rules:
+        values = batch.columns.get(rule.field)
+        if rule.measurement != kind or values is None or not rule.matches(labels):
+            continue
+        value = batch_stat(values, rule.stat)
+        if value is None:
+            continue
+        key = f"{rule.name}|{batch.node_id}|{labels.get('gpu', '')}"
+        states[key], change = step(rule, states.get(key), value, t_ns)
+        if change is None:
+            continue
+        hold = f"{rule.hold_s:g}s"
+        text = dict(labels, gpu=labels.get("gpu", ""), value=value,
+                    threshold=rule.threshold, **{"for": hold})
+        firing = change == al.ALERT_FIRING
+        since = states[key]["since"] if firing else states[key].get("last_since", 0)
+        out.append(al.Alert(
+            fingerprint=fingerprint(rule.name, batch.node_id, labels.get("gpu", "")),
+            rule=rule.name, detector="rule", severity=rule.severity, state=change,
+            labels=labels, value=value, threshold=rule.threshold, starts_at_ns=since,
+            ends_at_ns=0 if firing else t_ns, detected_at_ns=time.time_ns(),
+            summary=render(rule.summary, **text),
+            explanation=render(rule.explanation, **text) if firing else
+            f"Cleared: {rule.when} no longer holds (now {value:g})."))
+    return out

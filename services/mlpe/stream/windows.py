@@ -21,7 +21,7 @@ from mlpe.common import batches
 from mlpe.v1 import metrics_pb2 as pb
 
 STATS = ("min", "mean", "max", "p95", "last")
-TRAIN_KIND = -1  # a "device" that is one rank of a training job (see app.StepRow)
+TRAIN_KIND = -1  # a "device" that is one rank of a training job (see decoding.StepRow)
 MEASUREMENT = {pb.DEVICE_KIND_GPU: "gpu", pb.DEVICE_KIND_HOST: "host", TRAIN_KIND: "train"}
 
 

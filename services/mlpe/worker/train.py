@@ -176,7 +176,7 @@ class Trainer:
         self.checkpoint_seq = max(self.checkpoint_seq, seq)
         return bool(pause), bool(stop), wanted, bool(terminate)
 
-    def report(self, **progress) -> None:
+    def publish_progress(self, **progress) -> None:
         progress.update(step=self.step, time_ns=time.time_ns(), pid=os.getpid(),
                         start_ticks=self.start_ticks,
                         checkpoint_step=self.saver.last_written if self.saver else 0,
@@ -249,7 +249,7 @@ class Trainer:
     def run(self) -> int:
         self.resumed_from = self.resume()
         policy = self.spec["checkpoint"]
-        self.report(state="starting")
+        self.publish_progress(state="starting")
         paused = False
         while self.step < self.spec["steps"]:
             pause, stop, wanted, terminate = self.decide()
@@ -266,7 +266,7 @@ class Trainer:
                 if not paused:
                     self.publish_halt("paused")
                 paused = True
-                self.report(state="paused")
+                self.publish_progress(state="paused")
                 time.sleep(0.2)
                 continue
             paused = False
@@ -278,7 +278,7 @@ class Trainer:
                 time.monotonic() - self.last_checkpoint_time >= policy["every_seconds"])
             if due or self.step == self.spec["steps"]:
                 self.save()
-            self.report(state="running", loss=result["loss"],
+            self.publish_progress(state="running", loss=result["loss"],
                         tokens_per_s=result["tokens_per_s"] * self.world,
                         ckpt_stall_ms=self.stalls_ms[-1] if self.stalls_ms else 0.0)
         self._finish("completed")
@@ -287,7 +287,7 @@ class Trainer:
     def _finish(self, state: str) -> None:
         if self.saver is not None:
             self.saver.wait()
-        self.report(state=state, stalls_ms=self.stalls_ms)
+        self.publish_progress(state=state, stalls_ms=self.stalls_ms)
         if self.publisher is not None:
             self.publish_halt(state)
             self.publisher.close()

@@ -2,23 +2,34 @@
 in through agent.put, table state and alerts are what the agents leave behind."""
 
 import json
+import logging
 import math
-import os
-import tempfile
+import re
 import time
 
+import numpy as np
 import pytest
-
-os.environ.setdefault("MLPE_STATE_DIR", tempfile.mkdtemp(prefix="mlpe-stream-unit-"))
+from faust.types import TP
 from sim_seconds import scenario, seconds
 
-from mlpe.stream import app as stream
+from mlpe.common import batches
+from mlpe.common.settings import load
+from mlpe.stream.app import StreamApp
+from mlpe.stream.decoding import SECOND_FIELDS
 from mlpe.v1 import alerts_pb2 as al
+from mlpe.v1 import metrics_pb2 as pb
 from mlpe.v1.training_pb2 import TrainStep
 
 
 @pytest.fixture()
-def alerts(monkeypatch):
+def stream(tmp_path) -> StreamApp:
+    """A fresh app and state per test, configured by its own mapping (no environment)."""
+    return StreamApp(load({"MLPE_STATE_DIR": str(tmp_path / "state"),
+                           "MLPE_INFLUX_TOKEN": "unit-test-token", "MLPE_RULES": ""}))
+
+
+@pytest.fixture()
+def alerts(stream, monkeypatch):
     """What the agents publish (the Kafka send is the one thing replaced)."""
     out: list[al.Alert] = []
 
@@ -26,12 +37,8 @@ def alerts(monkeypatch):
         out.append(al.Alert.FromString(value))
 
     monkeypatch.setattr(stream.alerts_topic, "send", send)
-    monkeypatch.setattr(stream, "annotations", [])
     stream.app.finalize()
     stream.app.flow_control.resume()
-    stream.peer_buckets.clear()
-    for table in (stream.gpu_series, stream.peer_groups, stream.train_jobs):
-        table.data.clear()
     return out
 
 
@@ -40,10 +47,10 @@ def reports(s, duration_s: int, job: str = "job-a"):
         for node, gpus in nodes.items():
             yield json.dumps({"job": job, "node": node, "start_ns": start, "gpus": {
                 gpu: {k: (v if math.isfinite(v) else None) for k, v in values.items()
-                      if k in stream.SECOND_FIELDS} for gpu, values in gpus.items()}}).encode()
+                      if k in SECOND_FIELDS} for gpu, values in gpus.items()}}).encode()
 
 
-async def test_detect_gpus_finds_a_straggler_and_keeps_state_in_tables(alerts):
+async def test_detect_gpus_finds_a_straggler_and_keeps_state_in_tables(stream, alerts):
     async with stream.detect_gpus.test_context() as agent:
         for raw in reports(scenario(("straggler", 1, 4, 20, 15)), 40):
             await agent.put(raw)
@@ -55,7 +62,8 @@ async def test_detect_gpus_finds_a_straggler_and_keeps_state_in_tables(alerts):
     assert stream.gpu_series["sim-node-01/4"]["baseline"]["busy_s"] > 20
 
 
-async def test_detect_gpus_dead_letters_a_bad_report_and_goes_on(alerts, monkeypatch):
+async def test_detect_gpus_dead_letters_a_bad_report_and_goes_on(stream, alerts,
+                                                                  monkeypatch):
     refused = []
 
     async def dead_letter(event, reason):
@@ -80,8 +88,8 @@ def step(n: int, rank: int, loss: float = 2.0) -> bytes:
                      tokens_per_s=32768.0, step_time_s=0.5).SerializeToString()
 
 
-async def test_train_steps_nan_loss_alert_and_job_state(alerts, monkeypatch):
-    monkeypatch.setattr(stream, "WINDOWS", [])  # windows are tested elsewhere
+async def test_train_steps_nan_loss_alert_and_job_state(stream, alerts):
+    stream.state.windows = []  # windows are tested elsewhere
     async with stream.train_steps.test_context() as agent:
         for n in range(1, 51):
             for rank in (0, 1):
@@ -93,9 +101,8 @@ async def test_train_steps_nan_loss_alert_and_job_state(alerts, monkeypatch):
     assert state["steps"] == 50 and state["ranks"] == {"0": 50, "1": 50}
 
 
-async def test_a_completed_job_is_not_reported_stalled(alerts, monkeypatch):
-    monkeypatch.setattr(stream, "WINDOWS", [])
-    monkeypatch.setattr(stream, "stalled_jobs", set())
+async def test_a_completed_job_is_not_reported_stalled(stream, alerts):
+    stream.state.windows = []
     async with stream.train_steps.test_context() as agent:
         for n in range(1, 31):
             for rank in (0, 1):
@@ -111,19 +118,58 @@ async def test_a_completed_job_is_not_reported_stalled(alerts, monkeypatch):
     assert [a.rule for a in stream.new_stalls(time.time_ns())] == ["training_stalled"]
 
 
-def test_parse_step_names_every_problem():
-    bad = TrainStep(job_id="", rank=3, world_size=2, step=0, time_ns=5,
-                    tokens_per_s=math.inf, step_time_s=-1).SerializeToString()
-    with pytest.raises(ValueError) as err:
-        stream.parse_step(bad)
-    for words in ("job_id is empty", "rank 3 does not fit world_size 2", "step 0",
-                  "time_ns 5", "tokens_per_s inf", "step_time_s -1"):
-        assert words in str(err.value)
-    with pytest.raises(ValueError, match="not a TrainStep"):
-        stream.parse_step(b"\xff\xff\xff")
-    halted = TrainStep(job_id="j", rank=0, world_size=1, step=0, time_ns=time.time_ns(),
-                       halt="paused")  # before its first step, and no rates: fine
-    assert stream.parse_step(halted.SerializeToString()).halt == "paused"
-    halted.halt = "napping"
-    with pytest.raises(ValueError, match="halt 'napping' is not one of completed, paused"):
-        stream.parse_step(halted.SerializeToString())
+def gpu_batch(second: float, seq: int, events=()) -> bytes:
+    """100 ms of 100 Hz samples of GPU 0 of node n1, `second` s into a 10 s window."""
+    start_ns = HOUR_AGO_NS // 10**10 * 10**10 + int(second * 10**9)
+    times = start_ns + np.arange(10, dtype=np.int64) * 10_000_000
+    return batches.encode(batches.Batch("n1", pb.DEVICE_KIND_GPU, 0, "", 1, seq, seq * 10,
+                                        times, {pb.GPU_UTIL: np.full(10, 90.0)},
+                                        events=list(events), job_id="job-g"))
+
+
+async def test_aggregate_alerts_at_once_and_acks_only_written_data(stream, alerts,
+                                                                    monkeypatch, caplog):
+    written: list[str] = []
+    seconds_sent: list[dict] = []
+
+    async def write(lines):
+        written.extend(lines)
+
+    async def send_second(key, value):
+        seconds_sent.append(json.loads(value))
+
+    monkeypatch.setattr(stream.writer, "write", write)
+    monkeypatch.setattr(stream.gpu_seconds, "send", send_second)
+    xid = pb.DeviceEvent(kind=pb.EVENT_XID, code=79, time_ns=HOUR_AGO_NS)
+    async with stream.aggregate.test_context() as agent:
+        first = await agent.put(gpu_batch(0.0, 0, [xid]))
+        garbage = await agent.put(b"\x08\x96\x01 not a batch")
+        later = await agent.put(gpu_batch(1.5, 1))  # closes the first 1 s window only
+    assert [a.rule for a in alerts] == ["gpu_xid"]  # at once, before any window is written
+    assert stream.state.counters["dead_letters"] == 1 and stream.state.counters["batches"] == 2
+    assert not first.message.acked and not garbage.message.acked  # held behind `first`
+    await stream.write_once()
+    assert [line.split(" ")[0] for line in written] == [
+        "gpu,node=n1,window=1s,gpu=0,job=job-g", "alert,rule=gpu_xid,severity=SEVERITY_CRITICAL,"
+        "gpu=0,node=n1"]
+    assert [(s["node"], list(s["gpus"])) for s in seconds_sent] == [("n1", ["0"])]
+    assert not first.message.acked  # its 10 s window is still open
+    for windows in stream.state.windows:
+        for window in windows.close_ready(flush_all=True):
+            for hold in window.tokens:
+                hold.release()
+    assert first.message.acked and garbage.message.acked and later.message.acked
+    caplog.set_level(logging.INFO, "mlpe.stream")
+    await stream.log_stats()  # test_stream.py reads the batches count from this line
+    assert re.search(r"stream stats: \{'batches': 2, ", caplog.text)
+
+
+async def test_a_revoked_partition_loses_its_open_windows_and_held_events(stream, alerts):
+    async with stream.aggregate.test_context() as agent:
+        held = await agent.put(gpu_batch(0.0, 0))
+    partition = (held.message.topic, held.message.partition)
+    assert partition in stream.state.ack_queues.queues
+    await stream.app.on_partitions_revoked.send({TP(*partition)})
+    assert stream.state.ack_queues.queues == {}
+    assert all(w.open == {} and w.watermark == {} for w in stream.state.windows)
+    assert not held.message.acked  # the partition's next owner replays it

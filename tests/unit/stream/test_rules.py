@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from mlpe.stream.rules import RulesError, batch_stat, load, parse, step
+from mlpe.common import batches
+from mlpe.stream.rules import RulesError, batch_stat, evaluate, load, parse, step
 from mlpe.v1 import alerts_pb2 as al
 from mlpe.v1 import metrics_pb2 as pb
 from tests.helpers import REPO_ROOT
@@ -70,3 +71,30 @@ def test_batch_stat_skips_nan():
     v = np.array([1.0, np.nan, 5.0])
     assert (batch_stat(v, "min"), batch_stat(v, "max"), batch_stat(v, "last")) == (1, 5, 5)
     assert batch_stat(np.array([np.nan]), "mean") is None
+
+
+def gpu_batch(second: int, temp: float, node: str = "rack1-01", gpu: int = 3) -> batches.Batch:
+    times = (1_700_000_000 + second) * 10**9 + np.arange(10, dtype=np.int64) * 10**8
+    return batches.Batch(node, pb.DEVICE_KIND_GPU, gpu, "", 1, second, 0, times,
+                         {pb.GPU_TEMP: np.full(10, temp)})
+
+
+def test_evaluate_fires_and_resolves_per_device_with_the_rule_text():
+    rules = parse("rules:\n  - {name: hot, when: gpu.temp.max > 80, for: 1s, severity: "
+                  "critical, labels: {node: 'rack1-*'}, summary: 'GPU {gpu} on {node} hot', "
+                  "explanation: '{value:.0f} for {for}'}\n")
+    states: dict = {}
+    out = []
+    for second, temp in enumerate([90, 90, 90, 70]):
+        out += evaluate(rules, states, gpu_batch(second, temp))
+        assert evaluate(rules, states, gpu_batch(second, temp, node="rack2-01")) == []
+    firing, resolved = out
+    assert (firing.state, firing.rule, firing.detector, dict(firing.labels)) == (
+        al.ALERT_FIRING, "hot", "rule", {"node": "rack1-01", "gpu": "3"})
+    assert (firing.summary, firing.explanation) == ("GPU 3 on rack1-01 hot", "90 for 1s")
+    assert firing.starts_at_ns == gpu_batch(0, 90).timestamps_ns[-1] and firing.ends_at_ns == 0
+    assert resolved.state == al.ALERT_RESOLVED and resolved.fingerprint == firing.fingerprint
+    assert resolved.starts_at_ns == firing.starts_at_ns
+    assert resolved.ends_at_ns == gpu_batch(3, 70).timestamps_ns[-1]
+    assert "no longer holds (now 70)" in resolved.explanation
+    assert list(states) == ["hot|rack1-01|3"]  # the other node never matched

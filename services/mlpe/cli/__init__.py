@@ -1,4 +1,5 @@
-"""`mlpe`: the one command-line entry point. Later issues add their subcommands here."""
+"""`mlpe`: the one command-line entry point. Each service registers its own subcommands
+(`register(sub)` in its main module); `version`, `stack` and `tail` are the CLI's own."""
 
 from __future__ import annotations
 
@@ -103,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--json", action="store_true", help="status as JSON")
     stack.set_defaults(func=cmd_stack)
 
-    from mlpe import bench, tail
+    from mlpe import bench
     from mlpe import run as run_main
     from mlpe.agent import main as agent_main
+    from mlpe.cli import tail
     from mlpe.control import client as jobs_client
     from mlpe.control import main as control_main
     from mlpe.notify import main as notify_main
@@ -143,6 +145,3 @@ def main(argv: list[str] | None = None) -> int:
         print("mlpe: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

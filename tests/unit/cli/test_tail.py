@@ -1,6 +1,6 @@
 import numpy as np
 
-from mlpe import tail
+from mlpe.cli import tail
 from mlpe.common import batches
 from mlpe.v1 import alerts_pb2
 from mlpe.v1 import metrics_pb2 as pb

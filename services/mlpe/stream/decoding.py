@@ -1,0 +1,111 @@
+"""The stream's inputs as checked values: metric batches, GPU-seconds reports, TrainSteps.
+
+Pure functions, no Faust. Each parser raises (BatchError or ValueError) with a reason
+fit for the dead-letter topic: an input that cannot be true is refused, not guessed at.
+The GPU-seconds report is the stream's own format (closed 1 s GPU windows, sent to
+its internal topic for the detectors), so both its writer and its reader are here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+
+from mlpe.common import batches
+from mlpe.stream.detectors import baseline, peers, training
+from mlpe.stream.windows import TRAIN_KIND, Closed
+from mlpe.v1 import metrics_pb2, training_pb2
+
+EARLIEST_NS = 1_577_836_800 * 10**9  # 2020-01-01: anything older is a broken clock
+FUTURE_S = 86_400                    # more than a day ahead: a broken clock too
+SECOND_FIELDS = {*peers.FIELDS, *baseline.WATCHED, "mem_used", "mem_total"}  # detectors' input
+
+
+def validate(batch: batches.Batch) -> None:
+    if batch.samples:
+        first, last = int(batch.timestamps_ns[0]), int(batch.timestamps_ns[-1])
+        if first < EARLIEST_NS or last > time.time_ns() + FUTURE_S * 10**9:
+            raise batches.BatchError(
+                f"MetricBatch: timestamps {first}..{last} ns are not a plausible time")
+
+
+def parse_batch(raw: bytes) -> batches.Batch:
+    """A MetricBatch, decoded and checked; raises BatchError."""
+    batch = batches.decode(raw)
+    validate(batch)
+    return batch
+
+
+def gpu_second_reports(closed: list[Closed]) -> list[tuple[str, dict]]:
+    """Closed 1 s GPU windows as one report per (job, node, second): (job, report)."""
+    reports: dict[tuple, dict] = {}
+    for c in closed:
+        if c.kind != metrics_pb2.DEVICE_KIND_GPU or c.end_ns - c.start_ns != 10**9:
+            continue
+        report = reports.setdefault((c.job, c.node, c.start_ns), {
+            "job": c.job, "node": c.node, "start_ns": c.start_ns, "gpus": {}})
+        report["gpus"][str(c.device)] = {k: (v if math.isfinite(v) else None)
+                                         for k, v in c.means.items() if k in SECOND_FIELDS}
+    return [(job, report) for (job, _, _), report in reports.items()]
+
+
+def parse_report(raw: bytes) -> dict:
+    """A report of `gpu_second_reports`, checked; raises ValueError."""
+    try:
+        report = json.loads(raw)
+        node, start, gpus = report["node"], int(report["start_ns"]), report["gpus"]
+        if not isinstance(node, str) or not node or not isinstance(gpus, dict):
+            raise TypeError("node must be a non-empty string and gpus a mapping")
+        for values in gpus.values():
+            if not isinstance(values, dict) or not all(
+                    v is None or isinstance(v, int | float) for v in values.values()):
+                raise TypeError("each GPU's values must be a mapping of numbers")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"not a GPU-seconds report: {type(err).__name__}: {err}") from None
+    report["start_ns"], report["job"] = start, str(report.get("job") or "")
+    return report
+
+
+def parse_step(raw: bytes) -> training_pb2.TrainStep:
+    """A TrainStep, checked; the loss may be NaN or inf (that is what we watch for)."""
+    try:
+        msg = training_pb2.TrainStep.FromString(raw)
+    except Exception as err:  # noqa: BLE001 - protobuf raises DecodeError or RuntimeError
+        raise ValueError(f"not a TrainStep: {err}") from None
+    problems = []
+    if not msg.job_id:
+        problems.append("job_id is empty")
+    if msg.rank < 0 or msg.world_size < 1 or msg.rank >= msg.world_size:
+        problems.append(f"rank {msg.rank} does not fit world_size {msg.world_size}")
+    if msg.halt and msg.halt not in training.HALTS:
+        problems.append(f"halt {msg.halt!r} is not one of {', '.join(training.HALTS)}")
+    if msg.step < (0 if msg.halt else 1):  # a rank may halt before its first step
+        problems.append(f"step {msg.step} is not {0 if msg.halt else 1} or more")
+    if not EARLIEST_NS <= msg.time_ns <= time.time_ns() + FUTURE_S * 10**9:
+        problems.append(f"time_ns {msg.time_ns} is not a plausible time")
+    for name in () if msg.halt else ("tokens_per_s", "step_time_s"):
+        value = getattr(msg, name)
+        if not math.isfinite(value) or value < 0:
+            problems.append(f"{name} {value} is not a finite number >= 0")
+    if problems:
+        raise ValueError("TrainStep: " + "; ".join(problems))
+    return msg
+
+
+class StepRow:
+    """One TrainStep as a one-sample batch of a "device" (job, rank) for WindowSet."""
+    FIELDS = ("loss", "tokens_per_s", "step_time_s", "grad_norm", "mem_allocated_gib")
+
+    def __init__(self, msg: training_pb2.TrainStep):
+        self.node_id, self.job_id = msg.job_id, msg.job_id
+        self.device_kind, self.device_index = TRAIN_KIND, msg.rank
+        self.timestamps_ns = np.array([msg.time_ns], dtype=np.int64)
+        self.samples = 1
+        self._matrix = (self.FIELDS, np.array([[msg.loss, msg.tokens_per_s, msg.step_time_s,
+                                                msg.grad_norm, msg.mem_allocated_bytes / 2**30]]))
+
+    def matrix(self):
+        return self._matrix

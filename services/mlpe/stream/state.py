@@ -1,0 +1,51 @@
+"""Everything one stream worker keeps in memory, in one object (no Faust).
+
+Lost on restart by design: the open windows and held events are rebuilt by replaying
+from the last commit (acks.py); rule hold timers re-arm; a stall may fire again (the
+notifier deduplicates). Detector state that must survive a restart is in the app's
+Faust tables instead, recovered from their changelog topics.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from mlpe.stream.acks import AckQueues, Partition
+from mlpe.stream.detectors import peers
+from mlpe.stream.windows import WindowSet
+
+WINDOW_WIDTHS_S = (1.0, 10.0)
+IDLE_S = 2.0  # a partition silent this long gets its open windows written anyway
+DELAYS_KEPT = 10_000  # the latest delays the stats percentiles are computed over
+
+
+def _counters() -> dict[str, int]:
+    # Logged as a dict by the stats timer; the integration tests read "{'batches': N".
+    return {"batches": 0, "values": 0, "steps": 0, "dead_letters": 0, "windows_written": 0,
+            "alerts": 0}
+
+
+def _delays() -> deque[float]:
+    return deque(maxlen=DELAYS_KEPT)
+
+
+@dataclass
+class StreamState:
+    windows: list[WindowSet]  # open windows, one set per width
+    ack_queues: AckQueues = field(default_factory=AckQueues)  # events held until written
+    last_offsets: dict[Partition, int] = field(default_factory=dict)  # last one processed
+    rule_states: dict[str, dict] = field(default_factory=dict)  # rule|node|gpu -> hold state
+    throttle_masks: dict[tuple[str, int], int] = field(default_factory=dict)  # (node, gpu)
+    peer_buckets: dict[str, peers.Buckets] = field(default_factory=dict)  # job -> unjudged s
+    stalled_jobs: set[str] = field(default_factory=set)  # stall alert fired, not resolved
+    annotations: list[str] = field(default_factory=list)  # alert points for the next write
+    counters: dict[str, int] = field(default_factory=_counters)
+    close_delays: deque[float] = field(default_factory=_delays)  # 1 s window end -> written
+    arrival_delays: deque[float] = field(default_factory=_delays)  # last sample -> consumed
+
+    @classmethod
+    def create(cls, lateness_s: float) -> StreamState:
+        """A fresh state with empty 1 s and 10 s windows waiting `lateness_s` for late
+        samples."""
+        return cls(windows=[WindowSet(width, lateness_s, IDLE_S) for width in WINDOW_WIDTHS_S])

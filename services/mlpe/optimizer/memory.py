@@ -82,6 +82,7 @@ from typing import Any
 import numpy as np
 
 from mlpe.optimizer.errors import PlanInputError
+from mlpe.optimizer.layout import Layout, code
 from mlpe.optimizer.models import ModelShape
 
 GIB = 2**30
@@ -90,8 +91,6 @@ FRAGMENTATION = 0.05  # caching-allocator fragmentation, a fraction of everythin
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
-RECOMPUTE = ("none", "selective", "full")
-OFFLOAD = ("none", "optimizer", "params")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +178,7 @@ def layer_activation_bytes(model: ModelShape, seq_len: int, micro_batch: float,
     """Activation bytes one layer keeps for backward for one micro-batch (Korthikanti et
     al. 2022, generalised per architecture; see the module doc). Works elementwise on
     numpy arrays of tp, sp, recompute codes (0 none, 1 selective, 2 full), cp."""
-    rec = _recompute_code(recompute)
+    rec = code("recompute", recompute)
     tp, cp = np.asarray(tp, dtype=float), np.asarray(cp, dtype=float)
     t_rep = np.where(np.asarray(sp, dtype=bool), tp, 1.0)
     rep, rep_mask, split, score, score_mask = _layer_terms(model)
@@ -204,104 +203,80 @@ def inflight_microbatches(pp: Any, grad_accum: Any, virtual_stages: Any = 1):
     return np.where(p <= 1, 1.0, np.where(v <= 1, plain, interleaved))
 
 
-def _recompute_code(recompute: Any):
-    if isinstance(recompute, str):
-        if recompute not in RECOMPUTE:
-            raise PlanInputError("plan.recompute", f"must be one of {', '.join(RECOMPUTE)}, "
-                                                   f"got {recompute!r}")
-        return np.asarray(RECOMPUTE.index(recompute))
-    return np.asarray(recompute)
-
-
-def _offload_code(offload: Any):
-    if isinstance(offload, str):
-        if offload not in OFFLOAD:
-            raise PlanInputError("plan.offload", f"must be one of {', '.join(OFFLOAD)}, got "
-                                                 f"{offload!r}")
-        return np.asarray(OFFLOAD.index(offload))
-    return np.asarray(offload)
-
-
 # -- the whole GPU --------------------------------------------------------------------------
-def memory_arrays(model: ModelShape, seq_len: int, precision: str, optimizer: str, *,
-                  tp: Any = 1, pp: Any = 1, cp: Any = 1, dp: Any = 1, ep: Any = 1,
-                  sp: Any = None, zero_stage: Any = 0, recompute: Any = 0, offload: Any = 0,
-                  micro_batch: Any = 1, grad_accum: Any = 1, virtual_stages: Any = 1,
-                  flash: bool = True) -> dict[str, np.ndarray]:
-    """Every component of MemoryBreakdown, in bytes, elementwise over numpy arrays of
-    layouts (the planner evaluates thousands at once); scalars work too. recompute and
-    offload are codes (indices into RECOMPUTE / OFFLOAD) or names. Returns the worse of the
-    first and last pipeline stages, per layout, plus "total" and "stage" (0 first, 1
+def memory_arrays(model: ModelShape, seq_len: int, precision: str, optimizer: str,
+                  layout: Layout, *, flash: bool = True) -> dict[str, np.ndarray]:
+    """Every component of MemoryBreakdown, in bytes, elementwise over a Layout of numpy
+    arrays (the planner evaluates thousands at once) or of one layout. Returns the worse of
+    the first and last pipeline stages, per layout, plus "total" and "stage" (0 first, 1
     last), and "host_offload": the bytes offload puts in CPU memory, per GPU."""
-    tp, pp, cp, dp, ep = (np.asarray(x, dtype=float) for x in (tp, pp, cp, dp, ep))
-    sp = (tp > 1) if sp is None else np.asarray(sp, dtype=bool)
-    zero = np.asarray(zero_stage)
-    rec = _recompute_code(recompute)
-    off = _offload_code(offload)
-    mb = np.asarray(micro_batch, dtype=float)
-    m = np.asarray(grad_accum, dtype=float)
-    v = np.asarray(virtual_stages, dtype=float)
+    a = layout.arrays()
     p_b, g_b, o_b = state_bytes_per_param(precision, optimizer, model.hidden)
     act_b = activation_bytes_per_unit(precision)
-    t_rep = np.where(sp, tp, 1.0)
+    t_rep = np.where(a.sp, a.tp, 1.0)
 
     # Parameters per GPU before ZeRO, by stage.
     dense, expert = model.layer_params()
-    layers_here = np.ceil(model.layers / pp)  # uneven pipelines: the fullest stage
-    dense_local = layers_here * dense / tp
-    expert_local = layers_here * expert / (tp * ep)
+    layers_here = np.ceil(model.layers / a.pp)  # uneven pipelines: the fullest stage
+    dense_local = layers_here * dense / a.tp
+    expert_local = layers_here * expert / (a.tp * a.ep)
     head = model.vocab * model.hidden if model.tied else model.head_params()
     tail = model.head_params() + model.norm_params()
-    single = pp <= 1
-    first_extra = (model.embedding_params() + np.where(single, tail, 0.0)) / tp
+    single = a.pp <= 1
+    first_extra = (model.embedding_params() + np.where(single, tail, 0.0)) / a.tp
     last_extra = np.where(single, model.embedding_params() + tail,
-                          head + model.norm_params()) / tp
-    n_d = dp * cp
-    n_e = np.maximum(dp * cp / ep, 1.0)
+                          head + model.norm_params()) / a.tp
+    n_d = a.dp * a.cp
+    n_e = np.maximum(a.dp * a.cp / a.ep, 1.0)
 
     def states(extra):
         shard_d, shard_e = dense_local + extra, expert_local
-        params = p_b * (shard_d / np.where(zero >= 3, n_d, 1.0)
-                        + shard_e / np.where(zero >= 3, n_e, 1.0))
-        grads = g_b * (shard_d / np.where(zero >= 2, n_d, 1.0)
-                       + shard_e / np.where(zero >= 2, n_e, 1.0))
-        opt = o_b * (shard_d / np.where(zero >= 1, n_d, 1.0)
-                     + shard_e / np.where(zero >= 1, n_e, 1.0))
-        host = np.where(off >= 1, opt, 0.0) + np.where(off >= 2, params + grads, 0.0)
-        opt = np.where(off >= 1, 0.0, opt)
-        params = np.where(off >= 2, 0.0, params)
-        grads = np.where(off >= 2, 0.0, grads)
+        params = p_b * (shard_d / np.where(a.zero_stage >= 3, n_d, 1.0)
+                        + shard_e / np.where(a.zero_stage >= 3, n_e, 1.0))
+        grads = g_b * (shard_d / np.where(a.zero_stage >= 2, n_d, 1.0)
+                       + shard_e / np.where(a.zero_stage >= 2, n_e, 1.0))
+        opt = o_b * (shard_d / np.where(a.zero_stage >= 1, n_d, 1.0)
+                     + shard_e / np.where(a.zero_stage >= 1, n_e, 1.0))
+        host = (np.where(a.offload >= 1, opt, 0.0)
+                + np.where(a.offload >= 2, params + grads, 0.0))
+        opt = np.where(a.offload >= 1, 0.0, opt)
+        params = np.where(a.offload >= 2, 0.0, params)
+        grads = np.where(a.offload >= 2, 0.0, grads)
         return params, grads, opt, host
 
+    def layer_bytes(recompute, flash):  # one layer's activations, one micro-batch
+        return layer_activation_bytes(model, seq_len, a.micro_batch, a.tp, a.sp, recompute,
+                                      flash, a.cp, act_b)
+
     # Activations per micro-batch.
-    per_layer = layer_activation_bytes(model, seq_len, mb, tp, sp, rec, flash, cp, act_b)
-    tokens = seq_len / cp * mb
+    per_layer = layer_bytes(a.recompute, flash)
+    tokens = seq_len / a.cp * a.micro_batch
     first_act = layers_here * per_layer + (tokens * model.hidden / t_rep
                                            if model.dropout else 0.0)
-    logits = 4.0 * tokens * model.vocab / tp
+    logits = 4.0 * tokens * model.vocab / a.tp
     last_tail = 2 * act_b * tokens * model.hidden / t_rep + logits
     last_act = layers_here * per_layer + last_tail
     first_act = first_act + np.where(single, last_tail, 0.0)
-    inflight_first = inflight_microbatches(pp, m, v)
-    inflight_last = np.where(v > 1, np.minimum((v - 1) * pp + 1, v * m) / v, 1.0)
+    inflight_first = inflight_microbatches(a.pp, a.grad_accum, a.virtual_stages)
+    v = a.virtual_stages
+    inflight_last = np.where(v > 1, np.minimum((v - 1) * a.pp + 1, v * a.grad_accum) / v, 1.0)
     inflight_last = np.where(single, 1.0, inflight_last)
 
     # Temporaries.
-    full_layer = layer_activation_bytes(model, seq_len, mb, tp, sp, 0, flash, cp, act_b)
+    full_layer = layer_bytes(0, flash)
     # Selective recomputation rebuilds one layer's attention scores (flash attention
     # rebuilds them tile by tile: nothing layer-sized).
-    scores_only = 0.0 if flash else (
-        layer_activation_bytes(model, seq_len, mb, tp, sp, 0, False, cp, act_b)
-        - layer_activation_bytes(model, seq_len, mb, tp, sp, 1, False, cp, act_b))
-    rebuilt = np.where(rec == 2, full_layer, np.where(rec == 1, scores_only, 0.0))
+    scores_only = 0.0 if flash else layer_bytes(0, False) - layer_bytes(1, False)
+    rebuilt = np.where(a.recompute == 2, full_layer,
+                       np.where(a.recompute == 1, scores_only, 0.0))
     widest = model.ffn * (2 if model.ffn_type == "swiglu" else 1) * model.top_k
-    grad_work = act_b * tokens * (2 * model.hidden / t_rep + widest / tp)
+    grad_work = act_b * tokens * (2 * model.hidden / t_rep + widest / a.tp)
     work_b = 4.0 if precision == "fp32" else 2.0
-    layer_local = (dense / tp + expert / (tp * ep))
-    gathered = np.where((zero >= 3) | (off >= 2), 2 * work_b * layer_local + g_b * layer_local,
-                        0.0)
-    sp_gather = np.where(sp & (tp > 1), act_b * tokens * model.hidden, 0.0)
-    logits_tmp = (act_b + 4.0) * tokens * model.vocab / tp
+    layer_local = (dense / a.tp + expert / (a.tp * a.ep))
+    gathered = np.where((a.zero_stage >= 3) | (a.offload >= 2),
+                        2 * work_b * layer_local + g_b * layer_local, 0.0)
+    sp_gather = np.where(a.sp, act_b * tokens * model.hidden, 0.0)
+    logits_tmp = (act_b + 4.0) * tokens * model.vocab / a.tp
     base_tmp = rebuilt + grad_work
     first_tmp = base_tmp + np.maximum(np.maximum(gathered, sp_gather),
                                       np.where(single, logits_tmp, 0.0))
@@ -333,17 +308,12 @@ def breakdown(arrays: dict[str, np.ndarray], index: int | tuple = ()) -> MemoryB
 
 
 def plan_memory(model: ModelShape, seq_len: int, precision: str = "bf16",
-                optimizer: str = "adamw", *, tp: int = 1, pp: int = 1, cp: int = 1,
-                dp: int = 1, ep: int = 1, sp: bool | None = None, zero_stage: int = 0,
-                recompute: str = "none", offload: str = "none", micro_batch: int = 1,
-                grad_accum: int = 1, virtual_stages: int = 1,
-                flash: bool = True) -> MemoryBreakdown:
-    """Per-GPU memory of one layout (the worse pipeline stage)."""
-    arrays = memory_arrays(model, seq_len, precision, optimizer, tp=tp, pp=pp, cp=cp, dp=dp,
-                           ep=ep, sp=sp, zero_stage=zero_stage, recompute=recompute,
-                           offload=offload, micro_batch=micro_batch, grad_accum=grad_accum,
-                           virtual_stages=virtual_stages, flash=flash)
-    return breakdown(arrays)
+                optimizer: str = "adamw", layout: Layout | None = None, *, flash: bool = True,
+                **change: Any) -> MemoryBreakdown:
+    """Per-GPU memory of one layout (the worse pipeline stage): `layout` with the fields
+    in `change` replaced, e.g. plan_memory(model, 4096, tp=8, dp=4)."""
+    layout = (Layout() if layout is None else layout).replace(**change)
+    return breakdown(memory_arrays(model, seq_len, precision, optimizer, layout, flash=flash))
 
 
 # -- the worker's GPT, exactly ----------------------------------------------------------------

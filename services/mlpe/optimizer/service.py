@@ -11,8 +11,10 @@ import time
 
 from mlpe.optimizer import planner
 from mlpe.optimizer.errors import PlanInputError
+from mlpe.optimizer.explain import explain as explain_plan
 from mlpe.optimizer.hardware import GPUS, Cluster, parse_cluster
 from mlpe.optimizer.models import build_model
+from mlpe.optimizer.search import Training, build_training
 from mlpe.v1 import optimizer_pb2 as o
 
 GIB = 2**30
@@ -58,15 +60,13 @@ def cluster_of(c: o.ClusterSpec) -> Cluster:
     return cluster
 
 
-def training_of(t: o.TrainingSpec, model) -> planner.Training:
+def training_of(t: o.TrainingSpec, model) -> Training:
     if t.global_batch < 1:
         raise PlanInputError("training.global_batch", f"must be ≥ 1, got {t.global_batch}")
     if t.seq_len < 0:
         raise PlanInputError("training.seq_len", f"must be ≥ 0, got {t.seq_len}")
-    return planner.build_training(global_batch=t.global_batch,
-                                  seq_len=t.seq_len or model.seq_len,
-                                  precision=t.precision or "bf16",
-                                  optimizer=t.optimizer or "adamw")
+    return build_training(global_batch=t.global_batch, seq_len=t.seq_len or model.seq_len,
+                          precision=t.precision or "bf16", optimizer=t.optimizer or "adamw")
 
 
 def plan_proto(p, capacity_gib: float) -> o.Plan:
@@ -137,7 +137,7 @@ def explain(request: o.ExplainPlanRequest) -> str:
                 p.offload) == (wanted.dp, wanted.tp, wanted.pp, wanted.cp or 1, wanted.ep or 1,
                                wanted.zero_stage, wanted.micro_batch, wanted.recompute,
                                wanted.offload):
-            return planner.explain(p, model, cluster, training)
+            return explain_plan(p, model, cluster, training)
     raise PlanInputError("plan", "not one of the layouts PlanTraining returns for this request "
                          "(pass a plan from its answer)")
 

@@ -54,7 +54,8 @@ import numpy as np
 
 from mlpe.optimizer.errors import PlanInputError
 from mlpe.optimizer.hardware import GPU, Cluster
-from mlpe.optimizer.memory import _offload_code, _recompute_code, state_bytes_per_param
+from mlpe.optimizer.layout import Layout
+from mlpe.optimizer.memory import state_bytes_per_param
 from mlpe.optimizer.models import ModelShape
 
 LINK_EFFICIENCY = 0.8  # NCCL bus bandwidth / link bandwidth
@@ -119,89 +120,82 @@ def _ring(n, nbytes, gbps, passes):
 
 
 def time_arrays(model: ModelShape, cluster: Cluster, seq_len: int, global_batch: int,
-                precision: str, optimizer: str, *, tp: Any = 1, pp: Any = 1, cp: Any = 1,
-                dp: Any = 1, ep: Any = 1, sp: Any = None, zero_stage: Any = 0,
-                recompute: Any = 0, offload: Any = 0, micro_batch: Any = 1,
-                grad_accum: Any = 1, virtual_stages: Any = 1) -> dict[str, np.ndarray]:
-    """Every StepTime field plus tokens_per_s and mfu, elementwise over numpy arrays of
-    layouts (recompute and offload as codes: indices into memory.RECOMPUTE / OFFLOAD)."""
-    tp, pp, cp, dp, ep = (np.asarray(x, dtype=float) for x in (tp, pp, cp, dp, ep))
-    sp = (tp > 1) if sp is None else np.asarray(sp, dtype=bool)
-    zero = np.asarray(zero_stage)
-    rec = _recompute_code(recompute)
-    off = _offload_code(offload)
-    mb = np.asarray(micro_batch, dtype=float)
-    m = np.asarray(grad_accum, dtype=float)
-    v = np.asarray(virtual_stages, dtype=float)
+                precision: str, optimizer: str, layout: Layout) -> dict[str, np.ndarray]:
+    """Every StepTime field plus tokens_per_s and mfu, elementwise over a Layout of numpy
+    arrays or of one layout."""
+    a = layout.arrays()
+    m, v = a.grad_accum, a.virtual_stages  # the module doc's micro-batches and chunks
     gpu = cluster.gpu
-    world = tp * pp * cp * dp
+    world = a.gpus
     gpn = cluster.gpus_per_node
     act_b = 4.0 if precision == "fp32" else 2.0
     work_b = act_b  # weights and gradients travel in the compute dtype
-    t_rep = np.where(sp, tp, 1.0)
+    t_rep = np.where(a.sp, a.tp, 1.0)
 
     # Compute.
     tokens_step = float(global_batch) * seq_len
     attention = 12.0 * model.layers * model.hidden * seq_len
     dense_flops = 6.0 * model.matmul_params()
-    rec_dense = np.where(rec == 2, 4.0 / 3.0, 1.0)
-    rec_attn = np.where(rec >= 1, 4.0 / 3.0, 1.0)
+    rec_dense = np.where(a.recompute == 2, 4.0 / 3.0, 1.0)
+    rec_attn = np.where(a.recompute >= 1, 4.0 / 3.0, 1.0)
     flops = tokens_step * (dense_flops * rec_dense + attention * rec_attn)
-    tokens_mb = mb * seq_len / cp
-    gemm = 1.0 / (1.0 + GEMM_KNEE / (model.hidden / tp) + GEMM_KNEE / tokens_mb)
+    tokens_mb = a.micro_batch * seq_len / a.cp
+    gemm = 1.0 / (1.0 + GEMM_KNEE / (model.hidden / a.tp) + GEMM_KNEE / tokens_mb)
     rate = world * peak_tflops(gpu, precision) * 1e12 * gpu.achievable * gemm
     # Uneven pipelines: the stage with ceil(L / p) layers sets the pace.
-    imbalance = np.ceil(model.layers / pp) * pp / model.layers
+    imbalance = np.ceil(model.layers / a.pp) * a.pp / model.layers
     compute = flops / rate * imbalance
     per_mb = compute / m  # one micro-batch on one stage
 
     # Parameters this GPU synchronises (its stage's share, before ZeRO).
     dense, expert = model.layer_params()
-    layers_here = np.ceil(model.layers / pp)
+    layers_here = np.ceil(model.layers / a.pp)
     stage_dense = (layers_here * dense + np.where(
-        pp <= 1, model.embedding_params() + model.head_params() + model.norm_params(),
+        a.pp <= 1, model.embedding_params() + model.head_params() + model.norm_params(),
         np.maximum(model.embedding_params(),
-                   model.vocab * model.hidden + model.norm_params()))) / tp
-    stage_expert = layers_here * expert / (tp * ep)
+                   model.vocab * model.hidden + model.norm_params()))) / a.tp
+    stage_expert = layers_here * expert / (a.tp * a.ep)
 
     def bandwidth(span):  # a group spanning `span` consecutive ranks
         return np.where(span <= gpn, cluster.intra_gbps, cluster.inter_gbps)
 
     # Data parallel.
-    n_d = dp * cp
-    n_e = np.maximum(n_d / ep, 1.0)
-    bw_dp = bandwidth(tp * cp * dp)
+    n_d = a.dp * a.cp
+    n_e = np.maximum(n_d / a.ep, 1.0)
+    bw_dp = bandwidth(a.tp * a.cp * a.dp)
     grad_bytes = work_b * stage_dense
     exp_bytes = work_b * stage_expert
-    passes = np.where(zero <= 1, 2.0, np.where(zero == 2, m + 1.0, 3.0 * m))
+    passes = np.where(a.zero_stage <= 1, 2.0,
+                      np.where(a.zero_stage == 2, m + 1.0, 3.0 * m))
     dp_comm = (_ring(n_d, grad_bytes, bw_dp, passes)
-               + _ring(n_e, exp_bytes, bandwidth(tp * cp * dp / ep), passes))
-    hideable = np.where(zero <= 1, per_mb * 2.0 / 3.0, compute)
+               + _ring(n_e, exp_bytes, bandwidth(a.tp * a.cp * a.dp / a.ep), passes))
+    hideable = np.where(a.zero_stage <= 1, per_mb * 2.0 / 3.0, compute)
     dp_exposed = np.maximum(dp_comm * (1 - DP_OVERLAP), dp_comm - DP_OVERLAP * hideable)
 
     # Tensor parallel.
     tp_bytes = act_b * tokens_mb * model.hidden
-    collectives = np.where(rec == 2, 6.0, 4.0)
-    tp_comm = _ring(tp, tp_bytes, bandwidth(tp), 2.0) * collectives * layers_here * m
+    collectives = np.where(a.recompute == 2, 6.0, 4.0)
+    tp_comm = _ring(a.tp, tp_bytes, bandwidth(a.tp), 2.0) * collectives * layers_here * m
 
     # Context parallel: K and V chunks around the ring.
-    kv_bytes = 2 * act_b * tokens_mb * model.kv_heads * model.head_dim / tp
-    cp_comm = np.where(cp > 1, 3.0 * (cp - 1) * kv_bytes / (bandwidth(tp * cp) * 1e9
-                                                            * LINK_EFFICIENCY), 0.0)
+    kv_bytes = 2 * act_b * tokens_mb * model.kv_heads * model.head_dim / a.tp
+    cp_comm = np.where(a.cp > 1, 3.0 * (a.cp - 1) * kv_bytes
+                       / (bandwidth(a.tp * a.cp) * 1e9 * LINK_EFFICIENCY), 0.0)
     cp_comm = cp_comm * layers_here * m
     cp_exposed = cp_comm * (1 - CP_OVERLAP)
 
     # Expert parallel.
     if model.moe:
         a2a_bytes = act_b * tokens_mb * model.hidden * model.top_k
-        ep_comm = _ring(ep, a2a_bytes, bandwidth(tp * cp * ep), 1.0) * 4.0 * layers_here * m
+        ep_comm = (_ring(a.ep, a2a_bytes, bandwidth(a.tp * a.cp * a.ep), 1.0)
+                   * 4.0 * layers_here * m)
     else:
         ep_comm = np.zeros_like(compute)
 
     # Pipeline point-to-point.
     pp_bytes = act_b * tokens_mb * model.hidden / t_rep
-    pp_comm = np.where(pp > 1, 2.0 * m * v * pp_bytes
-                       / (bandwidth(tp * cp * dp * 2) * 1e9 * LINK_EFFICIENCY), 0.0)
+    pp_comm = np.where(a.pp > 1, 2.0 * m * v * pp_bytes
+                       / (bandwidth(a.tp * a.cp * a.dp * 2) * 1e9 * LINK_EFFICIENCY), 0.0)
 
     # Offload.
     p_b, g_b, _ = state_bytes_per_param(precision, optimizer, model.hidden)
@@ -209,11 +203,12 @@ def time_arrays(model: ModelShape, cluster: Cluster, seq_len: int, global_batch:
     pcie = PCIE_GBPS * 1e9
     offload_opt = (g_b + p_b) * shard / pcie + shard / CPU_ADAM_PARAMS_PER_S
     offload_params = 2.0 * p_b * shard * m / pcie * (1 - DP_OVERLAP)
-    offload_s = np.where(off >= 1, offload_opt, 0.0) + np.where(off >= 2, offload_params, 0.0)
+    offload_s = (np.where(a.offload >= 1, offload_opt, 0.0)
+                 + np.where(a.offload >= 2, offload_params, 0.0))
 
     exposed = dp_exposed + tp_comm + cp_exposed + ep_comm + pp_comm + offload_s
     stage_per_mb = (compute + tp_comm + cp_exposed + ep_comm) / m
-    bubble = np.where(pp > 1, (pp - 1) / v * stage_per_mb, 0.0)
+    bubble = np.where(a.pp > 1, (a.pp - 1) / v * stage_per_mb, 0.0)
     total = compute + exposed + bubble
     tokens_per_s = tokens_step / total
     mfu = (model.flops_per_token(seq_len) * tokens_per_s
@@ -232,9 +227,10 @@ def step_time(arrays: dict[str, np.ndarray], index: int | tuple = ()) -> StepTim
 
 
 def plan_time(model: ModelShape, cluster: Cluster, seq_len: int, global_batch: int,
-              precision: str = "bf16", optimizer: str = "adamw",
-              **layout: Any) -> tuple[StepTime, float, float]:
-    """(StepTime, tokens/s, MFU) of one layout (keywords as time_arrays)."""
-    arrays = time_arrays(model, cluster, seq_len, global_batch, precision, optimizer,
-                         **layout)
+              precision: str = "bf16", optimizer: str = "adamw", layout: Layout | None = None,
+              **change: Any) -> tuple[StepTime, float, float]:
+    """(StepTime, tokens/s, MFU) of one layout: `layout` with the fields in `change`
+    replaced, e.g. plan_time(model, cluster, 4096, 256, tp=8, dp=4)."""
+    layout = (Layout() if layout is None else layout).replace(**change)
+    arrays = time_arrays(model, cluster, seq_len, global_batch, precision, optimizer, layout)
     return step_time(arrays), float(arrays["tokens_per_s"]), float(arrays["mfu"])

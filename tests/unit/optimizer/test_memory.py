@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from mlpe.optimizer.layout import Layout
 from mlpe.optimizer.memory import (
     GIB,
     inflight_microbatches,
@@ -130,10 +131,10 @@ def test_offload_moves_states_to_the_host():
 
 def test_arrays_match_the_single_plan_function():
     m = MODELS["llama3-8b"]
-    arrays = memory_arrays(m, 8192, "bf16", "adamw", tp=np.array([1, 2, 4]),
-                           pp=np.array([1, 2, 4]), dp=np.array([8, 4, 2]),
-                           zero_stage=np.array([1, 2, 3]), recompute=np.array([0, 1, 2]),
-                           micro_batch=np.array([1, 2, 1]), grad_accum=np.array([8, 8, 8]))
+    arrays = memory_arrays(m, 8192, "bf16", "adamw", Layout(
+        tp=np.array([1, 2, 4]), pp=np.array([1, 2, 4]), dp=np.array([8, 4, 2]),
+        zero_stage=np.array([1, 2, 3]), recompute=np.array([0, 1, 2]),
+        micro_batch=np.array([1, 2, 1]), grad_accum=np.array([8, 8, 8])))
     for i, (tp, pp, dp, z, r, mb) in enumerate([(1, 1, 8, 1, "none", 1),
                                                 (2, 2, 4, 2, "selective", 2),
                                                 (4, 4, 2, 3, "full", 1)]):

@@ -5,17 +5,11 @@ import re
 import pytest
 
 from mlpe.optimizer.errors import PlanInputError
+from mlpe.optimizer.explain import explain
 from mlpe.optimizer.hardware import GPUS, Cluster, parse_cluster
 from mlpe.optimizer.models import build_model
-from mlpe.optimizer.planner import (
-    Plan,
-    SearchResult,
-    Training,
-    build_training,
-    explain,
-    search,
-    search_latency_ms,
-)
+from mlpe.optimizer.planner import search, search_latency_ms
+from mlpe.optimizer.search import Plan, SearchResult, Training, build_training
 from mlpe.optimizer.timing import bubble_fraction, plan_time
 
 

@@ -1,14 +1,13 @@
 # mlpe: `make run` (the main job) and `make test` (all tests) work from nothing.
-# Installs go to .venv/ and .mlpe/ (git-ignored) and a per-user cache
-# (~/.cache/mlpe, ~/.cache/uv); nothing is installed system-wide.
+# Installs go to .venv/ (git-ignored) and a per-user cache (~/.cache/mlpe, ~/.cache/uv);
+# nothing is installed system-wide. The stack keeps its data in $MLPE_STATE_DIR (default
+# ~/.local/state/mlpe: one per user, like its ports).
 
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 MLPE := $(BIN)/mlpe
 PROTOS := $(wildcard proto/mlpe/v1/*.proto)
-# The stack's data, logs and secrets stay in the clone (mlpe's own default is per user).
-export MLPE_STATE_DIR ?= $(CURDIR)/.mlpe
 
 .PHONY: help setup install run up down status test test-fast test-unit lint proto proto-check lock clean
 
@@ -18,7 +17,7 @@ help:  ## list the targets
 PACKAGED := deploy/kafka/pom.xml deploy/kafka/log4j2.xml deploy/influxdb/build-influxd.sh \
 	deploy/rules/default.yaml
 
-$(VENV)/.mlpe-installed: requirements.lock pyproject.toml $(PACKAGED)
+$(VENV)/.mlpe-installed: requirements.lock pyproject.toml deploy/setup-python.sh $(PACKAGED)
 	@deploy/setup-python.sh
 
 setup: $(VENV)/.mlpe-installed  ## the pinned Python environment in .venv
@@ -60,7 +59,7 @@ test: install lint proto-check  ## all tests (pytest workers side by side); star
 	@down=$$($(MLPE) stack status --json | $(BIN)/python -c 'import json, sys; \
 		print(",".join(s["name"] for s in json.load(sys.stdin) if s["state"] != "up"))'); \
 	$(MLPE) stack up || exit 1; \
-	MLPE_TEST_KEEP_STACK=1 $(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
+	MLPE_TEST_KEEP_STACK=1 $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); rc=$$?; \
 	if [ -n "$$down" ]; then $(MLPE) stack down --only "$$down"; fi; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
@@ -76,6 +75,6 @@ lock:  ## re-pin requirements.lock (dev) and requirements-runtime.lock (images) 
 	@$(HOME)/.cache/mlpe/uv-0.13.8/bin/uv pip compile pyproject.toml -c requirements.lock \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 -o requirements-runtime.lock
 
-clean:  ## remove .venv and .mlpe (data and logs); the per-user cache stays
+clean:  ## stop the stack and remove .venv; the stack's data ($$MLPE_STATE_DIR) and the per-user cache stay
 	@$(MLPE) stack down 2>/dev/null || true
-	rm -rf $(VENV) .mlpe
+	rm -rf $(VENV)

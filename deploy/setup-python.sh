@@ -16,7 +16,7 @@ STAMP=.venv/.mlpe-installed
 # by the editable install, so they are part of what the stamp stands for.
 PACKAGED=(deploy/kafka/pom.xml deploy/kafka/log4j2.xml deploy/influxdb/build-influxd.sh
           deploy/rules/default.yaml)
-WANT="$(cat requirements.lock pyproject.toml "${PACKAGED[@]}" | sha256sum | cut -d' ' -f1)"
+WANT="$(cat requirements.lock pyproject.toml deploy/setup-python.sh "${PACKAGED[@]}" | sha256sum | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x .venv/bin/mlpe ]]; then
   exit 0
 fi
@@ -32,7 +32,11 @@ UV="$UV_HOME/bin/uv"
 [[ -x .venv/bin/python ]] || "$UV" venv --quiet --python "$PYTHON" .venv
 export UV_LINK_MODE="${UV_LINK_MODE:-hardlink}"
 echo "setup: syncing .venv with requirements.lock (first time: several GB, torch included)"
-"$UV" pip sync --python .venv/bin/python requirements.lock
+# --compile-bytecode: pip's default, not uv's. Where PYTHONDONTWRITEBYTECODE is set (it
+# is on this project's machines) nothing would ever be cached, and every process would
+# compile torch's sources again on import: 6.3 s instead of 2.9 s per `import torch`.
+"$UV" pip sync --python .venv/bin/python --compile-bytecode requirements.lock
 "$UV" pip install --quiet --python .venv/bin/python --no-deps -e .
+.venv/bin/python -m compileall -q -j 0 services agents kernels proto tests >/dev/null || true
 echo "$WANT" > "$STAMP"
 echo "setup: .venv ready"

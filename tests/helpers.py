@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = REPO_ROOT / "deploy"
 
 __all__ = ["DEPLOY", "REPO_ROOT", "free_port", "isolated_stack_env", "mlpe", "mlpe_env",
-           "start_mlpe", "stop_child", "stop_children", "uv"]
+           "start_mlpe", "stop_child", "stop_children", "stop_gracefully", "uv"]
 
 
 def uv() -> Path:
@@ -54,6 +54,20 @@ def start_mlpe(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "mlpe.cli", *args], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop_gracefully(proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    """SIGTERM a service the test started and fail the test if it ignores it for `timeout`
+    seconds (it is killed then): graceful shutdown is part of what services promise."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{what} ignored SIGTERM for {timeout:.0f} s") from None
 
 
 def isolated_stack_env(state_dir: Path, *components: str) -> dict[str, str]:

@@ -1,7 +1,9 @@
 """The real stack for integration tests.
 
 Local (default): use the stack if `mlpe stack up` already runs it, else start it
-and stop afterwards what this session started. With MLPE_TEST_STACK=docker and a
+and stop afterwards what this session started — except under pytest-xdist, whose
+workers share the stack and end at different times: there it is left running (`make
+test` starts it before the workers and stops it after them). With MLPE_TEST_STACK=docker and a
 Docker engine, testcontainers provides the same three servers instead. Either
 way a stack that cannot start FAILS the tests; it never skips them.
 """
@@ -57,7 +59,8 @@ def _local_stack() -> Iterator[Endpoints]:
         redis_url=settings.redis_url,
     )
     started_here = tuple(name for name, state in before.items() if state != "up")
-    if started_here and not os.environ.get("MLPE_TEST_KEEP_STACK"):
+    shared = "PYTEST_XDIST_WORKER" in os.environ
+    if started_here and not shared and not os.environ.get("MLPE_TEST_KEEP_STACK"):
         stack.down(settings, started_here)
 
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections import defaultdict
 
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from mlpe.agent.agent import Agent
@@ -85,6 +86,7 @@ async def test_every_sample_arrives_once_in_order(stack_endpoints, unique, tmp_p
     assert all(len(b.columns) == len(batches.GPU_FIELDS) for b in got)
 
 
+@pytest.mark.slow  # a 60 s outage, then the drain
 async def test_kafka_outage_of_60s_loses_nothing(stack_endpoints, unique, tmp_path):
     env = isolated_stack_env(tmp_path / "state", "kafka")
     bootstrap = f"127.0.0.1:{env['MLPE_KAFKA_PORT']}"
@@ -97,7 +99,9 @@ async def test_kafka_outage_of_60s_loses_nothing(stack_endpoints, unique, tmp_pa
     try:
         start = await end_offsets(bootstrap, GPU_METRICS)
         agent = make_agent(bootstrap, tmp_path, nodes=1, gpus=8, prefix=f"o{unique}-")
-        run = asyncio.create_task(agent.run(duration_s=80, drain_timeout_s=120))
+        # Sampling goes on until 10 s after Kafka is back (however long stopping and
+        # starting it take on a loaded machine), then the agent drains and stops.
+        run = asyncio.create_task(agent.run(duration_s=None, drain_timeout_s=120))
         async with asyncio.timeout(30):  # shipping normally before the outage
             while agent.shipper.stats.sent < 200:
                 await asyncio.sleep(0.2)
@@ -110,6 +114,8 @@ async def test_kafka_outage_of_60s_loses_nothing(stack_endpoints, unique, tmp_pa
         await asyncio.sleep(max(0.0, 60 - (asyncio.get_running_loop().time() - down_at)))
         spooled_during_outage = len(agent.shipper.spool)
         await stack("up")
+        await asyncio.sleep(10)
+        agent.stop()
         await run
         assert spooled_during_outage > 8 * 10 * 50  # ~60 s of batches waited on disk
         assert len(agent.shipper.spool) == 0 and agent.shipper.spool.lost == 0

@@ -8,10 +8,9 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from influxdb_client import InfluxDBClient
 
@@ -24,6 +23,7 @@ from mlpe.common.kafka import wait_group_stable
 from mlpe.common.topics import ALERTS
 from mlpe.notify.slack import parse_message
 from mlpe.v1 import alerts_pb2
+from tests.helpers import mlpe_env, start_mlpe, stop_gracefully
 
 from .test_notify import received, start_sink
 from .test_stream import (  # noqa: F401 - stream_env is a fixture
@@ -34,28 +34,25 @@ from .test_stream import (  # noqa: F401 - stream_env is a fixture
     wait_committed,
 )
 
+# Tests that start `mlpe stream` run one after another on one pytest worker: every stream
+# worker reads all of mlpe.metrics.*, so several at once would judge each other's fleets.
+pytestmark = pytest.mark.xdist_group("stream")
+
 
 @contextlib.asynccontextmanager
 async def notify_to_sink(endpoints, unique: str, tmp_path):
     """A webhook sink and `mlpe notify` posting to it, reading mlpe.alerts from its end and
     ready (its group stable) before the test produces anything; yields the sink's URL."""
     runner, base = await start_sink()
-    env = {**os.environ, "MLPE_SLACK_WEBHOOK_URL": f"{base}/hook",
-           "MLPE_NOTIFY_GROUP_ID": f"test-notify-{unique}",
-           "MLPE_NOTIFY_REDIS_PREFIX": f"test:{unique}", "MLPE_NOTIFY_START": "latest"}
-    notify = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "notify", "--group-wait", "0.5"],
-                              env=env, stdout=(tmp_path / "notify.log").open("wb"),
-                              stderr=subprocess.STDOUT)
+    env = mlpe_env(MLPE_SLACK_WEBHOOK_URL=f"{base}/hook",
+                   MLPE_NOTIFY_GROUP_ID=f"test-notify-{unique}",
+                   MLPE_NOTIFY_REDIS_PREFIX=f"test:{unique}", MLPE_NOTIFY_START="latest")
+    notify = start_mlpe("notify", "--group-wait", "0.5", env=env, log=tmp_path / "notify.log")
     try:
         wait_group_stable(endpoints.kafka_bootstrap, f"test-notify-{unique}", 1, [notify])
         yield notify, base
     finally:
-        notify.terminate()
-        try:
-            notify.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            notify.kill()
-            notify.wait()
+        stop_gracefully(notify, "mlpe notify")
         await runner.cleanup()
 
 
@@ -68,8 +65,10 @@ async def run_fault_to_webhook(endpoints, unique, tmp_path, fault: str, seconds:
         try:
             scenario = parse(f"nodes: 1\ngpus_per_node: 2\nfaults:\n  - {fault}\n")
             sim = SimulatedGpus(scenario, 100, node_prefix=f"{node}-")
+            # A job of its own: its GPUs are never compared with another test's.
             agent = Agent([(sim, 100)], Shipper(endpoints.kafka_bootstrap,
-                                                Spool(tmp_path / "spool")), hz=100)
+                                                Spool(tmp_path / "spool")), hz=100,
+                          job_id=f"{node}-job")
             await agent.run(duration_s=seconds)
             mine = []
             deadline = time.monotonic() + 90
@@ -126,7 +125,8 @@ async def test_kill_9_of_the_stream_sends_no_notification_twice(stream_env, uniq
                              "  - {kind: xid, node: 1, gpu: 1, at_s: 16, code: 48}\n")
             sim = SimulatedGpus(scenario, 100, node_prefix=f"{node}-")
             agent = Agent([(sim, 100)], Shipper(stream_env.kafka_bootstrap,
-                                                Spool(tmp_path / "spool")), hz=100)
+                                                Spool(tmp_path / "spool")), hz=100,
+                          job_id=f"{node}-job")
             run = asyncio.create_task(agent.run(duration_s=22))
 
             async def texts() -> list[str]:

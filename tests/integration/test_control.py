@@ -213,6 +213,7 @@ def test_pause_checkpoint_resume_cancel(control):
     assert control.progress(job.job_id)[0]["state"] == "stopped"
 
 
+@pytest.mark.slow  # two whole runs, one killed and resumed
 def test_sigkill_of_a_rank_restarts_from_checkpoint_and_matches_an_uninterrupted_run(
         control, stack_endpoints):
     mark = end_offsets(stack_endpoints.kafka_bootstrap, (ALERTS,))
@@ -241,12 +242,14 @@ def test_a_hung_rank_is_detected_and_the_job_restarted(stack_endpoints, tmp_path
     control = Controller(stack_endpoints, tmp_path, extra_env={
         "MLPE_WORKER_FAULT": "hang@12:1"})
     try:
-        job = control.submit(steps=30, world_size=2, max_restarts=1, hang_timeout_s=3,
+        # 8 s, not less: on two loaded cores a healthy rank was once seen silent for 3 s
+        # after its restart (the job then failed with no restarts left).
+        job = control.submit(steps=30, world_size=2, max_restarts=1, hang_timeout_s=8,
                              checkpoint=c.CheckpointPolicy(every_steps=5))
         done = control.wait_state(job.job_id, c.JOB_STATE_COMPLETED)
         assert done.restarts == 1
         restart = next(e for e in control.events(job.job_id) if e.kind == "restart")
-        assert "made no progress" in restart.message and "hang_timeout_s 3" in restart.message
+        assert "made no progress" in restart.message and "hang_timeout_s 8" in restart.message
     finally:
         control.stop()
 

@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,11 +28,15 @@ from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.sources.train_sim import SimulatedTraining
 from mlpe.agent.spool import Spool
 from mlpe.common.kafka import wait_group_stable
-from tests.helpers import DEPLOY
+from tests.helpers import DEPLOY, mlpe_env, start_mlpe
 
 from .test_stream import stop
 
 DASHBOARDS = DEPLOY / "grafana" / "dashboards"
+# Its stream worker, like every test's that starts one, runs on the one pytest worker of
+# the "stream" group (tests/integration/test_stream.py says why); the module's fixture
+# fills InfluxDB once for every panel's test.
+pytestmark = pytest.mark.xdist_group("stream")
 GPUS, SECONDS = 4, 24
 THERMAL, STRAGGLER, XID = ("00", "1"), ("01", "2"), ("01", "3")  # (node suffix, gpu)
 SCENARIO = f"""
@@ -113,12 +114,10 @@ def filled(stack_endpoints, tmp_path_factory) -> Filled:
     unique = uuid.uuid4().hex[:8]
     prefix, job = f"g{unique}", f"g{unique}-job"
     tmp = tmp_path_factory.mktemp("dashboards")
-    env = {**os.environ, "MLPE_STREAM_APP_ID": f"test-dash-{unique}",
-           "MLPE_STREAM_START": "latest", "MLPE_STATE_DIR": str(tmp / "state"),
-           "MLPE_KAFKA_BOOTSTRAP": e.kafka_bootstrap, "MLPE_INFLUX_URL": e.influx_url,
-           "MLPE_INFLUX_TOKEN": e.influx_token}
-    stream = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "stream"], env=env,
-                              stdout=(tmp / "stream.log").open("wb"), stderr=subprocess.STDOUT)
+    env = mlpe_env(MLPE_STREAM_APP_ID=f"test-dash-{unique}", MLPE_STREAM_START="latest",
+                   MLPE_STATE_DIR=str(tmp / "state"), MLPE_KAFKA_BOOTSTRAP=e.kafka_bootstrap,
+                   MLPE_INFLUX_URL=e.influx_url, MLPE_INFLUX_TOKEN=e.influx_token)
+    stream = start_mlpe("stream", env=env, log=tmp / "stream.log")
     try:
         wait_group_stable(e.kafka_bootstrap, env["MLPE_STREAM_APP_ID"], 1, [stream])
         scenario = parse(SCENARIO.replace("JOB", job))

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from tests.helpers import stop_child
+
 HERE = Path(__file__).parent
 
 
@@ -49,11 +51,7 @@ async def test_faust_worker_consumes_a_real_topic(stack_endpoints, unique, tmp_p
     finally:
         await producer.stop()
         await consumer.stop()
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_child(worker, timeout=30)
     assert received == [value.upper() for value in sent], _tail(log)
 
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 
 import aiohttp
@@ -20,7 +17,7 @@ from mlpe.notify.notifier import Notifier, Timing
 from mlpe.notify.routes import Route, Routes
 from mlpe.notify.sink import make_app
 from mlpe.v1 import alerts_pb2 as pb
-from tests.helpers import free_port
+from tests.helpers import free_port, mlpe_env, start_mlpe, stop_gracefully
 
 
 async def start_sink(fail=(), retry_after=None):
@@ -135,14 +132,12 @@ async def _fast_post(url, payload):
 
 async def test_alerts_from_kafka_to_the_sink(stack_endpoints, unique, tmp_path):
     runner, base = await start_sink()
-    env = {**os.environ, "MLPE_SLACK_WEBHOOK_URL": f"{base}/hook",
-           "MLPE_NOTIFY_GROUP_ID": f"test-notify-{unique}",
-           "MLPE_NOTIFY_REDIS_PREFIX": f"test:{unique}",
-           # Only what this test sends: earlier alerts on the topic would queue before it.
-           "MLPE_NOTIFY_START": "latest"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "notify", "--group-wait", "0.2"],
-                            env=env, stdout=(tmp_path / "notify.log").open("wb"),
-                            stderr=subprocess.STDOUT)
+    env = mlpe_env(MLPE_SLACK_WEBHOOK_URL=f"{base}/hook",
+                   MLPE_NOTIFY_GROUP_ID=f"test-notify-{unique}",
+                   MLPE_NOTIFY_REDIS_PREFIX=f"test:{unique}",
+                   # Only what this test sends: earlier alerts on the topic would queue first.
+                   MLPE_NOTIFY_START="latest")
+    proc = start_mlpe("notify", "--group-wait", "0.2", env=env, log=tmp_path / "notify.log")
     producer = AIOKafkaProducer(bootstrap_servers=stack_endpoints.kafka_bootstrap)
     await producer.start()
     try:
@@ -159,11 +154,5 @@ async def test_alerts_from_kafka_to_the_sink(stack_endpoints, unique, tmp_path):
         assert len(mine) == 1, (tmp_path / "notify.log").read_text()[-2000:]
     finally:
         await producer.stop()
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError("mlpe notify ignored SIGTERM for 30 s") from None
+        stop_gracefully(proc, "mlpe notify")
         await runner.cleanup()

@@ -8,7 +8,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+# Tests that start `mlpe stream` run one after another on one pytest worker: every stream
+# worker reads all of mlpe.metrics.*, so several at once would judge each other's fleets.
+pytestmark = pytest.mark.xdist_group("stream")
+
+
+@pytest.mark.slow  # the whole main job, about a minute
 def test_mlpe_run_end_to_end(stack_endpoints, tmp_path):
     report = tmp_path / "report.html"
     env = {**os.environ, "MLPE_INFLUX_TOKEN": stack_endpoints.influx_token}

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -26,6 +25,11 @@ from mlpe.common.kafka import wait_group_stable
 from mlpe.common.topics import DEAD_LETTER, GPU_METRICS, TRAIN_EVENTS
 from mlpe.v1 import deadletter_pb2
 from mlpe.v1.training_pb2 import TrainStep
+from tests.helpers import mlpe_env, start_mlpe, stop_child, stop_gracefully
+
+# Tests that start `mlpe stream` run one after another on one pytest worker: every stream
+# worker reads all of mlpe.metrics.*, so several at once would judge each other's fleets.
+pytestmark = pytest.mark.xdist_group("stream")
 
 
 def start_stream(unique: str, log_path) -> subprocess.Popen:
@@ -33,31 +37,21 @@ def start_stream(unique: str, log_path) -> subprocess.Popen:
     # tests' data is not replayed. A restart says "latest" too, after `wait_committed`:
     # the partitions with the test's data resume from their commits; "earliest" would
     # also replay the whole history of every partition without one.
-    env = {**os.environ, "MLPE_STREAM_APP_ID": f"test-stream-{unique}",
-           "MLPE_STREAM_START": "latest",
-           "MLPE_STATE_DIR": str(log_path.parent / "state"), "MLPE_LOG_LEVEL": "info"}
-    env["MLPE_INFLUX_TOKEN"] = os.environ["MLPE_TEST_INFLUX_TOKEN"]
-    log = log_path.open("ab")
-    stream = subprocess.Popen([sys.executable, "-m", "mlpe.cli", "stream"], env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
+    env = mlpe_env(MLPE_STREAM_APP_ID=f"test-stream-{unique}", MLPE_STREAM_START="latest",
+                   MLPE_STATE_DIR=str(log_path.parent / "state"), MLPE_LOG_LEVEL="info",
+                   MLPE_INFLUX_TOKEN=os.environ["MLPE_TEST_INFLUX_TOKEN"])
+    stream = start_mlpe("stream", env=env, log=log_path)
     # Ready = the worker's consumer group is Stable with it as a member.
     try:
         wait_group_stable(env["MLPE_KAFKA_BOOTSTRAP"], env["MLPE_STREAM_APP_ID"], 1, [stream])
     except BaseException:
-        stream.kill()  # never leave a worker behind
-        stream.wait()
+        stop_child(stream, timeout=0)  # never leave a worker behind
         raise
     return stream
 
 
 def stop(stream: subprocess.Popen) -> None:
-    stream.terminate()
-    try:
-        assert stream.wait(timeout=30) is not None
-    except subprocess.TimeoutExpired:
-        stream.kill()
-        stream.wait()
-        raise AssertionError("the stream worker ignored SIGTERM for 30 s") from None
+    stop_gracefully(stream, "the stream worker")
 
 
 def partitions_of(keys: list[str], topic=GPU_METRICS) -> set[int]:
@@ -107,7 +101,8 @@ def windows(e, prefix: str) -> dict[tuple[str, str, int], int]:
 
 async def run_agent(bootstrap: str, tmp_path, prefix: str, seconds: float) -> Agent:
     sim = SimulatedGpus(Scenario(seed=3, nodes=2, gpus_per_node=2), 100, node_prefix=prefix)
-    agent = Agent([(sim, 100)], Shipper(bootstrap, Spool(tmp_path / "spool")), hz=100)
+    agent = Agent([(sim, 100)], Shipper(bootstrap, Spool(tmp_path / "spool")), hz=100,
+                  job_id=f"{prefix}job")  # its own peer group, apart from other tests'
     await agent.run(duration_s=seconds)
     return agent
 
@@ -261,19 +256,17 @@ async def test_two_workers_share_the_partitions(stream_env, unique, tmp_path):
     """Two workers of one app: both process batches and no window is missing."""
     prefix = f"w{unique}-"
     logs = [tmp_path / "w0.log", tmp_path / "w1.log"]
-    env = {**os.environ, "MLPE_STREAM_APP_ID": f"test-stream-{unique}",
-           "MLPE_STREAM_START": "latest", "MLPE_LOG_LEVEL": "info",
-           "MLPE_INFLUX_TOKEN": os.environ["MLPE_TEST_INFLUX_TOKEN"]}
-    workers = [subprocess.Popen([sys.executable, "-m", "mlpe.cli", "stream"],
-                                env={**env, "MLPE_STATE_DIR": str(tmp_path / f"state{i}")},
-                                stdout=log.open("wb"), stderr=subprocess.STDOUT)
-               for i, log in enumerate(logs)]
+    env = mlpe_env(MLPE_STREAM_APP_ID=f"test-stream-{unique}", MLPE_STREAM_START="latest",
+                   MLPE_LOG_LEVEL="info", MLPE_INFLUX_TOKEN=os.environ["MLPE_TEST_INFLUX_TOKEN"])
+    workers = [start_mlpe("stream", env={**env, "MLPE_STATE_DIR": str(tmp_path / f"state{i}")},
+                          log=log) for i, log in enumerate(logs)]
     try:
         wait_group_stable(stream_env.kafka_bootstrap, env["MLPE_STREAM_APP_ID"], 2, workers)
         # 16 nodes over 8 partitions: each worker's half is all but sure to hold some.
         sim = SimulatedGpus(Scenario(seed=4, nodes=16, gpus_per_node=1), 100, node_prefix=prefix)
         await Agent([(sim, 100)], Shipper(stream_env.kafka_bootstrap,
-                                          Spool(tmp_path / "spool")), hz=100).run(duration_s=12)
+                                          Spool(tmp_path / "spool")), hz=100,
+                    job_id=f"{prefix}job").run(duration_s=12)
         found = await wait_for(lambda: len(windows(stream_env, prefix)) >= 16 * 10 and
                                windows(stream_env, prefix), 60, "1 s windows of 16 nodes")
         devices, problems = complete_interior(found, prefix)

@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 from tests.helpers import REPO_ROOT
+from tests.import_all import module_names
 
 CONFIG = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
 SOURCE_ROOTS = ("services", "agents", "kernels", "proto")
@@ -64,3 +65,17 @@ def test_the_kernel_package_may_not_import_mlpe(tmp_path):
                                     "import mlpe.common.settings"))
     assert wrong.returncode != 0
     assert "mlpe.kernels.tolerances -> mlpe.common.settings" in wrong.stdout
+
+
+
+def test_importing_any_module_reads_no_setting_and_writes_nothing(tmp_path):
+    """Settings are read when a command starts, never at import: with a malformed setting
+    and a state folder that must not appear, every mlpe module still imports."""
+    state = tmp_path / "must-not-exist"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MLPE_KAFKA_PORT": "not-a-port",
+           "MLPE_STATE_DIR": str(state), "MLPE_RULES": str(tmp_path / "no-rules.yaml")}
+    done = subprocess.run([sys.executable, "-m", "tests.import_all"], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) == len(module_names(REPO_ROOT)) > 100
+    assert not state.exists()

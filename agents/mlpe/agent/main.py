@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the simulated job's id)")
     p.add_argument("--duration", default=None, help="stop after this many seconds")
     p.add_argument("--spool-dir", default=None,
-                   help="where batches wait while Kafka is away (default .mlpe/spool/agent)")
+                   help="where batches wait while Kafka is away (default <state dir>/spool/agent)")
     p.add_argument("--linger-ms", default="200",
                    help="how long batches wait to share a Kafka request (default 200 ms: "
                    "fewer wake-ups, lower CPU; less = lower latency)")

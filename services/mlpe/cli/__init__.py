@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "stack",
         help="the local Kafka, InfluxDB and Redis (no Docker)",
         description="Install, start, stop and inspect the local stack. Data and logs live "
-        "in .mlpe/ of the clone; downloads and builds are cached per user.",
+        "in $MLPE_STATE_DIR (default ~/.local/state/mlpe, one per user like the ports); "
+        "downloads and builds are cached per user ($MLPE_CACHE_DIR, ~/.cache/mlpe).",
     )
     stack.add_argument(
         "action",

@@ -183,7 +183,8 @@ class Settings:
 
 
 def default_state_dir(env: Mapping[str, str]) -> Path:
-    """Per user, as XDG says; the Makefile points it at the clone's .mlpe/ instead."""
+    """Per user, as XDG says, like the stack's ports are per machine: every clone and
+    every shell of a user finds the same running stack."""
     base = env.get("XDG_STATE_HOME", "").strip() or str(Path.home() / ".local" / "state")
     return Path(base) / "mlpe"
 

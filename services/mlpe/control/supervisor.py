@@ -38,7 +38,7 @@ from mlpe.control.store import (
 
 log = logging.getLogger("mlpe.control")
 TICK_S = 0.25
-STARTUP_GRACE_S = 60.0    # before a rank's first report: imports, rendezvous, checkpoint load
+STARTUP_GRACE_S = 60.0    # before a rank's first step: imports, rendezvous, checkpoint load
 CANCEL_GRACE_S = 10.0     # a cancelled job's workers get this long to stop by themselves
 STEP_EVENT_EVERY_S = 0.5  # step events in the log at most this often per job
 
@@ -197,6 +197,9 @@ class Supervisor:
             p = progress.get(rank)
             if p is None:
                 silent = (now - launch["launched_ns"]) / 1e9 - STARTUP_GRACE_S
+            elif p.get("state") == "starting":  # resumed, not stepping yet: the first
+                # collective waits for every rank, which on a loaded machine takes a while
+                silent = (now - p["time_ns"]) / 1e9 - STARTUP_GRACE_S
             else:
                 silent = (now - p["time_ns"]) / 1e9
             if silent > spec["hang_timeout_s"]:

@@ -57,7 +57,7 @@ class InfluxWriter:
         if self.client is None:
             if not self.token:
                 raise RuntimeError("no InfluxDB token: set MLPE_INFLUX_TOKEN or run "
-                                   "`mlpe stack up` (it stores one in .mlpe/secrets)")
+                                   "`mlpe stack up` (it stores one in <state dir>/secrets)")
             self.client = InfluxDBClientAsync(url=self.settings.influx_url, token=self.token,
                                               org=self.settings.influx_org, timeout=10_000)
         return self.client.write_api()

@@ -1,15 +1,13 @@
 """`mlpe agent` and `mlpe tail` refuse bad input with one line naming the problem."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+
+from tests.helpers import mlpe as run_mlpe
+from tests.helpers import mlpe_env
 
 
 def mlpe(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "mlpe.cli", *args], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, **(env or {})})
+    return run_mlpe(*args, env=mlpe_env(**(env or {})), timeout=60)
 
 
 @pytest.mark.parametrize(("args", "message"), [

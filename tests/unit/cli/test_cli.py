@@ -1,13 +1,11 @@
 """The CLI as a person runs it: help, version, clear errors and exit codes."""
 
-import os
-import subprocess
-import sys
+from tests.helpers import mlpe as run_mlpe
+from tests.helpers import mlpe_env
 
 
 def mlpe(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "mlpe.cli", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=60)
+    return run_mlpe(*args, env=mlpe_env(**(env or {})), timeout=60)
 
 
 def test_help_lists_commands():
@@ -57,3 +55,8 @@ def test_run_refuses_out_of_range_arguments_before_starting_anything(tmp_path):
         assert out.returncode == 2 and message in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
     assert not any(tmp_path.iterdir())  # no stack started, no state written
+
+
+def test_bench_kernels_is_the_kernel_packages_own_parser():
+    out = mlpe("bench", "kernels", "--hidden", "4k")
+    assert out.returncode == 1 and "--hidden '4k'" in out.stderr

@@ -79,3 +79,16 @@ def test_importing_any_module_reads_no_setting_and_writes_nothing(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert int(done.stdout.split()[-1]) == len(module_names(REPO_ROOT)) > 100
     assert not state.exists()
+
+
+def test_the_packaged_deploy_files_are_the_repositorys():
+    """The code reads deploy/ files through the wheel's copy (mlpe.deploy); an editable
+    install refreshes it only when setup runs again (`make` does when they change)."""
+    from mlpe.common.settings import packaged
+
+    copies = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["hatch"][
+        "build"]["targets"]["wheel"]["force-include"]
+    assert copies
+    for source, target in copies.items():
+        parts = Path(target).relative_to("mlpe/deploy").parts
+        assert packaged(*parts).read_bytes() == (REPO_ROOT / source).read_bytes(), source

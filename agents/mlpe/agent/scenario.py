@@ -2,7 +2,7 @@
 
 A scenario file is YAML and the ground truth for detector evaluation: every
 fault has a node, a GPU (or all GPUs), an onset and a duration. The format is
-in agents/scenarios/README.md; errors name the file and the line.
+in scenarios/README.md beside this file; errors name the file and the line.
 """
 
 from __future__ import annotations

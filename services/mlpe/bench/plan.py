@@ -4,7 +4,7 @@ latency, and the gRPC server's plan requests per second.
 - Accuracy: the worker's GPT run forward and backward on the CPU at several
   configurations; bytes saved for backward (through the fused kernels, in Triton's
   interpreter), parameters, gradients and AdamW states, each against the planner's
-  prediction (mlpe.optimizer.accuracy).
+  prediction (mlpe.bench.plan_accuracy).
 - Search latency: the full search for llama3-70b on 128 x 8 H100 (1,024 GPUs), global batch
   1024, sequence 8192, repeated; p50 and p99.
 - Requests/s: `mlpe optimizer` on loopback with its Redis cache, 16 concurrent clients for

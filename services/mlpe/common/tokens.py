@@ -6,6 +6,7 @@ token there on first start. Files are mode 0600 and no token is ever printed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -28,10 +29,12 @@ def influx_token(settings: Settings) -> str | None:
         return None
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write a secret readable by this user only."""
+def write_private(path: Path, text: str, *, exclusive: bool = False) -> None:
+    """Write a secret readable by this user only; `exclusive`: FileExistsError if it is
+    there already (two writers racing keep the first one's)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(text)
 
@@ -47,5 +50,6 @@ def control_token(settings: Settings, *, create: bool = False) -> str:
         return settings.control_token
     path = control_token_file(settings)
     if not path.exists() and create:
-        write_private(path, secrets.token_urlsafe(32))
+        with contextlib.suppress(FileExistsError):  # another controller made it first
+            write_private(path, secrets.token_urlsafe(32), exclusive=True)
     return path.read_text().strip() if path.exists() else ""

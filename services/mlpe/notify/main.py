@@ -79,7 +79,13 @@ async def serve(settings: Settings, args, log) -> None:
 
     routes = load(args.routes or settings.notify_routes)
     redis = aioredis.Redis.from_url(settings.redis_url)
-    notifier = Notifier(redis, routes, settings.secret,
+    def webhook_url(name: str) -> str | None:
+        """A route's webhook; the default route's falls back to $SLACK_WEBHOOK_URL."""
+        if name == routes.default.webhook_env:
+            return settings.secret(name) or settings.slack_webhook_url
+        return settings.secret(name)
+
+    notifier = Notifier(redis, routes, webhook_url,
                         Timing(group_wait_s=args.group_wait,
                                repeat_interval_s=args.repeat_interval),
                         prefix=settings.notify_redis_prefix)

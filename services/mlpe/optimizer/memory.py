@@ -71,7 +71,7 @@ FRAGMENTATION of everything else for the caching allocator.
 
 `worker_activation_bytes` is a second, architecture-exact mode: the bytes that one forward
 of mlpe.worker.model.GPT saves for backward, on its fused kernels or on the references
-(validated by mlpe.optimizer.accuracy, which measures them).
+(validated by mlpe.bench.plan_accuracy, which measures them).
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ def build_model(preset: str | None = None, **overrides: Any) -> ModelShape:
 
 
 def worker_model(cfg: Any) -> ModelShape:
-    """The worker's GPT (mlpe.worker.model.GPT) for a mlpe.worker.config.GPTConfig:
+    """The worker's GPT (mlpe.worker.model.GPT) for a mlpe.common.jobs.GPTConfig:
     RMSNorm (weight only), RoPE (buffers, no parameters), grouped-query attention with a
     fused qkv projection and an out projection, no biases, SwiGLU MLP of cfg.ffn_size, a
     final RMSNorm and an LM head (tied to the embedding when cfg.tied)."""

@@ -128,7 +128,11 @@ def micro_batch_gain(settings: Settings, job_id: str, evidence) -> tuple[int | N
                 control_pb2.JobRequest(job_id=job_id), timeout=5)
     except grpc.RpcError as err:  # NOT_FOUND: not control's job; UNAVAILABLE: no control
         if err.code() != grpc.StatusCode.NOT_FOUND:
-            log.info("control not asked about %s: %s", job_id, err.code().name)
+            log.warning("control at %s not asked about %s: %s", settings.control_address,
+                        job_id, err.code().name)
+        return None, None
+    except OSError as err:  # MLPE_CONTROL_TLS_CA unreadable: advice without the gain
+        log.warning("control not asked about %s: %s", job_id, err)
         return None, None
     spec, problems = resolve(job.spec)
     if problems:

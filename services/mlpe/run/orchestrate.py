@@ -65,6 +65,8 @@ class MainJob:
             if not self.slack:
                 self.start_service("webhook-sink", "webhook-sink", "--port",
                                    str(self.sink_port), "--record", str(self.record))
+            # The optimizer asks this run's controller (GetJob) about the job it advises.
+            self.env["MLPE_CONTROL_ADDRESS"] = f"127.0.0.1:{control.port}"
             notify = self.start_service("notify", "notify")
             stream = self.start_service("stream", "stream")
             self.start_service("optimizer", "optimizer", "--listen",

@@ -34,9 +34,10 @@ from .test_stream import (  # noqa: F401 - stream_env is a fixture
     wait_committed,
 )
 
-# Tests that start `mlpe stream` run one after another on one pytest worker: every stream
-# worker reads all of mlpe.metrics.*, so several at once would judge each other's fleets.
-pytestmark = pytest.mark.xdist_group("stream")
+# Tests that start `mlpe stream` go in two groups, each on one pytest worker: every
+# stream worker reads all of mlpe.metrics.*, so many at once would each do the work of
+# all (every test's fleet is a job of its own, so none judges another's GPUs).
+pytestmark = pytest.mark.xdist_group("stream-a")
 
 
 @contextlib.asynccontextmanager

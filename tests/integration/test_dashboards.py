@@ -33,10 +33,9 @@ from tests.helpers import DEPLOY, mlpe_env, start_mlpe
 from .test_stream import stop
 
 DASHBOARDS = DEPLOY / "grafana" / "dashboards"
-# Its stream worker, like every test's that starts one, runs on the one pytest worker of
-# the "stream" group (tests/integration/test_stream.py says why); the module's fixture
+# On one pytest worker with test_stream.py (the "stream-b" group, see there); the fixture
 # fills InfluxDB once for every panel's test.
-pytestmark = pytest.mark.xdist_group("stream")
+pytestmark = pytest.mark.xdist_group("stream-b")
 GPUS, SECONDS = 4, 24
 THERMAL, STRAGGLER, XID = ("00", "1"), ("01", "2"), ("01", "3")  # (node suffix, gpu)
 SCENARIO = f"""
@@ -105,7 +104,9 @@ def series(rows: list[dict], *labels: str) -> dict[tuple, list[dict]]:
     return out
 
 
-@pytest.fixture(scope="module")
+# Session scope: its pytest worker may run other modules between this one's tests, and a
+# module fixture would then fill InfluxDB again.
+@pytest.fixture(scope="session")
 def filled(stack_endpoints, tmp_path_factory) -> Filled:
     """2 simulated nodes x 4 GPUs with a thermal throttle, a straggler and an Xid, their
     training job's step events and node 00's host metrics: agent → Kafka → `mlpe stream`

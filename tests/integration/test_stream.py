@@ -27,9 +27,10 @@ from mlpe.v1 import deadletter_pb2
 from mlpe.v1.training_pb2 import TrainStep
 from tests.helpers import mlpe_env, start_mlpe, stop_child, stop_gracefully
 
-# Tests that start `mlpe stream` run one after another on one pytest worker: every stream
-# worker reads all of mlpe.metrics.*, so several at once would judge each other's fleets.
-pytestmark = pytest.mark.xdist_group("stream")
+# Tests that start `mlpe stream` go in two groups, each on one pytest worker: every
+# stream worker reads all of mlpe.metrics.*, so many at once would each do the work of
+# all (every test's fleet is a job of its own, so none judges another's GPUs).
+pytestmark = pytest.mark.xdist_group("stream-b")
 
 
 def start_stream(unique: str, log_path) -> subprocess.Popen:

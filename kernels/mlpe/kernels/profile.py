@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import torch
 
-_enabled = os.environ.get("MLPE_KERNEL_PROFILE", "") not in ("", "0")
+_enabled: bool | None = None  # None: MLPE_KERNEL_PROFILE decides, read at first use
 _cpu_ms: dict[str, list[float]] = defaultdict(list)
 _cuda_events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = defaultdict(list)
 
@@ -30,12 +30,15 @@ def enable(on: bool = True) -> None:
 
 
 def enabled() -> bool:
+    global _enabled
+    if _enabled is None:
+        _enabled = os.environ.get("MLPE_KERNEL_PROFILE", "") not in ("", "0")
     return _enabled
 
 
 @contextlib.contextmanager
 def profiling():
-    was = _enabled
+    was = enabled()
     enable(True)
     try:
         yield
@@ -53,7 +56,7 @@ def timed(name: str, device_of=_first_tensor_device):
     def wrap(fn):
         @functools.wraps(fn)
         def call(*args, **kwargs):
-            if not _enabled:
+            if not (_enabled if _enabled is not None else enabled()):
                 return fn(*args, **kwargs)
             device = device_of(args)
             if device is not None and device.type == "cuda":

@@ -39,7 +39,7 @@ run: install  ## the main job: a watched fleet, alerts, a planned, crashed and r
 
 lint: setup  ## ruff, and import-linter: dependencies point down (docs/architecture.md)
 	@$(BIN)/ruff check .
-	@$(BIN)/lint-imports --no-cache
+	@$(BIN)/lint-imports --no-cache --no-logo
 
 proto: setup  ## regenerate Python from proto/
 	@$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \

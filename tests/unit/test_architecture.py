@@ -48,7 +48,7 @@ def lint_imports(tmp_path: Path, broken: tuple[str, str] | None = None):
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(str(tmp_path / r)
                                                             for r in SOURCE_ROOTS)}
     lint = Path(sys.executable).with_name("lint-imports")
-    return subprocess.run([str(lint), "--no-cache"], cwd=tmp_path, env=env,
+    return subprocess.run([str(lint), "--no-cache", "--no-logo"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

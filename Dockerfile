@@ -6,6 +6,7 @@ ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 MLPE_STATE_DIR=/var/lib/m
 COPY requirements-runtime.lock ./
 RUN pip install --no-cache-dir -r requirements-runtime.lock
 COPY . .
-RUN pip install --no-cache-dir --no-deps -e .
+# A wheel, not an editable install: the image runs mlpe as a user installs it.
+RUN pip install --no-cache-dir --no-deps . && rm -rf /app/build
 ENTRYPOINT ["mlpe"]
 CMD ["--help"]

@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 from mlpe.agent.scenario import packaged
+from mlpe.common.process import stop_children
 from mlpe.common.settings import Settings, environment
 from mlpe.notify.slack import parse_message
 from mlpe.run.score import INSTANT_S, Received, incidents_of, score
@@ -153,13 +154,7 @@ def bench_detect(args, settings: Settings) -> dict:
                           file=sys.stderr)
             raise
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_children(procs, timeout=20)
         prefixes = {f: f"detect-{f.stem}-{run_id}" for f in files}
         incidents = [i for f in files for i in incidents_of(
             f, prefixes[f], stats[f]["started_ns"] / 1e9, args.grace)]

@@ -109,7 +109,7 @@ def run(args, settings: Settings) -> dict:
 
     from mlpe import stack
     from mlpe.common.grpc_server import wait_serving
-    from mlpe.common.process import free_port
+    from mlpe.common.process import free_port, stop_child
 
     result: dict = {"bench": "plan"}
     if not args.skip_accuracy:
@@ -144,8 +144,7 @@ def run(args, settings: Settings) -> dict:
                      if server.poll() is not None else "")
         result.update(asyncio.run(load(f"127.0.0.1:{port}", args.seconds)))
     finally:
-        server.terminate()
-        server.wait(30)
+        stop_child(server, timeout=30)
         import redis
 
         client = redis.Redis.from_url(settings.redis_url)

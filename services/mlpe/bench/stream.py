@@ -21,7 +21,7 @@ import numpy as np
 import psutil
 
 from mlpe.common.kafka import wait_group_stable
-from mlpe.common.process import ManagedProcess
+from mlpe.common.process import ManagedProcess, stop_children
 from mlpe.common.settings import Settings, environment
 
 LAG_TARGET_S = 2.0
@@ -106,13 +106,7 @@ def _step(settings: Settings, nodes: int, args, workdir: Path) -> dict:
         elapsed = time.time() - started
         for a in agents:
             a.wait()
-    for w in workers:
-        w.terminate()
-    for w in workers:
-        try:
-            w.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            w.kill()
+    stop_children(workers, timeout=30)
     stats = [json.loads((workdir / f"a{run_id}{i}.json").read_text())
              for i in range(args.agents)]
     # Steady state only: a window ending after the agents stopped is closed by the idle

@@ -18,7 +18,7 @@ import redis
 
 from mlpe.common.grpc_server import wait_serving
 from mlpe.common.jobs import JobKeys
-from mlpe.common.process import free_port, pid_alive
+from mlpe.common.process import free_port, pid_alive, stop_child
 from mlpe.common.settings import environment
 from mlpe.v1 import control_pb2 as c
 from mlpe.v1 import control_pb2_grpc
@@ -86,9 +86,8 @@ class LocalController:
                 if pid_alive(p.get("pid", 0), p.get("start_ticks")):
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(p["pid"], signal.SIGKILL)
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
+        if self.proc is not None:
+            stop_child(self.proc, timeout=30)
         self.channel.close()
         for key in self.redis.scan_iter(f"{self.namespace}:*"):
             self.redis.delete(key)

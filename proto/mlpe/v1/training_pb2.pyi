@@ -79,3 +79,27 @@ class KernelSummary(_message.Message):
     backend: str
     kernels: _containers.RepeatedCompositeFieldContainer[KernelTiming]
     def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., first_step: _Optional[int] = ..., last_step: _Optional[int] = ..., time_ns: _Optional[int] = ..., backend: _Optional[str] = ..., kernels: _Optional[_Iterable[_Union[KernelTiming, _Mapping]]] = ...) -> None: ...
+
+class JobPlacement(_message.Message):
+    __slots__ = ("job_id", "node_id", "time_ns", "ranks", "ended")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_NS_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    node_id: str
+    time_ns: int
+    ranks: _containers.RepeatedCompositeFieldContainer[RankProcess]
+    ended: bool
+    def __init__(self, job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., time_ns: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankProcess, _Mapping]]] = ..., ended: _Optional[bool] = ...) -> None: ...
+
+class RankProcess(_message.Message):
+    __slots__ = ("rank", "local_rank", "pid")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    local_rank: int
+    pid: int
+    def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...

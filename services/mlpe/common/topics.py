@@ -35,6 +35,10 @@ KERNEL_EVENTS = Topic("mlpe.events.kernel", 4, 7 * DAY_MS, "job id", "kernel tim
 ALERTS = Topic("mlpe.alerts", 2, 30 * DAY_MS, "alert fingerprint", "alert (firing/resolved)")
 DEAD_LETTER = Topic("mlpe.deadletter", 1, 30 * DAY_MS, "source topic", "refused bytes + reason")
 INVENTORY = Topic("mlpe.inventory", 1, 365 * DAY_MS, "node id", "NodeInventory", compacted=True)
+# Which pids on which node work for which job (from mlpe control); small, so every stream
+# worker reads all of it and joins it with the GPUs' per-process memory events.
+PLACEMENT = Topic("mlpe.placement", 1, 30 * DAY_MS, "node id/job id", "JobPlacement",
+                  compacted=True)
 # Internal to one `mlpe stream` app (Faust creates it as "<app id>-gpu-seconds", like its
 # changelogs, so two apps never read each other's): each node's 1 s GPU means, keyed by
 # job, so one worker sees every GPU of a job and can compare them.
@@ -53,4 +57,5 @@ ALL_TOPICS: tuple[Topic, ...] = (
     ALERTS,
     DEAD_LETTER,
     INVENTORY,
+    PLACEMENT,
 )

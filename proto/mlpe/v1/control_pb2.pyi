@@ -92,8 +92,31 @@ class CheckpointPolicy(_message.Message):
     keep: int
     def __init__(self, every_steps: _Optional[int] = ..., every_seconds: _Optional[float] = ..., keep: _Optional[int] = ...) -> None: ...
 
+class Entrypoint(_message.Message):
+    __slots__ = ("script", "module", "args", "working_dir", "env", "nproc_per_node")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SCRIPT_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    NPROC_PER_NODE_FIELD_NUMBER: _ClassVar[int]
+    script: str
+    module: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    working_dir: str
+    env: _containers.ScalarMap[str, str]
+    nproc_per_node: int
+    def __init__(self, script: _Optional[str] = ..., module: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., nproc_per_node: _Optional[int] = ...) -> None: ...
+
 class JobSpec(_message.Message):
-    __slots__ = ("name", "model", "data", "steps", "global_batch", "micro_batch", "precision", "recompute", "optimizer", "checkpoint", "world_size", "priority", "max_restarts", "hang_timeout_s", "device", "seed", "kernel_report_steps")
+    __slots__ = ("name", "model", "data", "steps", "global_batch", "micro_batch", "precision", "recompute", "optimizer", "checkpoint", "world_size", "priority", "max_restarts", "hang_timeout_s", "device", "seed", "kernel_report_steps", "entrypoint")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +134,7 @@ class JobSpec(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     KERNEL_REPORT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: ModelSpec
     data: DataSpec
@@ -128,7 +152,8 @@ class JobSpec(_message.Message):
     device: str
     seed: int
     kernel_report_steps: int
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., steps: _Optional[int] = ..., global_batch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., precision: _Optional[str] = ..., recompute: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointPolicy, _Mapping]] = ..., world_size: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., hang_timeout_s: _Optional[float] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ..., kernel_report_steps: _Optional[int] = ...) -> None: ...
+    entrypoint: Entrypoint
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., steps: _Optional[int] = ..., global_batch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., precision: _Optional[str] = ..., recompute: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointPolicy, _Mapping]] = ..., world_size: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., hang_timeout_s: _Optional[float] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ..., kernel_report_steps: _Optional[int] = ..., entrypoint: _Optional[_Union[Entrypoint, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "spec", "state", "step", "checkpoint_step", "restarts", "submitted_ns", "started_ns", "ended_ns", "message", "loss", "tokens_per_s", "queue_position")

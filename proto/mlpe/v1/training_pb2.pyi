@@ -7,7 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TrainStep(_message.Message):
-    __slots__ = ("job_id", "rank", "world_size", "step", "time_ns", "loss", "tokens_per_s", "step_time_s", "mem_allocated_bytes", "mem_reserved_bytes", "grad_norm", "learning_rate", "node_id", "gpu_index", "micro_batches", "halt")
+    __slots__ = ("job_id", "rank", "world_size", "step", "time_ns", "loss", "tokens_per_s", "step_time_s", "mem_allocated_bytes", "mem_reserved_bytes", "grad_norm", "learning_rate", "node_id", "gpu_index", "micro_batches", "halt", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +31,7 @@ class TrainStep(_message.Message):
     GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     HALT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     rank: int
     world_size: int
@@ -40,7 +48,8 @@ class TrainStep(_message.Message):
     gpu_index: int
     micro_batches: int
     halt: str
-    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., time_ns: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., step_time_s: _Optional[float] = ..., mem_allocated_bytes: _Optional[int] = ..., mem_reserved_bytes: _Optional[int] = ..., grad_norm: _Optional[float] = ..., learning_rate: _Optional[float] = ..., node_id: _Optional[str] = ..., gpu_index: _Optional[int] = ..., micro_batches: _Optional[int] = ..., halt: _Optional[str] = ...) -> None: ...
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., time_ns: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., step_time_s: _Optional[float] = ..., mem_allocated_bytes: _Optional[int] = ..., mem_reserved_bytes: _Optional[int] = ..., grad_norm: _Optional[float] = ..., learning_rate: _Optional[float] = ..., node_id: _Optional[str] = ..., gpu_index: _Optional[int] = ..., micro_batches: _Optional[int] = ..., halt: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class KernelTiming(_message.Message):
     __slots__ = ("op", "direction", "calls", "total_ms", "p50_ms", "p99_ms", "max_ms", "bytes_moved")

@@ -23,6 +23,7 @@ from mlpe.common.topics import (
     HOST_METRICS,
     INVENTORY,
     KERNEL_EVENTS,
+    PLACEMENT,
     TRAIN_EVENTS,
 )
 from mlpe.v1 import alerts_pb2, deadletter_pb2, metrics_pb2, training_pb2
@@ -33,6 +34,7 @@ MESSAGE_TYPES = {
     ALERTS.name: alerts_pb2.Alert,
     DEAD_LETTER.name: deadletter_pb2.DeadLetter,
     INVENTORY.name: metrics_pb2.NodeInventory,
+    PLACEMENT.name: training_pb2.JobPlacement,
 }
 
 
@@ -51,9 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def describe(topic: str, key: bytes | None, value: bytes) -> dict:
+def describe(topic: str, key: bytes | None, value: bytes | None) -> dict:
     """A message as a plain dict; undecodable input becomes {"error": why}."""
     out: dict = {"topic": topic, "key": key.decode(errors="replace") if key else None}
+    if value is None:  # a compacted topic's deletion of `key`
+        return {**out, "tombstone": True}
     if topic in (GPU_METRICS.name, HOST_METRICS.name):
         try:
             b = batches.decode(value)

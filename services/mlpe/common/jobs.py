@@ -3,7 +3,8 @@
 - `GPTConfig` and `PRESETS`: the worker's model shapes, without torch (the controller
   validates specs with them and must start quickly; the optimizer models them).
 - `resolve(spec)`: a JobSpec with its defaults filled in and every bad field named, as
-  the plain dict the worker runs; `model_config` turns it into a GPTConfig.
+  the plain dict the worker runs; `model_config` turns it into a GPTConfig. A script
+  job (`entrypoint`) keeps the built-in fields at their defaults, unused.
 - `JobKeys`: the Redis keys the controller and its workers share, under a namespace
   (Settings.control_namespace) so controllers sharing one Redis keep apart.
 """
@@ -100,8 +101,53 @@ def _model(m: control_pb2.ModelSpec, recompute: str, problems: list[str]) -> dic
     return fields
 
 
+# Set by the launcher for every rank; a script job's env may not override them.
+RESERVED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID", "PYTHONPATH")
+BUILTIN_ONLY = ("model", "data", "optimizer", "global_batch", "micro_batch", "precision",
+                "recompute", "seed")
+
+
+def _entrypoint(spec: control_pb2.JobSpec, world: int, problems: list[str]) -> dict | None:
+    """A script job's entry point (paths are checked by the controller, which knows its
+    filesystem and allowed roots), or None for the built-in model."""
+    if not spec.HasField("entrypoint"):
+        return None
+    e = spec.entrypoint
+    for name in BUILTIN_ONLY:
+        present = spec.HasField(name) if name in ("model", "data", "optimizer") else \
+            bool(getattr(spec, name))
+        if present:
+            problems.append(f"{name}: only for the built-in model; a script job "
+                            "(entrypoint) brings its own")
+    if bool(e.script) == bool(e.module):
+        problems.append("entrypoint: exactly one of script and module, got "
+                        + ("both" if e.script else "neither"))
+    if e.module and not all(part.isidentifier() for part in e.module.split(".")):
+        problems.append(f"entrypoint.module: {e.module!r} is not a dotted module name")
+    if e.module and not e.working_dir:
+        problems.append("entrypoint.working_dir: required with entrypoint.module")
+    for i, arg in enumerate(e.args):
+        if "\0" in arg:
+            problems.append(f"entrypoint.args[{i}]: contains a NUL byte")
+    for key, value in e.env.items():
+        if not key.isidentifier() or not key.isascii():
+            problems.append(f"entrypoint.env: {key!r} is not a variable name")
+        elif key in RESERVED_ENV or key.startswith(("MLPE_", "TORCHELASTIC_")):
+            problems.append(f"entrypoint.env: {key} is set by mlpe's launcher")
+        if "\0" in value:
+            problems.append(f"entrypoint.env[{key}]: contains a NUL byte")
+    if e.nproc_per_node < 0 or e.nproc_per_node not in (0, world):
+        problems.append(f"entrypoint.nproc_per_node: this controller launches one node, so "
+                        f"it must be 0 or world_size ({world}), got {e.nproc_per_node}")
+    return {"script": e.script, "module": e.module, "args": list(e.args),
+            "working_dir": e.working_dir, "env": dict(e.env), "nproc_per_node": world}
+
+
 def resolve(spec: control_pb2.JobSpec) -> tuple[dict, list[str]]:
     problems: list[str] = []
+    entrypoint = _entrypoint(spec, spec.world_size or 1, problems)
     recompute = spec.recompute or "none"
     if recompute not in RECOMPUTE:
         problems.append(f"recompute: one of {', '.join(RECOMPUTE)}, got {recompute!r}")
@@ -120,7 +166,9 @@ def resolve(spec: control_pb2.JobSpec) -> tuple[dict, list[str]]:
     world = spec.world_size or 1
     micro = spec.micro_batch or 1
     global_batch = spec.global_batch or micro * world
-    if not 1 <= spec.steps <= MAX_STEPS:
+    if entrypoint is not None and spec.steps == 0:
+        pass  # a script decides how long it runs
+    elif not 1 <= spec.steps <= MAX_STEPS:
         problems.append(f"steps: between 1 and {MAX_STEPS:,}, got {spec.steps}")
     if world < 1 or world > 64:
         problems.append(f"world_size: between 1 and 64, got {spec.world_size}")
@@ -183,7 +231,7 @@ def resolve(spec: control_pb2.JobSpec) -> tuple[dict, list[str]]:
                 "optimizer": optimizer, "checkpoint": checkpoint,
                 "priority": spec.priority, "max_restarts": spec.max_restarts,
                 "hang_timeout_s": hang, "device": device, "seed": spec.seed,
-                "kernel_report_steps": spec.kernel_report_steps}
+                "kernel_report_steps": spec.kernel_report_steps, "entrypoint": entrypoint}
     return resolved, problems
 
 

@@ -12,7 +12,8 @@ import sys
 
 import structlog
 
-_SECRET_KEY = re.compile(r"token|password|secret|webhook|authorization|api_key", re.I)
+_SECRET_KEY = re.compile(r"token|password|passwd|secret|webhook|authorization|api_?key|"
+                         r"credential|private", re.I)
 _secret_values: set[str] = set()
 
 
@@ -22,15 +23,21 @@ def register_secret(value: str | None) -> None:
         _secret_values.add(value)
 
 
-def redact(text: str) -> str:
-    for value in _secret_values:
+def looks_secret(name: str) -> bool:
+    """Whether a field or variable named `name` likely holds a secret (WANDB_API_KEY, …)."""
+    return bool(_SECRET_KEY.search(name))
+
+
+def redact(text: str, extra: tuple[str, ...] | list[str] = ()) -> str:
+    """`text` with every registered secret value, and each of `extra`, masked."""
+    for value in (*_secret_values, *(v for v in extra if v and len(v) >= 6)):
         text = text.replace(value, "***")
     return text
 
 
 def _redact_processor(_logger, _method, event_dict: dict) -> dict:
     for key, value in list(event_dict.items()):
-        if _SECRET_KEY.search(key) and value is not None:
+        if looks_secret(key) and value is not None:
             event_dict[key] = "***"
         elif isinstance(value, str):
             event_dict[key] = redact(value)

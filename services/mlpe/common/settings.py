@@ -103,6 +103,15 @@ def _optional_path(env: Mapping[str, str], name: str) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def _roots(env: Mapping[str, str], name: str, default: str) -> tuple[Path, ...]:
+    value = env.get(name, default).strip()
+    roots = tuple(Path(part).expanduser() for part in value.split(os.pathsep) if part.strip())
+    for root in roots:
+        if not root.is_absolute():
+            raise SettingsError(f"{name}: {str(root)!r} is not an absolute path")
+    return roots
+
+
 def _size(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name, default).strip().lower()
     digits = value[:-1] if value[-1:] in "kmg" else value
@@ -146,6 +155,7 @@ class Settings:
     control_tls_key: Path | None
     control_tls_ca: Path | None    # clients: CA that signed the server's certificate
 
+    control_script_roots: tuple[Path, ...]  # script jobs may only run code under these
     optimizer_port: int       # mlpe optimizer's gRPC port
 
     notify_routes: str        # routes YAML ("" = everything to the default route)
@@ -154,7 +164,9 @@ class Settings:
     notify_redis_prefix: str  # prefix of the notifier's Redis keys (dedup, groups)
     slack_webhook_url: str | None = field(repr=False)  # the default route's webhook
 
-    job_id: str               # agent: the training job this node's GPUs belong to
+    job_id: str               # agent: the training job this node's GPUs belong to;
+                              # mlpe.sdk: the job this rank is part of (set by the launcher)
+    job_dir: Path | None      # mlpe.sdk: the job's folder (spec, checkpoints); None = unmanaged
     worker_fault: str         # worker: fault injection for tests, hang@STEP[:RANK]
     # Variables a routes file names for its webhooks; read through `secret()`.
     environment: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
@@ -255,6 +267,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         control_tls_cert=cert,
         control_tls_key=key,
         control_tls_ca=_optional_path(env, "MLPE_CONTROL_TLS_CA"),
+        control_script_roots=_roots(env, "MLPE_CONTROL_SCRIPT_ROOTS", str(Path.home())),
         optimizer_port=_port(env, "MLPE_OPTIMIZER_PORT", 50051),
         notify_routes=env.get("MLPE_NOTIFY_ROUTES", "").strip(),
         notify_group_id=_text(env, "MLPE_NOTIFY_GROUP_ID", "mlpe-notify"),
@@ -263,5 +276,6 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         slack_webhook_url=_secret_url(env, "MLPE_SLACK_WEBHOOK_URL", "SLACK_WEBHOOK_URL"),
         job_id=env.get("MLPE_JOB_ID", "").strip(),
         worker_fault=env.get("MLPE_WORKER_FAULT", "").strip(),
+        job_dir=_optional_path(env, "MLPE_JOB_DIR"),
         environment=dict(env),
     )

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where job folders go (default: <state dir>/jobs)")
     p.add_argument("--listen", default=None,
                    help="address to serve on (default 0.0.0.0:$MLPE_CONTROL_PORT)")
+    p.add_argument("--standby", type=int, default=1, metavar="N",
+                   help="launchers kept ready with torch imported, so a launch or restart "
+                   "forks ranks instead of starting interpreters (default 1; 0 = none)")
     p.set_defaults(func=run)
 
 
@@ -45,19 +48,36 @@ def server_credentials(settings: Settings):
         raise SettingsError(f"TLS certificate or key unreadable: {err}") from None
 
 
-def alert_sender(settings: Settings, log):
-    """An async callable publishing a job alert to mlpe.alerts (best effort: a Kafka
-    outage is logged, never allowed to stall the supervisor)."""
-    from aiokafka import AIOKafkaProducer
+class KafkaEvents:
+    """What the controller publishes: job alerts to mlpe.alerts and job placements to
+    mlpe.placement. Best effort: a Kafka outage is logged, never allowed to stall the
+    supervisor (a placement missed is published again at the next launch)."""
 
-    from mlpe.common.alerts import CRITICAL, WARNING, build
-    from mlpe.common.topics import ALERTS
+    def __init__(self, settings: Settings, log):
+        self.settings, self.log = settings, log
+        self.producer = None
 
-    producer: AIOKafkaProducer | None = None
+    async def _send(self, topic: str, key: bytes, value: bytes, job_id: str) -> None:
+        from aiokafka import AIOKafkaProducer
 
-    async def send(record: dict, reason: str) -> None:
-        nonlocal producer
+        try:
+            if self.producer is None:
+                self.producer = AIOKafkaProducer(
+                    bootstrap_servers=self.settings.kafka_bootstrap)
+                await asyncio.wait_for(self.producer.start(), 5)
+            await asyncio.wait_for(self.producer.send_and_wait(topic, value, key=key), 5)
+        except Exception as err:  # noqa: BLE001 - best effort, see the class docstring
+            self.log.warning("not published", topic=topic, error=str(err), job=job_id)
+            if self.producer is not None:
+                with contextlib.suppress(Exception):
+                    await self.producer.stop()
+            self.producer = None
+
+    async def alert(self, record: dict, reason: str) -> None:
         import time
+
+        from mlpe.common.alerts import CRITICAL, WARNING, build
+        from mlpe.common.topics import ALERTS
 
         failed = "the job failed" in reason
         now = time.time_ns()
@@ -68,20 +88,28 @@ def alert_sender(settings: Settings, log):
                       f"job {record['job_id']} {'failed' if failed else 'restarted'}",
                       f"{reason}; restarts {record['restarts']} of "
                       f"{record['resolved']['max_restarts']}, last step {record['step']}")
-        try:
-            if producer is None:
-                producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
-                await asyncio.wait_for(producer.start(), 5)
-            await asyncio.wait_for(producer.send_and_wait(
-                ALERTS.name, alert.SerializeToString(), key=alert.fingerprint.encode()), 5)
-        except Exception as err:  # noqa: BLE001 - alerts are best effort here
-            log.warning("alert not published", error=str(err), job=record["job_id"])
-            if producer is not None:
-                with contextlib.suppress(Exception):
-                    await producer.stop()
-            producer = None
+        await self._send(ALERTS.name, alert.fingerprint.encode(), alert.SerializeToString(),
+                         record["job_id"])
 
-    return send
+    async def placement(self, job_id: str, ranks: dict, ended: bool) -> None:
+        import socket
+        import time
+
+        from mlpe.common.topics import PLACEMENT
+        from mlpe.v1 import training_pb2
+
+        node = socket.gethostname()  # the launcher runs here; agents name nodes so too
+        message = training_pb2.JobPlacement(job_id=job_id, node_id=node,
+                                            time_ns=time.time_ns(), ended=ended)
+        for rank, p in sorted(ranks.items(), key=lambda kv: int(kv[0])):
+            message.ranks.add(rank=int(rank), local_rank=int(rank), pid=p["pid"])
+        await self._send(PLACEMENT.name, f"{node}/{job_id}".encode(),
+                         message.SerializeToString(), job_id)
+
+    async def close(self) -> None:
+        if self.producer is not None:
+            with contextlib.suppress(Exception):
+                await self.producer.stop()
 
 
 def run(args, settings: Settings) -> int:
@@ -102,6 +130,8 @@ async def _run(args, settings: Settings) -> int:
         args.slots = default_slots()
     if args.slots < 1:
         raise SettingsError(f"--slots must be ≥ 1, got {args.slots}")
+    if not 0 <= args.standby <= 16:
+        raise SettingsError(f"--standby must be between 0 and 16, got {args.standby}")
     token = control_token(settings, create=True)
     logs.register_secret(token)
     credentials = server_credentials(settings)
@@ -113,10 +143,13 @@ async def _run(args, settings: Settings) -> int:
                   url=settings.redis_url, error=str(err))
         return 1
     store = JobStore(client, JobKeys(settings.control_namespace))
+    kafka = KafkaEvents(settings, log)
     supervisor = Supervisor(store, args.jobs_dir or settings.state_dir / "jobs", args.slots,
-                            alerts=alert_sender(settings, log))
+                            alerts=kafka.alert, placements=kafka.placement,
+                            standbys=args.standby)
     listen = args.listen or f"0.0.0.0:{settings.control_port}"
-    server, port = await serve(store, supervisor, token, listen, credentials)
+    server, port = await serve(store, supervisor, token, listen, credentials,
+                               settings.control_script_roots)
     log.info("control serving", address=listen, port=port, slots=args.slots,
              tls=credentials is not None)
     stop = asyncio.Event()
@@ -126,6 +159,7 @@ async def _run(args, settings: Settings) -> int:
     await supervise(supervisor, stop)
     await server.stop(grace=5)
     supervisor.detach()
+    await kafka.close()
     await client.aclose()
     log.info("control stopped; running jobs keep running and are re-attached on restart")
     return 0

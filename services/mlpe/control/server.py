@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import hmac
 import logging
+from pathlib import Path
 
 import grpc
 from redis.exceptions import ResponseError
 
 from mlpe.common import jobs as job_spec
 from mlpe.common.grpc_server import start_server
+from mlpe.control import scripts
 from mlpe.control.store import (
     CANCELLED,
     ENDED,
@@ -31,8 +33,10 @@ SERVICE = control_pb2.DESCRIPTOR.services_by_name["TrainingControl"].full_name
 
 
 class TrainingControl(control_pb2_grpc.TrainingControlServicer):
-    def __init__(self, store: JobStore, supervisor: Supervisor, token: str):
+    def __init__(self, store: JobStore, supervisor: Supervisor, token: str,
+                 script_roots: tuple[Path, ...] = ()):
         self.store, self.supervisor, self.token = store, supervisor, token
+        self.script_roots = script_roots
 
     # -- helpers ----------------------------------------------------------------------
     async def _authorize(self, context, what: str, job_id: str = "") -> str:
@@ -74,6 +78,8 @@ class TrainingControl(control_pb2_grpc.TrainingControlServicer):
     async def SubmitJob(self, request, context):
         who = await self._authorize(context, "SubmitJob")
         resolved, problems = job_spec.resolve(request.spec)
+        if resolved["entrypoint"] is not None and not problems:
+            problems += scripts.check(resolved["entrypoint"], self.script_roots)
         if resolved["world_size"] > self.supervisor.slots:
             problems.append(f"world_size: {resolved['world_size']} ranks, but this controller "
                             f"has {self.supervisor.slots} slot(s)")
@@ -107,7 +113,13 @@ class TrainingControl(control_pb2_grpc.TrainingControlServicer):
 
     async def PauseJob(self, request, context):
         who = await self._authorize(context, "PauseJob", request.job_id)
-        await self._record(request.job_id, context)
+        record = await self._record(request.job_id, context)
+        if record["state"] == RUNNING and record["launch"] and \
+                not await self.store.progress(request.job_id):
+            msg = (f"job {request.job_id}'s ranks do not report through mlpe.sdk (yet), so "
+                   "they cannot be told to pause; cancel it, or use run.poll() in the script")
+            await self.store.audit(who, "PauseJob", request.job_id, f"refused: {msg}")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, msg)
         await self._move(context, who, "PauseJob", request.job_id, PAUSED, "paused by " + who)
         await self.store.control(request.job_id, pause=1)
         return await self._job(request.job_id)
@@ -172,9 +184,10 @@ class TrainingControl(control_pb2_grpc.TrainingControlServicer):
 
 
 async def serve(store: JobStore, supervisor: Supervisor, token: str, address: str,
-                credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
+                credentials: grpc.ServerCredentials | None = None,
+                script_roots: tuple[Path, ...] = ()) -> tuple[grpc.aio.Server, int]:
     """Start the server (control, health, reflection); returns it and its bound port."""
-    servicer = TrainingControl(store, supervisor, token)
+    servicer = TrainingControl(store, supervisor, token, script_roots)
     return await start_server(address, SERVICE, lambda server: control_pb2_grpc.
                               add_TrainingControlServicer_to_server(servicer, server),
                               credentials)

@@ -13,6 +13,7 @@ import time
 import redis.asyncio as redis
 
 from mlpe.common.jobs import JobKeys
+from mlpe.common.logs import looks_secret
 from mlpe.v1 import control_pb2
 
 S = control_pb2.JobState
@@ -139,8 +140,13 @@ class JobStore:
 
 
 def to_proto(record: dict, queue_position: int = 0) -> control_pb2.Job:
+    """The job as the API shows it: a script job's secret-looking env values masked
+    (GetJob and ListJobs need no token)."""
     spec = control_pb2.JobSpec()
     spec.ParseFromString(record["spec"])
+    for key in spec.entrypoint.env:
+        if looks_secret(key):
+            spec.entrypoint.env[key] = "***"
     return control_pb2.Job(
         job_id=record["job_id"], spec=spec, state=record["state"], step=record["step"],
         checkpoint_step=record["checkpoint_step"], restarts=record["restarts"],

@@ -1,11 +1,17 @@
-"""Launches jobs with torchrun, watches them, restarts them from their last checkpoint.
+"""Launches jobs, watches them, restarts them from their last checkpoint.
 
-Every tick (0.25 s): each launched job's workers are checked — the torchrun process and
-every rank's pid alive, every rank's last step recent enough (hang watch) — and its
-progress copied into the job record and the event log; then queued jobs start in
-priority order while slots (one per rank) are free. A crashed or hung job has its whole
-process group killed and is launched again (all ranks, from the newest good checkpoint)
-until max_restarts is spent; each restart is an event and an alert.
+A job's ranks are started by `mlpe.worker.launch` (torchrun's environment, forked from a
+standby that has already imported torch, so a restart costs a fork instead of an
+interpreter start and torch import per rank). Every job, built-in or script, is an
+entry point: the built-in model is the module `mlpe.worker.main`.
+
+Every tick (0.25 s): each launched job's workers are checked — the launcher and every
+rank's pid alive, every rank's last step recent enough (hang watch, for ranks that
+report through mlpe.sdk) — and its progress copied into the job record and the event
+log; then queued jobs start in priority order while slots (one per rank) are free. A
+crashed or hung job has its ranks killed and is launched again (all ranks, from the
+newest good checkpoint) until max_restarts is spent; each restart is an event and an
+alert. A failure's message ends with the last lines of the failed rank's output.
 
 Launch facts (pid and its /proc start time) are kept in Redis, so a restarted
 controller re-attaches to workers that are still running, or restarts them.
@@ -23,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from mlpe.common.logs import looks_secret, redact
 from mlpe.common.process import pid_alive, signal_group, start_ticks
 from mlpe.control.store import (
     CANCELLED,
@@ -41,18 +48,40 @@ TICK_S = 0.25
 STARTUP_GRACE_S = 60.0    # before a rank's first step: imports, rendezvous, checkpoint load
 CANCEL_GRACE_S = 10.0     # a cancelled job's workers get this long to stop by themselves
 STEP_EVENT_EVERY_S = 0.5  # step events in the log at most this often per job
+STANDBY_DELAY_S = 10.0    # after a launch, before the next standby starts importing torch
+                          # (it would slow the ranks just launched on a small machine)
+OUTPUT_TAIL_LINES = 15    # of a failed rank's output, in the job's message
+BUILTIN = {"script": "", "module": "mlpe.worker.main", "args": [], "env": {}}
+
+
+def output_tail(path: Path, secrets: list[str], lines: int = OUTPUT_TAIL_LINES) -> str:
+    """The last lines of a rank's output, secrets masked, at most 2,000 characters."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 16_384))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    tail = "\n".join(text.rstrip().splitlines()[-lines:])
+    return redact(tail, secrets)[-2000:]
 
 
 class Supervisor:
     def __init__(self, store: JobStore, jobs_root: Path, slots: int, *, alerts=None,
-                 python: str = sys.executable, env: dict | None = None):
+                 placements=None, python: str = sys.executable, env: dict | None = None,
+                 standbys: int = 1):
         self.store, self.jobs_root, self.slots = store, Path(jobs_root), slots
         self.alerts = alerts              # async callable(job record, reason) or None
+        self.placements = placements      # async callable(job id, ranks, ended) or None
         self.python, self.env = python, env
         self.children: dict[str, subprocess.Popen] = {}
         self.active: dict[str, int] = {}  # job id -> ranks it holds
         self.last_step_event: dict[str, float] = {}
         self.cancelled_at: dict[str, float] = {}
+        self.placed: dict[str, int] = {}  # job id -> attempt whose placement is published
+        self.noted_no_sdk: set[str] = set()
+        self.standby_count, self.standbys = standbys, []
+        self.standby_due = 0.0
 
     def free_slots(self) -> int:
         return self.slots - sum(self.active.values())
@@ -61,22 +90,56 @@ class Supervisor:
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_root / job_id
 
+    def attempt_dir(self, job_id: str, attempt: int) -> Path:
+        return self.job_dir(job_id) / "logs" / f"attempt-{attempt}"
+
+    def _start_standby(self) -> subprocess.Popen:
+        self.jobs_root.mkdir(parents=True, exist_ok=True)
+        with open(self.jobs_root / "standby.log", "ab") as out:
+            return subprocess.Popen([self.python, "-m", "mlpe.worker.launch"],
+                                    stdin=subprocess.PIPE, stdout=out,
+                                    stderr=subprocess.STDOUT, env=self.env,
+                                    start_new_session=True)  # its own group: killable
+
+    def keep_standby(self) -> None:
+        """Keep `standby_count` launchers importing torch ahead of need, but never right
+        after a launch (they would compete with the ranks starting up)."""
+        self.standbys = [p for p in self.standbys if p.poll() is None]
+        if len(self.standbys) < self.standby_count and time.monotonic() >= self.standby_due:
+            self.standbys.append(self._start_standby())
+
+    def _hand_over(self, line: bytes) -> subprocess.Popen:
+        """Give the job to a standby (a fresh launcher if none is alive)."""
+        while self.standbys:
+            child = self.standbys.pop(0)
+            if child.poll() is None:
+                try:
+                    child.stdin.write(line)
+                    child.stdin.close()
+                    return child
+                except (BrokenPipeError, OSError):
+                    child.kill()
+        child = self._start_standby()
+        child.stdin.write(line)
+        child.stdin.close()
+        return child
+
     async def launch(self, record: dict, reason: str) -> None:
         job_id, spec = record["job_id"], record["resolved"]
         job_dir = self.job_dir(job_id)
-        (job_dir / "logs").mkdir(parents=True, exist_ok=True)
+        attempt = (record["launch"] or {}).get("attempt", 0) + 1
+        log_dir = self.attempt_dir(job_id, attempt)
+        log_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "spec.json").write_text(json.dumps(spec, indent=1))
         await self.store.clear_progress(job_id)
         await self.store.control(job_id, pause=int(record["state"] == PAUSED), stop=0)
-        attempt = (record["launch"] or {}).get("attempt", 0) + 1
-        cmd = [self.python, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={spec['world_size']}", "--max-restarts=0",
-               "--monitor-interval=0.2", "-m", "mlpe.worker.main", "--job", job_id,
-               "--job-dir", str(job_dir)]
-        with open(job_dir / "logs" / f"attempt-{attempt}.log", "ab") as out:
-            child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env,
-                                     start_new_session=True)  # its own group: killable
+        entry = spec.get("entrypoint") or BUILTIN
+        job = {"job_id": job_id, "job_dir": str(job_dir), "log_dir": str(log_dir),
+               "nproc": spec["world_size"], "script": entry["script"],
+               "module": entry["module"], "args": entry["args"],
+               "working_dir": entry.get("working_dir") or str(job_dir), "env": entry["env"]}
+        child = self._hand_over((json.dumps(job) + "\n").encode())
+        self.standby_due = time.monotonic() + STANDBY_DELAY_S
         self.children[job_id] = child
         self.active[job_id] = spec["world_size"]
         launch = {"pid": child.pid, "start_ticks": start_ticks(child.pid),
@@ -85,12 +148,24 @@ class Supervisor:
         if not record["started_ns"]:
             fields["started_ns"] = time.time_ns()
         await self.store.update(job_id, **fields)
+        record["launch"] = launch
         if record["state"] == QUEUED:
             await self.store.move(job_id, RUNNING, reason)
         else:
             await self.store.event(job_id, "launch", state=record["state"], message=reason)
         log.info("job %s: launched attempt %d (pid %d): %s", job_id, attempt, child.pid,
                  reason)
+
+    def ranks(self, job_id: str, launch: dict | None) -> dict:
+        """The launcher's ranks.json of the current attempt: {"ranks": {rank: {pid,
+        start_ticks}}, "failure": {...}}; {} before the ranks are forked."""
+        if not launch:
+            return {}
+        try:
+            return json.loads((self.attempt_dir(job_id, launch["attempt"]) /
+                               "ranks.json").read_text())
+        except (OSError, ValueError):
+            return {}
 
     def _launcher_alive(self, job_id: str, launch: dict | None) -> bool:
         child = self.children.get(job_id)
@@ -99,11 +174,13 @@ class Supervisor:
         return bool(launch) and pid_alive(launch["pid"], launch.get("start_ticks"))
 
     async def kill(self, job_id: str, launch: dict | None, sig: int = signal.SIGKILL) -> None:
-        """Signal torchrun's process group and every rank's: torchrun starts each worker
-        in a session of its own, so killing torchrun alone would leave them running."""
+        """Signal the launcher's process group and every rank's: each rank runs in a
+        session of its own, so killing the launcher alone would leave them running."""
         if launch and pid_alive(launch["pid"], launch.get("start_ticks")):
             signal_group(launch["pid"], sig)
-        for p in (await self.store.progress(job_id)).values():
+        pids = list((await self.store.progress(job_id)).values())
+        pids += self.ranks(job_id, launch).get("ranks", {}).values()
+        for p in pids:
             if pid_alive(p.get("pid", 0), p.get("start_ticks")):
                 signal_group(p["pid"], sig)
         child = self.children.get(job_id)
@@ -115,6 +192,11 @@ class Supervisor:
         self.active.pop(job_id, None)
         self.last_step_event.pop(job_id, None)
         self.cancelled_at.pop(job_id, None)
+        self.noted_no_sdk.discard(job_id)
+
+    async def _end_placement(self, job_id: str) -> None:
+        if self.placed.pop(job_id, None) is not None and self.placements is not None:
+            await self.placements(job_id, {}, True)
 
     # -- startup ----------------------------------------------------------------------
     async def reattach(self) -> None:
@@ -143,6 +225,7 @@ class Supervisor:
                 continue
             await self.watch(record)
         await self.schedule()
+        self.keep_standby()
 
     async def schedule(self) -> None:
         for job_id in await self.store.queued():
@@ -158,6 +241,7 @@ class Supervisor:
         job_id, launch = record["job_id"], record["launch"]
         progress = await self.store.progress(job_id)
         await self.sync_progress(record, progress)
+        await self.sync_placement(record)
         alive = self._launcher_alive(job_id, launch)
         if record["state"] == CANCELLED:
             first = self.cancelled_at.setdefault(job_id, time.monotonic())
@@ -165,38 +249,71 @@ class Supervisor:
                 await self.kill(job_id, launch)
             elif not alive:
                 self.forget(job_id)
+                await self._end_placement(job_id)
             return
         if record["state"] in ENDED:
             await self.kill(job_id, launch)
             self.forget(job_id)
+            await self._end_placement(job_id)
             return
         rank0 = progress.get(0, {})
         if not alive:
-            self.children.pop(job_id, None)
-            if rank0.get("state") == "completed":
+            child = self.children.pop(job_id, None)
+            code = child.returncode if child is not None else None
+            failure = self.ranks(job_id, launch).get("failure")
+            if code == 0 or (code is None and not failure and
+                             rank0.get("state") == "completed"):
                 self.forget(job_id)
-                await self.store.move(job_id, COMPLETED, f"completed {rank0['step']} steps")
+                await self._end_placement(job_id)
+                await self.store.move(job_id, COMPLETED,
+                                      f"completed {rank0['step']} steps" if rank0 else
+                                      "the script exited 0")
+            elif failure:
+                how = (f"was killed by {failure['signal']}" if failure["signal"] else
+                       f"exited with code {failure['exit_code']}")
+                step = progress.get(failure["rank"], {}).get("step")
+                await self.failure(record, f"rank {failure['rank']} (pid {failure['pid']}) "
+                                   f"{how}" + (f" at step {step}" if step is not None else ""),
+                                   self.rank_output(record, failure["rank"]))
             else:
                 states = ", ".join(f"rank {r}: {p.get('state')} at step {p.get('step')}"
                                    for r, p in sorted(progress.items())) or "no rank reported"
-                await self.failure(record, f"workers exited ({states})")
+                await self.failure(record, f"the launcher exited"
+                                   f"{f' with code {code}' if code is not None else ''} "
+                                   f"({states})")
             return
         for rank, p in sorted(progress.items()):
             if p.get("state") not in ("completed", "stopped", "preempted") and \
                     not pid_alive(p.get("pid", 0)):
                 await self.failure(record, f"rank {rank} (pid {p.get('pid')}) died at step "
-                                   f"{p.get('step')}")
+                                   f"{p.get('step')}", self.rank_output(record, rank))
                 return
         if record["state"] == RUNNING:
             await self.check_hang(record, progress)
 
+    def rank_output(self, record: dict, rank: int) -> str:
+        entry = record["resolved"].get("entrypoint") or BUILTIN
+        secrets = [v for k, v in entry["env"].items() if looks_secret(k)]
+        launch = record["launch"] or {}
+        return output_tail(self.attempt_dir(record["job_id"], launch.get("attempt", 0)) /
+                           f"rank-{rank}.log", secrets)
+
     async def check_hang(self, record: dict, progress: dict[int, dict]) -> None:
         spec, launch = record["resolved"], record["launch"]
         now = time.time_ns()
+        since_launch = (now - launch["launched_ns"]) / 1e9
+        if not progress:  # no rank reports through mlpe.sdk (yet): nothing to watch
+            if since_launch > STARTUP_GRACE_S and record["job_id"] not in self.noted_no_sdk:
+                self.noted_no_sdk.add(record["job_id"])
+                await self.store.event(record["job_id"], "note", state=record["state"],
+                                       message="no rank reports progress through mlpe.sdk: "
+                                       "crashes are restarted, but hang detection needs "
+                                       "run.report() in the training loop")
+            return
         for rank in range(spec["world_size"]):
             p = progress.get(rank)
             if p is None:
-                silent = (now - launch["launched_ns"]) / 1e9 - STARTUP_GRACE_S
+                silent = since_launch - STARTUP_GRACE_S
             elif p.get("state") == "starting":  # resumed, not stepping yet: the first
                 # collective waits for every rank, which on a loaded machine takes a while
                 silent = (now - p["time_ns"]) / 1e9 - STARTUP_GRACE_S
@@ -206,6 +323,17 @@ class Supervisor:
                 await self.failure(record, f"rank {rank} made no progress for {silent:.0f} s "
                                    f"(hang_timeout_s {spec['hang_timeout_s']:g})")
                 return
+
+    async def sync_placement(self, record: dict) -> None:
+        """Publish which pids the job's ranks have once the launcher has forked them."""
+        launch, job_id = record["launch"], record["job_id"]
+        if not launch or self.placements is None or self.placed.get(job_id) == \
+                launch["attempt"]:
+            return
+        ranks = self.ranks(job_id, launch).get("ranks")
+        if ranks:
+            self.placed[job_id] = launch["attempt"]
+            await self.placements(job_id, ranks, False)
 
     async def sync_progress(self, record: dict, progress: dict[int, dict]) -> None:
         rank0 = progress.get(0)
@@ -232,11 +360,14 @@ class Supervisor:
             await self.store.update(job_id, **fields)
             record.update(fields)
 
-    async def failure(self, record: dict, reason: str) -> None:
+    async def failure(self, record: dict, reason: str, output: str = "") -> None:
+        """Kill what is left of the job; restart it, or fail it when no restarts remain.
+        `output`: the last lines of the failed rank's output, for the message."""
         job_id = record["job_id"]
         await self.kill(job_id, record["launch"])
         self.children.pop(job_id, None)
         spec = record["resolved"]
+        tail = f"\n--- last output ---\n{output}" if output else ""
         log.warning("job %s: %s", job_id, reason)
         if record["restarts"] < spec["max_restarts"]:
             restarts = record["restarts"] + 1
@@ -245,27 +376,36 @@ class Supervisor:
             await self.store.event(job_id, "restart", state=record["state"],
                                    step=record["step"],
                                    message=f"restart {restarts}/{spec['max_restarts']}: "
-                                   f"{reason}")
+                                   f"{reason}{tail}")
             if self.alerts is not None:
                 await self.alerts(record, reason)
             await self.launch(record, f"restart {restarts} from the last good checkpoint")
             return
         self.forget(job_id)
+        await self._end_placement(job_id)
         with contextlib.suppress(TransitionError):
             await self.store.move(job_id, FAILED, f"{reason}; no restarts left "
-                                  f"(max_restarts {spec['max_restarts']})")
+                                  f"(max_restarts {spec['max_restarts']}){tail}")
         if self.alerts is not None:
             await self.alerts(record, f"{reason}; the job failed")
 
     # -- requests from the API -----------------------------------------------------------
     async def cancel(self, record: dict) -> None:
-        await self.store.control(record["job_id"], stop=1, pause=0)
-        if record["launch"] and record["job_id"] in self.active:
-            self.cancelled_at[record["job_id"]] = time.monotonic()
+        job_id = record["job_id"]
+        await self.store.control(job_id, stop=1, pause=0)
+        if record["launch"] and job_id in self.active:
+            self.cancelled_at[job_id] = time.monotonic()
+            if not await self.store.progress(job_id):  # not on mlpe.sdk: cannot be told
+                await self.kill(job_id, record["launch"], signal.SIGTERM)
 
     def detach(self) -> None:
-        """Leave the workers running: a restarted controller re-attaches to them."""
+        """Leave the workers running: a restarted controller re-attaches to them. The
+        standbys go (their stdin closes; they exit)."""
         self.children.clear()
+        for child in self.standbys:
+            with contextlib.suppress(OSError):
+                child.stdin.close()
+        self.standbys.clear()
 
 
 def default_slots() -> int:

@@ -12,6 +12,8 @@ then its agents and timers, whose bodies are the methods below:
   that stopped stepping.
 - `write_closed_windows`: writes the windows that closed and releases their events,
   which are acknowledged only then (acks.py: why a kill -9 loses no window).
+- `follow_placements`: all of mlpe.placement, in every worker, so `aggregate` can give
+  a GPU batch without a job the job whose processes run on that GPU (placement.py).
 Table state is in changelog topics: a restarted worker resumes it instead of
 re-learning. Anything undecodable or invalid goes to the dead-letter topic with the
 reason (decoding.py). The rest of what a worker remembers is one StreamState.
@@ -27,6 +29,8 @@ import time
 
 import faust
 import numpy as np
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from faust.types import TP
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -38,6 +42,7 @@ from mlpe.common.topics import (
     GPU_METRICS,
     GPU_SECONDS,
     HOST_METRICS,
+    PLACEMENT,
     TRAIN_EVENTS,
     of_app,
 )
@@ -47,6 +52,7 @@ from mlpe.stream.decoding import (
     StepRow,
     gpu_second_reports,
     parse_batch,
+    parse_placement,
     parse_report,
     parse_step,
 )
@@ -61,6 +67,8 @@ log = logging.getLogger("mlpe.stream")
 # Detector state in tables: plain JSON both ways (no model types: Faust would look for
 # Record.from_data on recovery).
 TABLE_SCHEMA = faust.Schema(key_serializer="json", value_serializer="json")
+PLACEMENT_WAIT_S = 30.0  # the longest the first batch waits for mlpe.placement to be read
+PLACEMENT_RETRY_S = 5.0  # Kafka or the topic not there yet: look again this often
 
 
 def _raw_topic(app: faust.App, *names: str, **options) -> faust.TopicT:
@@ -129,8 +137,10 @@ class StreamApp:
         self.train_steps = app.agent(self.train_topic)(self.train_steps)
         app.timer(interval=1.0)(self.watch_stalls)
         app.task(self.write_closed_windows)
+        app.task(self.follow_placements)
         app.timer(interval=10.0)(self.log_stats)
         app.on_partitions_revoked.connect(self.forget_revoked)
+        app.on_partitions_assigned.connect(self.expect_placements)
 
     # Agents.
 
@@ -138,12 +148,15 @@ class StreamApp:
         """Metric batches into windows, and their events and rule breaches as alerts."""
         state = self.state
         async for event in stream.noack().events():
+            if state.placements_loaded is not None and not state.placements_loaded.is_set():
+                await self.wait_for_placements()
             try:
                 batch = parse_batch(event.value)
             except batches.BatchError as err:
                 await self.dead_letter(event, str(err))
                 state.ack_queues.ack_in_order(event)
                 continue
+            batch.job_id = state.placements.job_of(batch)  # what windows and reports carry
             await self.publish([
                 *events_detector.detect(batch, time.time_ns(), state.throttle_masks),
                 *rules.evaluate(self.rules, state.rule_states, batch)])
@@ -276,6 +289,85 @@ class StreamApp:
             for hold in window.tokens:
                 hold.release()
 
+    async def follow_placements(self) -> None:
+        """Read all of mlpe.placement into state.placements: from its start, then as it
+        grows; a broken session starts over. A plain consumer without a group, assigned
+        every partition: a node's GPU batches may go to any worker, so every worker needs
+        every placement, and a group would split the partitions between workers instead.
+        It commits nothing: the topic is small and compacted, a restart reads it again.
+        Not a Faust GlobalTable: that takes the topic for its own changelog (Faust's
+        serialization, written to on every change) and makes the worker's start wait on
+        its recovery."""
+        state = self.state
+        if state.placements_loaded is None:
+            state.placements_loaded = asyncio.Event()
+        while not self.app.should_stop:
+            try:
+                await self.read_placements(state.placements_loaded)
+            except KafkaError as err:
+                log.warning("reading %s: %s; again in %g s", PLACEMENT.name, err,
+                            PLACEMENT_RETRY_S)
+            await asyncio.sleep(PLACEMENT_RETRY_S)
+
+    async def read_placements(self, loaded: asyncio.Event) -> None:
+        """One consumer session over mlpe.placement; sets `loaded` once at its end."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+                                    group_id=None, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            numbers = consumer.partitions_for_topic(PLACEMENT.name)
+            if not numbers:
+                log.warning("no topic %s yet (`mlpe stack up` makes it): GPU metrics carry "
+                            "only the agents' own job ids", PLACEMENT.name)
+                loaded.set()
+                return
+            parts = [TopicPartition(PLACEMENT.name, n) for n in sorted(numbers)]
+            consumer.assign(parts)
+            await consumer.seek_to_beginning(*parts)
+            ends = await consumer.end_offsets(parts)
+            while not self.app.should_stop:
+                if not loaded.is_set() and all(
+                        [await consumer.position(tp) >= ends[tp] for tp in parts]):
+                    log.info("%s read: %d nodes with placed pids", PLACEMENT.name,
+                             len(self.state.placements.pids))
+                    loaded.set()
+                for records in (await consumer.getmany(*parts, timeout_ms=1000)).values():
+                    for record in records:
+                        await self.take_placement(record)
+        finally:
+            await consumer.stop()
+
+    async def take_placement(self, record) -> None:
+        """One record of mlpe.placement (an aiokafka ConsumerRecord) into the join."""
+        if record.value is None:  # a tombstone: "<node id>/<job id>" is gone
+            node, _, job = (record.key or b"").decode(errors="replace").partition("/")
+            self.state.placements.forget(node, job)
+            return
+        try:
+            placement = parse_placement(record.key, record.value)
+        except ValueError as err:
+            await self.refuse(record, str(err))
+            return
+        self.state.placements.apply(placement)
+        self.state.counters["placements"] += 1
+
+    async def expect_placements(self, app, assigned, **kwargs) -> None:
+        """Sent before the new partitions' records are fetched: from now on `aggregate`
+        waits for the placements (follow_placements may start a little later)."""
+        if self.state.placements_loaded is None:
+            self.state.placements_loaded = asyncio.Event()
+
+    async def wait_for_placements(self) -> None:
+        """Until mlpe.placement is read once: a batch judged before would lose its job
+        (and a window replayed after a restart would be written without its job tag)."""
+        loaded = self.state.placements_loaded
+        try:
+            await asyncio.wait_for(loaded.wait(), PLACEMENT_WAIT_S)
+        except TimeoutError:
+            log.warning("%s not read after %g s; going on without it for now",
+                        PLACEMENT.name, PLACEMENT_WAIT_S)
+            loaded.set()
+
     def backlog(self, partition: Partition) -> bool:
         """Is there unread data on this partition? (Then silence is only us being busy.)"""
         try:
@@ -317,7 +409,11 @@ class StreamApp:
             self.state.counters["alerts"] += 1
 
     async def dead_letter(self, event, reason: str) -> None:
-        message = event.message
+        await self.refuse(event.message, reason)
+
+    async def refuse(self, message, reason: str) -> None:
+        """`message` (a Faust message or an aiokafka record: topic, partition, offset,
+        key, value) to the dead-letter topic with the reason."""
         refused_at = Timestamp()
         refused_at.GetCurrentTime()
         letter = deadletter_pb2.DeadLetter(

@@ -1,4 +1,5 @@
-"""The stream's inputs as checked values: metric batches, GPU-seconds reports, TrainSteps.
+"""The stream's inputs as checked values: metric batches, GPU-seconds reports, TrainSteps,
+JobPlacements.
 
 Pure functions, no Faust. Each parser raises (BatchError or ValueError) with a reason
 fit for the dead-letter topic: an input that cannot be true is refused, not guessed at.
@@ -92,6 +93,32 @@ def parse_step(raw: bytes) -> training_pb2.TrainStep:
             problems.append(f"{name} {value} is not a finite number >= 0")
     if problems:
         raise ValueError("TrainStep: " + "; ".join(problems))
+    return msg
+
+
+def parse_placement(key: bytes | None, raw: bytes) -> training_pb2.JobPlacement:
+    """A JobPlacement, checked; raises ValueError. Its key must be "<node id>/<job id>":
+    compaction keeps the latest value per key, so an ended placement under another key
+    would never replace its launch."""
+    try:
+        msg = training_pb2.JobPlacement.FromString(raw)
+    except Exception as err:  # noqa: BLE001 - protobuf raises DecodeError or RuntimeError
+        raise ValueError(f"not a JobPlacement: {err}") from None
+    problems = []
+    if not msg.job_id or not msg.node_id:
+        problems.append("job_id and node_id must not be empty")
+    elif key is not None and key != f"{msg.node_id}/{msg.job_id}".encode():
+        problems.append(f"key {key.decode(errors='replace')!r} is not "
+                        f"'{msg.node_id}/{msg.job_id}'")
+    if not msg.ended and not msg.ranks:
+        problems.append("no ranks and not ended")
+    pids = [rank.pid for rank in msg.ranks]
+    if any(pid <= 0 for pid in pids):
+        problems.append(f"pids {pids} are not all positive")
+    elif len(set(pids)) != len(pids):
+        problems.append(f"pids {pids} repeat")
+    if problems:
+        raise ValueError("JobPlacement: " + "; ".join(problems))
     return msg
 
 

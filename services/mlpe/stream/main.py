@@ -17,9 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "per field (GPU, host, and training per job and rank) to InfluxDB; runs the event, "
         "rule ($MLPE_RULES), statistical, trend, cross-peer and training detectors, their "
         "state in Faust tables; sends alerts to mlpe.alerts (and InfluxDB, for Grafana) and "
-        "undecodable or invalid input to mlpe.deadletter. Start several to share the "
-        "partitions. MLPE_STREAM_LATENESS_S (default 0.3) is how long a window waits for "
-        "late samples.",
+        "undecodable or invalid input to mlpe.deadletter. GPU batches without a job get "
+        "the job whose pids (mlpe.placement, read whole by every worker) run on the GPU. "
+        "Start several to share the partitions. MLPE_STREAM_LATENESS_S (default 0.3) is "
+        "how long a window waits for late samples.",
     )
     p.set_defaults(func=run)
 
@@ -71,19 +72,20 @@ def ensure_internal_topic(settings: Settings) -> None:
     """Create the app's `<app id>-gpu-seconds` topic before the worker subscribes. Faust
     creates it too, but a first subscription that races the creation logs "Ignoring
     missing topic" and never consumes it: the peer, statistical and trend detectors would
-    then see nothing until the next rebalance (seen in `mlpe run`)."""
+    then see nothing until the next rebalance (seen in `mlpe run`). mlpe.placement too,
+    should `mlpe stack up` not have made it: every worker reads it (compacted, as declared)."""
     import asyncio
     import logging
 
     from mlpe.common.kafka import create_topics
-    from mlpe.common.topics import GPU_SECONDS, of_app
+    from mlpe.common.topics import GPU_SECONDS, PLACEMENT, of_app
 
     topic = of_app(GPU_SECONDS, settings.stream_app_id)
     kafka_log = logging.getLogger("aiokafka")
     level = kafka_log.level
     kafka_log.setLevel(logging.CRITICAL)  # a refused connection is reported below
     try:
-        asyncio.run(create_topics(settings.kafka_bootstrap, [topic]))
+        asyncio.run(create_topics(settings.kafka_bootstrap, [topic, PLACEMENT]))
     except Exception as err:  # noqa: BLE001 - Kafka down: the worker waits for it itself
         print(f"mlpe stream: could not create {topic.name} yet ({err}); the worker will",
               file=sys.stderr)

@@ -2,17 +2,20 @@
 
 Lost on restart by design: the open windows and held events are rebuilt by replaying
 from the last commit (acks.py); rule hold timers re-arm; a stall may fire again (the
-notifier deduplicates). Detector state that must survive a restart is in the app's
-Faust tables instead, recovered from their changelog topics.
+notifier deduplicates); placements are read again from the start of their topic.
+Detector state that must survive a restart is in the app's Faust tables instead,
+recovered from their changelog topics.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from dataclasses import dataclass, field
 
 from mlpe.stream.acks import AckQueues, Partition
 from mlpe.stream.detectors import peers
+from mlpe.stream.placement import Placements
 from mlpe.stream.windows import WindowSet
 
 WINDOW_WIDTHS_S = (1.0, 10.0)
@@ -23,7 +26,7 @@ DELAYS_KEPT = 10_000  # the latest delays the stats percentiles are computed ove
 def _counters() -> dict[str, int]:
     # Logged as a dict by the stats timer; the integration tests read "{'batches': N".
     return {"batches": 0, "values": 0, "steps": 0, "dead_letters": 0, "windows_written": 0,
-            "alerts": 0}
+            "alerts": 0, "placements": 0}
 
 
 def _delays() -> deque[float]:
@@ -43,6 +46,9 @@ class StreamState:
     counters: dict[str, int] = field(default_factory=_counters)
     close_delays: deque[float] = field(default_factory=_delays)  # 1 s window end -> written
     arrival_delays: deque[float] = field(default_factory=_delays)  # last sample -> consumed
+    placements: Placements = field(default_factory=Placements)  # mlpe.placement, all of it
+    # Set once mlpe.placement was read to its end (None: nobody reads it, as in unit tests).
+    placements_loaded: asyncio.Event | None = None
 
     @classmethod
     def create(cls, lateness_s: float) -> StreamState:

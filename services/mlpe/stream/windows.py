@@ -102,6 +102,8 @@ class WindowSet:
             if window is None:
                 window = self.open[key][start] = _Window(start, fields=fields,
                                                          job=batch.job_id)
+            elif not window.job:  # learned mid-window (placement.py: a GPU's first event)
+                window.job = batch.job_id
             # The same samples twice (a producer's resend, a redelivery after a
             # rebalance) must not count twice: at-least-once in, exactly-once out.
             part_times = times[rows]

@@ -1,14 +1,12 @@
-"""`mlpe worker`: one rank of a training job (normally started by `mlpe control` through
-torchrun, which sets RANK, WORLD_SIZE and the rendezvous). The job folder holds the
-resolved spec (`spec.json`), the checkpoints and the event spools."""
+"""`mlpe worker`: one rank of the built-in model's training job — a script on mlpe.sdk,
+started by `mlpe control` through its launcher (torchrun's environment plus MLPE_JOB_ID
+and MLPE_JOB_DIR), or by hand under torchrun. The job folder holds the resolved spec
+(`spec.json`), the checkpoints and the event spools."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -20,11 +18,11 @@ DESCRIPTION = __doc__.split("\n\n")[0]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--job", required=True, help="job id (names its Redis keys and events)")
-    p.add_argument("--job-dir", required=True, type=Path,
-                   help="the job's folder: spec.json, checkpoints/, spool/")
-    p.add_argument("--no-kafka", action="store_true",
-                   help="do not publish step and kernel events (tests, offline runs)")
+    p.add_argument("--job", default=None,
+                   help="job id (names its Redis keys and events; default $MLPE_JOB_ID)")
+    p.add_argument("--job-dir", default=None, type=Path,
+                   help="the job's folder: spec.json, checkpoints/, spool/ "
+                   "(default $MLPE_JOB_DIR)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,56 +32,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-@dataclasses.dataclass(frozen=True)
-class Launch:
-    """Where this rank sits, as torchrun's launch environment says (1 rank without it):
-    the one place the worker reads the environment itself, since torchrun, not mlpe's
-    Settings, owns these variables."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    under_torchrun: bool = False
-
-    @classmethod
-    def from_environment(cls) -> Launch:
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
-                   int(env.get("LOCAL_RANK", 0)), "TORCHELASTIC_RUN_ID" in env)
-
-
-def die_with_parent() -> None:
-    """SIGKILL this rank when its parent (torchrun's agent) dies: torchrun starts each
-    rank in a session of its own, so a killed launcher would otherwise leave it training."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent was already gone before prctl
-        os._exit(1)
-
-
 def run(args, settings: Settings) -> int:
-    from mlpe.worker.publish import Publisher
+    import dataclasses
+
+    from mlpe.sdk import start
     from mlpe.worker.train import Trainer
 
-    launch = Launch.from_environment()
-    if launch.under_torchrun:
-        die_with_parent()
-    rank = launch.rank
-    log = logs.configure(f"worker-{rank}", settings.log_level, settings.log_format)
-    spec_path = args.job_dir / "spec.json"
+    settings = dataclasses.replace(settings, job_id=args.job or settings.job_id,
+                                   job_dir=args.job_dir or settings.job_dir)
+    if settings.job_dir is None:
+        print("mlpe worker: no job folder: pass --job-dir or set MLPE_JOB_DIR",
+              file=sys.stderr)
+        return 2
+    spec_path = settings.job_dir / "spec.json"
     try:
         spec = json.loads(spec_path.read_text())
     except (OSError, ValueError) as err:
-        log.error("cannot read the job spec", path=str(spec_path), error=str(err))
+        print(f"mlpe worker: cannot read the job spec {spec_path}: {err}", file=sys.stderr)
         return 2
-    publisher = (None if args.no_kafka else
-                 Publisher(settings.kafka_bootstrap, args.job_dir / "spool" / f"rank-{rank}"))
-    trainer = Trainer(spec, args.job, args.job_dir, settings, launch, publisher)
-    code = trainer.run()
-    log.info("worker done", job=args.job, rank=rank, step=trainer.step, exit_code=code)
+    run = start(device=spec["device"], settings=settings)
+    log = logs.configure(f"worker-{run.rank}", settings.log_level, settings.log_format)
+    trainer = Trainer(spec, run, settings.worker_fault)
+    code = trainer.run_loop()
+    log.info("worker done", job=run.job_id, rank=run.rank, step=trainer.step, exit_code=code)
     return code
 
 

@@ -5,7 +5,7 @@ import shutil
 
 import torch
 
-from mlpe.worker import checkpoint
+from mlpe.sdk import checkpoint
 
 
 def _state(step):
@@ -27,7 +27,7 @@ def test_one_flipped_byte_falls_back_to_the_previous_checkpoint(tmp_path, caplog
     data = bytearray((newest / checkpoint.STATE).read_bytes())
     data[len(data) // 2] ^= 0x01
     (newest / checkpoint.STATE).write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="mlpe.worker.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="mlpe.sdk.checkpoint"):
         step, state = checkpoint.load_latest(tmp_path)
     assert step == 10 and state["step"] == 10
     assert "step-00000020 refused" in caplog.text and "SHA-256" in caplog.text
@@ -42,7 +42,7 @@ def test_partial_and_truncated_checkpoints_are_refused(tmp_path, caplog):
     with open(truncated / checkpoint.STATE, "r+b") as f:
         f.truncate(100)
     shutil.copytree(partial, tmp_path / "step-00000008.tmp")  # a crash mid-write
-    with caplog.at_level(logging.WARNING, logger="mlpe.worker.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="mlpe.sdk.checkpoint"):
         assert checkpoint.load_latest(tmp_path)[0] == 5
     assert "no manifest" in caplog.text and "100 bytes" in caplog.text
 

@@ -17,6 +17,7 @@ from mlpe.common import logs
 from mlpe.common.settings import Settings
 
 SOURCES = ("nvml", "host", "sim")
+PID_MAX = 1 << 22  # Linux's highest possible pid
 
 
 class UsageError(ValueError):
@@ -55,7 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--job", default=None,
                    help="the job this node works for, carried by every batch so the stream "
                    "compares its GPUs with the job's other GPUs (default: $MLPE_JOB_ID; sim: "
-                   "the simulated job's id)")
+                   "the simulated job's id, none with --pids; without one the stream takes "
+                   "the job whose pids mlpe.placement places on the GPU)")
+    p.add_argument("--pids", default=None, metavar="GPU=PID,...",
+                   help="sim: the process on each of these GPUs, e.g. 0=4242,1=4243, on every "
+                   "simulated node: each reports its memory once a second as NVML does, so "
+                   "the stream can learn the GPU's job from mlpe.placement; the GPU batches "
+                   "then carry no simulated job id (unless --job, $MLPE_JOB_ID or the "
+                   "scenario's job_id)")
     p.add_argument("--duration", default=None, help="stop after this many seconds")
     p.add_argument("--spool-dir", default=None,
                    help="where batches wait while Kafka is away (default <state dir>/spool/agent)")
@@ -91,6 +99,28 @@ def parse_sources(raw: str | None, gpu_present: bool) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
+def parse_pids(raw: str, gpus_per_node: int) -> dict[int, int]:
+    """--pids "0=4242,1=4243" -> {0: 4242, 1: 4243}."""
+    pids: dict[int, int] = {}
+    for part in raw.split(","):
+        gpu, sep, pid = part.strip().partition("=")
+        try:
+            gpu_index, pid_number = int(gpu), int(pid)
+        except ValueError:
+            gpu_index = pid_number = -1
+        if not sep or gpu_index < 0 or not 0 < pid_number <= PID_MAX:
+            raise UsageError(f"--pids {raw!r}: expected GPU=PID pairs like 0=4242,1=4243 "
+                             f"(pids from 1 to {PID_MAX})")
+        if gpu_index >= gpus_per_node:
+            raise UsageError(f"--pids {raw!r}: GPU {gpu_index} is not one of the "
+                             f"{gpus_per_node} simulated GPUs per node (0 to "
+                             f"{gpus_per_node - 1})")
+        if gpu_index in pids:
+            raise UsageError(f"--pids {raw!r}: GPU {gpu_index} is given twice")
+        pids[gpu_index] = pid_number
+    return pids
+
+
 def build(args, settings: Settings):
     """Flags -> (Agent, its sources); raises UsageError or ScenarioError on bad input."""
     from mlpe.agent import scenario as scenario_module
@@ -114,6 +144,9 @@ def build(args, settings: Settings):
               file=sys.stderr, flush=True)
     node_id = args.node_id or socket.gethostname()
     job_id = args.job or settings.job_id
+    if args.pids is not None and "sim" not in names:
+        raise UsageError(f"--pids {args.pids!r}: only for the simulator (--source sim); "
+                         "NVML reports real processes itself")
 
     sources = []
     training = None
@@ -134,10 +167,13 @@ def build(args, settings: Settings):
         if overrides:
             scenario = dataclasses.replace(scenario, **overrides)
         prefix = f"{args.node_id}-" if args.node_id else DEFAULT_NODE_PREFIX
-        sim = SimulatedGpus(scenario, hz, node_prefix=prefix)
+        pids = None if args.pids is None else parse_pids(args.pids, scenario.gpus_per_node)
+        sim = SimulatedGpus(scenario, hz, node_prefix=prefix, pids=pids)
         sources.append((sim, hz))
         simulated_job = SimulatedTraining(scenario, hz, node_prefix=prefix)
-        job_id = job_id or simulated_job.job_id
+        # With --pids the stream learns the GPUs' job from mlpe.placement: none unless asked.
+        default_job = (scenario.job_id or "") if pids is not None else simulated_job.job_id
+        job_id = job_id or default_job
         if not args.no_train_events:
             training = simulated_job
         gpus = sim.inventory()

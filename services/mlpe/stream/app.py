@@ -29,7 +29,7 @@ import time
 
 import faust
 import numpy as np
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 from faust.types import TP
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -291,10 +291,10 @@ class StreamApp:
 
     async def follow_placements(self) -> None:
         """Read all of mlpe.placement into state.placements: from its start, then as it
-        grows; a broken session starts over. A plain consumer without a group, assigned
-        every partition: a node's GPU batches may go to any worker, so every worker needs
-        every placement, and a group would split the partitions between workers instead.
-        It commits nothing: the topic is small and compacted, a restart reads it again.
+        grows; a broken session starts over. A plain consumer without a group: it gets
+        every partition of the topic (a node's GPU batches may go to any worker, so every
+        worker needs every placement; a group would split them between workers) and
+        commits nothing (the topic is small and compacted: a restart reads it again).
         Not a Faust GlobalTable: that takes the topic for its own changelog (Faust's
         serialization, written to on every change) and makes the worker's start wait on
         its recovery."""
@@ -311,31 +311,30 @@ class StreamApp:
 
     async def read_placements(self, loaded: asyncio.Event) -> None:
         """One consumer session over mlpe.placement; sets `loaded` once at its end."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
-                                    group_id=None, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(PLACEMENT.name,
+                                    bootstrap_servers=self.settings.kafka_bootstrap,
+                                    group_id=None, enable_auto_commit=False,
+                                    auto_offset_reset="earliest")
         await consumer.start()
         try:
-            numbers = consumer.partitions_for_topic(PLACEMENT.name)
-            if not numbers:
-                log.warning("no topic %s yet (`mlpe stack up` makes it): GPU metrics carry "
-                            "only the agents' own job ids", PLACEMENT.name)
-                loaded.set()
-                return
-            parts = [TopicPartition(PLACEMENT.name, n) for n in sorted(numbers)]
-            consumer.assign(parts)
-            await consumer.seek_to_beginning(*parts)
-            ends = await consumer.end_offsets(parts)
             while not self.app.should_stop:
-                if not loaded.is_set() and all(
-                        [await consumer.position(tp) >= ends[tp] for tp in parts]):
+                for records in (await consumer.getmany(timeout_ms=1000)).values():
+                    for record in records:
+                        await self.take_placement(record)
+                if not loaded.is_set() and await self.read_to_end(consumer):
                     log.info("%s read: %d nodes with placed pids", PLACEMENT.name,
                              len(self.state.placements.pids))
                     loaded.set()
-                for records in (await consumer.getmany(*parts, timeout_ms=1000)).values():
-                    for record in records:
-                        await self.take_placement(record)
         finally:
             await consumer.stop()
+
+    @staticmethod
+    async def read_to_end(consumer: AIOKafkaConsumer) -> bool:
+        parts = list(consumer.assignment())
+        if not parts:
+            return False
+        ends = await consumer.end_offsets(parts)
+        return all([await consumer.position(tp) >= ends[tp] for tp in parts])
 
     async def take_placement(self, record) -> None:
         """One record of mlpe.placement (an aiokafka ConsumerRecord) into the join."""

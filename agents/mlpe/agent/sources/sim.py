@@ -30,6 +30,7 @@ THERMAL_BITS = int(pb.THROTTLE_HW_THERMAL | pb.THROTTLE_SW_THERMAL)
 POWER_CAP_BIT, IDLE_BIT = int(pb.THROTTLE_SW_POWER_CAP), int(pb.THROTTLE_GPU_IDLE)
 EVENT_XID, EVENT_ECC, EVENT_THROTTLE = pb.EVENT_XID, pb.EVENT_ECC_UNCORRECTED, pb.EVENT_THROTTLE
 EVENT_LOST, EVENT_BACK = pb.EVENT_GPU_LOST, pb.EVENT_GPU_RECOVERED
+EVENT_PROCESS_MEMORY = pb.EVENT_PROCESS_MEMORY
 
 # An H100 SXM, roughly: clocks in MHz, power in W, memory in MiB.
 SM_CLOCK_MAX, SM_CLOCK_IDLE, MEM_CLOCK = 1980.0, 345.0, 2619.0
@@ -38,12 +39,17 @@ MEM_TOTAL, MEM_TRAINING = 81559.0, 62000.0
 NVLINK_COMM_MBPS, PCIE_LOAD_MBPS = 150_000.0, 3_000.0
 TEMP_AMBIENT, TEMP_PER_W, TEMP_TAU_S = 28.0, 0.06, 15.0
 DEFAULT_NODE_PREFIX = "sim-node-"
+PROCESS_EVERY_S = 1.0   # process memory events this often, as NVML's source sends them
+DRIVER_MIB = 500.0      # of a GPU's used memory, what is not its process's (driver, context)
 
 
 class SimulatedGpus:
     name = "sim"
 
-    def __init__(self, scenario: Scenario, hz: float, node_prefix: str = DEFAULT_NODE_PREFIX):
+    def __init__(self, scenario: Scenario, hz: float, node_prefix: str = DEFAULT_NODE_PREFIX,
+                 pids: dict[int, int] | None = None):
+        """pids: GPU index -> the pid of the process on it, on every simulated node; each
+        such GPU reports that process's memory (EVENT_PROCESS_MEMORY) once a second."""
         self.s = scenario
         self.hz = hz
         self.fields = GPU_FIELDS
@@ -67,6 +73,8 @@ class SimulatedGpus:
         self.throttle = np.zeros(self.n, dtype=np.int64)
         self.ecc_uncorrected_at: list = []
         self._fault_masks = [(f, self._mask(f)) for f in scenario.faults]
+        self.process_rows = [(row, pids[int(gpu)]) for row, gpu in enumerate(self.gpu_of)
+                             if int(gpu) in (pids or {})]
 
     def _mask(self, fault) -> np.ndarray:
         mask = self.node_of == fault.node
@@ -220,6 +228,15 @@ class SimulatedGpus:
         out[:, :, C_POWER_LIMIT] = limit
         out[:, :, C_SM_CLOCK_MAX] = SM_CLOCK_MAX
         out[lost] = np.nan
+
+        every = max(1, round(self.hz * PROCESS_EVERY_S))
+        for i in np.flatnonzero(k % every == 0) if self.process_rows else ():
+            for r, pid in self.process_rows:
+                if not lost[i, r]:  # NVML does not answer for a lost GPU
+                    mib = float(out[i, r, C_MEM_USED]) - DRIVER_MIB
+                    events.append((int(i), r, pb.DeviceEvent(
+                        time_ns=int(times_ns[i]), kind=EVENT_PROCESS_MEMORY, code=pid,
+                        value=mib, detail=f"pid {pid}: {int(mib)} MiB (simulated)")))
 
         previous = np.concatenate([self.throttle[None, :], throttle[:-1]])
         for i, r in zip(*np.nonzero((throttle != previous) & ~lost), strict=True):

@@ -49,7 +49,8 @@ STARTUP_GRACE_S = 60.0    # before a rank's first step: imports, rendezvous, che
 CANCEL_GRACE_S = 10.0     # a cancelled job's workers get this long to stop by themselves
 STEP_EVENT_EVERY_S = 0.5  # step events in the log at most this often per job
 STANDBY_DELAY_S = 10.0    # after a launch, before the next standby starts importing torch
-                          # (it would slow the ranks just launched on a small machine)
+                          # (it would slow the ranks just launched on a small machine),
+                          # unless the job is stepping already
 OUTPUT_TAIL_LINES = 15    # of a failed rank's output, in the job's message
 BUILTIN = {"script": "", "module": "mlpe.worker.main", "args": [], "env": {}}
 
@@ -340,6 +341,8 @@ class Supervisor:
         if not rank0:
             return
         job_id = record["job_id"]
+        if rank0.get("state") == "running":  # up: a new standby no longer slows its start
+            self.standby_due = min(self.standby_due, time.monotonic())
         fields = {}
         if rank0.get("step", 0) != record["step"]:
             fields.update(step=rank0["step"], loss=rank0.get("loss", record["loss"]),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import random
@@ -54,13 +55,16 @@ class Job:
         return cls(**fields)
 
 
-def preload() -> None:
-    """What every rank would import anyway, imported once here before the fork."""
-    import torch
-    import torch.distributed  # noqa: F401
+# What every rank imports anyway, imported once in the standby before the fork:
+# torch.optim imports torch._dynamo on first use (1.5 s here), and the built-in model's
+# job imports mlpe.worker.train (mlpe.kernels with it).
+PRELOAD = ("torch", "torch._dynamo", "torch.distributed", "torch.distributed.checkpoint",
+           "mlpe.sdk", "mlpe.sdk.publish", "mlpe.worker.train")
 
-    import mlpe.sdk
-    import mlpe.sdk.publish  # noqa: F401
+
+def preload() -> None:
+    for name in PRELOAD:
+        importlib.import_module(name)
 
 
 def _start_ticks(pid: int) -> int:

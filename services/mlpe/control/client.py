@@ -26,6 +26,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = actions.add_parser("submit", help="submit a job (flags, or --spec FILE as JSON)")
     s.add_argument("--spec", type=Path, help="a JobSpec as JSON (flags below override it)")
     s.add_argument("--name", help="job name")
+    s.add_argument("--script", type=Path,
+                   help="run your own training script (on mlpe.sdk) instead of the built-in "
+                   "model; its arguments go after --")
+    s.add_argument("--module", help="or a module (python -m MODULE), found from --workdir")
+    s.add_argument("--workdir", type=Path,
+                   help="the script's working directory (default: the script's folder)")
+    s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for the script (repeatable)")
+    s.add_argument("script_args", nargs="*", metavar="-- ARGS",
+                   help="the script's own arguments, after --")
     s.add_argument("--preset", help="model preset: tiny, small, gpt-30m, gpt-125m")
     for flag in ("layers", "hidden", "heads", "kv-heads", "vocab", "seq-len"):
         s.add_argument(f"--{flag}", type=int, help=f"model {flag} (overrides the preset)")
@@ -85,6 +95,21 @@ def build_spec(args):
     for arg, field in simple.items():
         if getattr(args, arg) is not None:
             setattr(spec, field, getattr(args, arg))
+    if args.script or args.module or args.workdir or args.env or args.script_args:
+        e = spec.entrypoint
+        e.SetInParent()
+        if args.script:
+            e.script = str(args.script.resolve())
+        if args.module:
+            e.module = args.module
+        if args.workdir:
+            e.working_dir = str(args.workdir.resolve())
+        for pair in args.env:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--env {pair!r}: expected KEY=VALUE")
+            e.env[key] = value
+        e.args.extend(args.script_args)
     if args.preset is not None:
         spec.model.preset = args.preset
     for arg in ("layers", "hidden", "heads", "kv_heads", "vocab", "seq_len"):
@@ -119,8 +144,9 @@ def print_jobs(jobs) -> None:
     print(f"{'JOB':14s} {'STATE':10s} {'STEP':>13s} {'LOSS':>8s} {'TOK/S':>9s} "
           f"{'CKPT':>6s} {'RESTARTS':>8s}  NAME / MESSAGE")
     for j in jobs:
-        steps = f"{j.step}/{j.spec.steps}"
-        extra = f"#{j.queue_position} in queue" if j.queue_position else j.message
+        steps = f"{j.step}/{j.spec.steps or '?'}"
+        extra = (f"#{j.queue_position} in queue" if j.queue_position else
+                 (j.message.splitlines() or [""])[0])
         print(f"{j.job_id:14s} {state_name(j.state):10s} {steps:>13s} {j.loss:8.4f} "
               f"{j.tokens_per_s:9.0f} {j.checkpoint_step:6d} {j.restarts:8d}  "
               f"{j.spec.name or '-'}: {extra}")
@@ -196,6 +222,8 @@ def run(args, settings: Settings) -> int:
             print(json.dumps(describe(job)))
         else:
             print_jobs([job])
+            if "\n" in job.message:  # a failure's last output, below the table
+                print(job.message.split("\n", 1)[1])
         return 0
     except grpc.RpcError as err:
         code = err.code()

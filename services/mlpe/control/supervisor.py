@@ -51,6 +51,7 @@ STEP_EVENT_EVERY_S = 0.5  # step events in the log at most this often per job
 STANDBY_DELAY_S = 10.0    # after a launch, before the next standby starts importing torch
                           # (it would slow the ranks just launched on a small machine),
                           # unless the job is stepping already
+LAUNCHER_GRACE_S = 1.0    # a dead rank's launcher exits within this, saying which failed
 OUTPUT_TAIL_LINES = 15    # of a failed rank's output, in the job's message
 BUILTIN = {"script": "", "module": "mlpe.worker.main", "args": [], "env": {}}
 
@@ -81,6 +82,7 @@ class Supervisor:
         self.cancelled_at: dict[str, float] = {}
         self.placed: dict[str, int] = {}  # job id -> attempt whose placement is published
         self.noted_no_sdk: set[str] = set()
+        self.dead_seen: dict[str, float] = {}  # job id -> when a dead rank was first seen
         self.standby_count, self.standbys = standbys, []
         self.standby_due = 0.0
 
@@ -194,6 +196,7 @@ class Supervisor:
         self.last_step_event.pop(job_id, None)
         self.cancelled_at.pop(job_id, None)
         self.noted_no_sdk.discard(job_id)
+        self.dead_seen.pop(job_id, None)
 
     async def _end_placement(self, job_id: str) -> None:
         if self.placed.pop(job_id, None) is not None and self.placements is not None:
@@ -272,6 +275,8 @@ class Supervisor:
             elif failure:
                 how = (f"was killed by {failure['signal']}" if failure["signal"] else
                        f"exited with code {failure['exit_code']}")
+                if progress.get(failure["rank"], {}).get("state") == "preempted":
+                    how = "was preempted (SIGTERM) and exited after its emergency checkpoint"
                 step = progress.get(failure["rank"], {}).get("step")
                 await self.failure(record, f"rank {failure['rank']} (pid {failure['pid']}) "
                                    f"{how}" + (f" at step {step}" if step is not None else ""),
@@ -283,12 +288,17 @@ class Supervisor:
                                    f"{f' with code {code}' if code is not None else ''} "
                                    f"({states})")
             return
-        for rank, p in sorted(progress.items()):
-            if p.get("state") not in ("completed", "stopped", "preempted") and \
-                    not pid_alive(p.get("pid", 0)):
+        dead = [(rank, p) for rank, p in sorted(progress.items()) if p.get("state") not in
+                ("completed", "stopped", "preempted") and not pid_alive(p.get("pid", 0))]
+        if dead:
+            # The launcher notices first and names the rank that failed (it kills the
+            # others): give it a moment before going by the pids alone.
+            first = self.dead_seen.setdefault(job_id, time.monotonic())
+            if time.monotonic() - first > LAUNCHER_GRACE_S:
+                rank, p = dead[0]
                 await self.failure(record, f"rank {rank} (pid {p.get('pid')}) died at step "
                                    f"{p.get('step')}", self.rank_output(record, rank))
-                return
+            return
         if record["state"] == RUNNING:
             await self.check_hang(record, progress)
 
@@ -304,7 +314,8 @@ class Supervisor:
         now = time.time_ns()
         since_launch = (now - launch["launched_ns"]) / 1e9
         if not progress:  # no rank reports through mlpe.sdk (yet): nothing to watch
-            if since_launch > STARTUP_GRACE_S and record["job_id"] not in self.noted_no_sdk:
+            quiet = min(STARTUP_GRACE_S, spec["hang_timeout_s"])
+            if since_launch > quiet and record["job_id"] not in self.noted_no_sdk:
                 self.noted_no_sdk.add(record["job_id"])
                 await self.store.event(record["job_id"], "note", state=record["state"],
                                        message="no rank reports progress through mlpe.sdk: "
@@ -367,6 +378,7 @@ class Supervisor:
         """Kill what is left of the job; restart it, or fail it when no restarts remain.
         `output`: the last lines of the failed rank's output, for the message."""
         job_id = record["job_id"]
+        self.dead_seen.pop(job_id, None)
         await self.kill(job_id, record["launch"])
         self.children.pop(job_id, None)
         spec = record["resolved"]

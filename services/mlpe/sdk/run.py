@@ -214,8 +214,8 @@ class Run:
         if pause and not (stop or preempt):
             if not self.paused:
                 self._halt("paused")
-                self._progress(state="paused")
             self.paused = True
+            self._progress(state="paused")  # also says when a checkpoint asked for is done
             time.sleep(PAUSE_POLL_S)
         elif self.paused:
             self.paused = False

@@ -37,10 +37,6 @@ class Controller(LocalController):
     def submit(self, **fields) -> c.Job:
         return super().submit(c.JobSpec(model=TINY, global_batch=4, micro_batch=2, **fields))
 
-    def events(self, job_id: str) -> list[c.JobEvent]:
-        return list(self.stub.StreamJobEvents(c.StreamJobEventsRequest(job_id=job_id),
-                                              timeout=120))
-
     def final_weights(self, job_id: str, step: int) -> dict:
         return self.checkpoint_state(job_id, step)["model"]
 
@@ -285,7 +281,7 @@ def test_controller_restart_reattaches_or_restarts_from_checkpoint(control):
     control.start()
     control.wait_step(job.job_id, 0, before["step"] + 5)
     assert control.progress(job.job_id)[0]["pid"] == before["pid"]  # the same worker
-    assert any(e.kind == "attach" for e in _events_so_far(control, job.job_id))
+    assert any(e.kind == "attach" for e in control.events(job.job_id, live=False))
 
     control.kill()  # and this time the workers die too (the launcher and every rank)
     os.killpg(json.loads(control.redis.hget(f"{control.namespace}:job:{job.job_id}",
@@ -296,12 +292,6 @@ def test_controller_restart_reattaches_or_restarts_from_checkpoint(control):
     control.wait("a new worker", lambda: (p := control.progress(job.job_id).get(0)) and
                  p["pid"] != before["pid"] and p.get("resumed_from", 0) > 0)
     assert control.job(job.job_id).restarts == 1
-
-
-def _events_so_far(control, job_id: str) -> list[c.JobEvent]:
-    raw = control.redis.xrange(f"{control.namespace}:job:{job_id}:events")
-    return [c.JobEvent(kind=f[b"kind"].decode(), message=f[b"message"].decode())
-            for _, f in raw]
 
 
 def test_priority_queue_order(control):
@@ -333,7 +323,7 @@ def test_sigterm_takes_an_emergency_checkpoint_and_nothing_is_lost(control):
                            lambda: (p := control.progress(job.job_id).get(0)) and
                            p["pid"] != worker["pid"] and p)
     assert resumed["resumed_from"] == preempted["step"]  # not one step lost
-    restart = next(e for e in _events_so_far(control, job.job_id) if e.kind == "restart")
+    restart = next(e for e in control.events(job.job_id, live=False) if e.kind == "restart")
     assert "preempted" in restart.message
 
 

@@ -99,6 +99,16 @@ class LocalController:
     def job(self, job_id: str) -> c.Job:
         return self.stub.GetJob(c.JobRequest(job_id=job_id))
 
+    def events(self, job_id: str, live: bool = True) -> list[c.JobEvent]:
+        """The job's events: until it ends (StreamJobEvents), or only those so far."""
+        if live:
+            return list(self.stub.StreamJobEvents(c.StreamJobEventsRequest(job_id=job_id),
+                                                  timeout=120))
+        return [c.JobEvent(id=i.decode(), job_id=job_id, kind=f[b"kind"].decode(),
+                           state=int(f[b"state"]), step=int(f[b"step"]),
+                           message=f[b"message"].decode())
+                for i, f in self.redis.xrange(self.keys.events(job_id))]
+
     def progress(self, job_id: str) -> dict[int, dict]:
         raw = self.redis.hgetall(self.keys.ranks(job_id))
         return {int(k): json.loads(v) for k, v in raw.items()}

@@ -34,6 +34,8 @@ import traceback
 from pathlib import Path
 
 EXIT_USAGE = 2
+EXIT_PREEMPTED = 143    # a rank that checkpointed after SIGTERM (mlpe.sdk's finish())
+PREEMPT_GRACE_S = 30.0  # its peers get this long to finish theirs before SIGKILL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,12 +183,19 @@ def launch(job: Job) -> int:
             _signal_group(pid, signum)
     signal.signal(signal.SIGTERM, forward)
 
-    alive, failure = {p: r for r, p in ranks.items()}, None
+    alive, failure, kill_at = {p: r for r, p in ranks.items()}, None, None
     while alive:
         try:
-            pid, status = os.waitpid(-1, 0)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
+        if pid == 0:
+            if kill_at is not None and time.monotonic() >= kill_at:
+                for other in alive:
+                    _signal_group(other, signal.SIGKILL)
+                kill_at = None
+            time.sleep(0.01)
+            continue
         rank = alive.pop(pid, None)
         if rank is None:
             continue
@@ -195,11 +204,13 @@ def launch(job: Job) -> int:
             failure = {"rank": rank, "pid": pid, "exit_code": code,
                        "signal": signal.Signals(-code).name if code < 0 else "",
                        "time_ns": time.time_ns()}
+            preempted = code == EXIT_PREEMPTED
             print(f"rank {rank} (pid {pid}) "
                   f"{'was killed by ' + failure['signal'] if code < 0 else f'exited {code}'}"
-                  f"; stopping the other ranks", flush=True)
-            for other in alive:
-                _signal_group(other, signal.SIGKILL)
+                  f"; {'waiting for' if preempted else 'stopping'} the other ranks",
+                  flush=True)
+            # a preempted rank's peers are writing their emergency checkpoint too
+            kill_at = time.monotonic() + (PREEMPT_GRACE_S if preempted else 0.0)
     if failure is None:
         print("every rank exited 0", flush=True)
         return 0

@@ -27,8 +27,10 @@ def check(entrypoint: dict, roots: tuple[Path, ...]) -> list[str]:
                             "makes it absolute)")
         elif not given.is_file():
             problems.append(f"entrypoint.script: no file {given}")
-        elif not _inside(script := given.resolve(), roots):
+        elif not _inside(given.resolve(), roots):
             problems.append(f"entrypoint.script: {given} is {hint}")
+        else:
+            script = given.resolve()
     working = entrypoint["working_dir"] or (str(script.parent) if script else "")
     if working:
         given = Path(working)

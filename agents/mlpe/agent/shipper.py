@@ -39,6 +39,13 @@ class ShipperStats:
     outages: int = 0
     acked_bytes: int = 0
     sends: int = 0         # producer batches sent
+    replayed: int = 0      # of `sent`, records that came from the spool (counted twice)
+
+    @property
+    def settled(self) -> int:
+        """Records submitted so far that are acknowledged or on disk, oldest first: every
+        record before this count is safe from a crash of this process."""
+        return self.sent + self.spooled - self.replayed
 
 
 class Shipper:
@@ -215,6 +222,7 @@ class Shipper:
                 return False
             self.spool.ack(chunk)
             self._delivered([record for record, _, _ in chunk])
+            self.stats.replayed += len(chunk)
             self._to_spool(list(self.pending))  # new records queue behind the spool
             self.pending.clear()
         log.info("kafka: spool replayed")

@@ -333,6 +333,11 @@ class Run:
                     state[key] = payload[key]
         self.step = self.resumed_from = self.saved_step = step
         self.last_report_time = time.monotonic()
+        if self.publisher is not None:  # events of steps up to here are not sent again
+            again = self.publisher.republish(step)
+            if again:
+                log.info("rank %d: %d event(s) the previous process may have lost sent "
+                         "again", self.rank, again)
         log.info("rank %d resumed from the checkpoint of step %d (%s)", self.rank, step, fmt)
         self._progress(state="starting")
         return step

@@ -29,7 +29,6 @@ from mlpe.agent.spool import Record, Spool
 from mlpe.common.topics import KERNEL_EVENTS, TRAIN_EVENTS
 from mlpe.v1 import training_pb2
 
-
 JOURNAL_ROTATE_BYTES = 4 << 20
 _HEADER = struct.Struct("<BHI")  # topic (0 train, 1 kernel), key length, value length
 _TOPICS = (TRAIN_EVENTS.name, KERNEL_EVENTS.name)
@@ -68,6 +67,7 @@ def _last_step(record: Record) -> int:
 class Publisher:
     def __init__(self, bootstrap: str, spool_dir: Path):
         spool_dir = Path(spool_dir)
+        spool_dir.parent.mkdir(parents=True, exist_ok=True)
         self.journal_path = spool_dir.with_name(spool_dir.name + ".journal")
         self.settled_path = spool_dir.with_name(spool_dir.name + ".settled")
         self.unsettled = self._previous_unsettled()

@@ -3,11 +3,11 @@ spooled) is sent again by the next one, for the steps a restart will not redo.""
 
 import struct
 
+from mlpe.agent.agent import train_step_records
 from mlpe.agent.spool import Spool
 from mlpe.common.process import free_port
 from mlpe.sdk.publish import Publisher, frame, read_journal
 from mlpe.v1 import training_pb2
-from mlpe.agent.agent import train_step_records
 
 
 def steps(*numbers: int):

@@ -45,7 +45,7 @@ def optimizer(stack_endpoints, tmp_path):
 def control_and_optimizer(stack_endpoints, tmp_path):
     """An `mlpe control` and an optimizer that asks it about jobs (MLPE_CONTROL_ADDRESS)."""
     control = LocalController(stack_endpoints.redis_url, stack_endpoints.kafka_bootstrap,
-                              tmp_path / "control", slots=1)
+                              tmp_path / "control", slots=1, standby=0)
     control.start()
     proc, channel = start_optimizer(stack_endpoints, tmp_path,
                                     MLPE_CONTROL_ADDRESS=f"127.0.0.1:{control.port}")

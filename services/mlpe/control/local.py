@@ -29,7 +29,7 @@ LIVE = (c.JOB_STATE_QUEUED, c.JOB_STATE_RUNNING, c.JOB_STATE_PAUSED)
 class LocalController:
     def __init__(self, redis_url: str, kafka_bootstrap: str, workdir: Path, slots: int = 2,
                  extra_env: dict | None = None, namespace: str | None = None,
-                 tls_ca: Path | None = None):
+                 tls_ca: Path | None = None, standby: int = 1):
         self.namespace = namespace or f"local-{uuid.uuid4().hex[:10]}"
         self.port = free_port()
         self.token = uuid.uuid4().hex
@@ -43,7 +43,7 @@ class LocalController:
             MLPE_CONTROL_PORT=str(self.port), MLPE_REDIS_URL=redis_url,
             MLPE_KAFKA_BOOTSTRAP=kafka_bootstrap, MLPE_STATE_DIR=str(self.workdir / "state"),
             **(extra_env or {}))
-        self.slots = slots
+        self.slots, self.standby = slots, standby
         self.redis = redis.Redis.from_url(redis_url)
         target = f"localhost:{self.port}" if tls_ca else f"127.0.0.1:{self.port}"
         self.channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials(
@@ -57,6 +57,7 @@ class LocalController:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mlpe.cli", "control", "--slots", str(self.slots),
+                 "--standby", str(self.standby),
                  "--jobs-dir", str(self.jobs_dir), "--listen", f"127.0.0.1:{self.port}"],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT)
         wait_serving(self.channel, self.proc, "mlpe control", timeout, self.log)

@@ -326,7 +326,7 @@ class Supervisor:
             p = progress.get(rank)
             if p is None:
                 silent = since_launch - STARTUP_GRACE_S
-            elif p.get("state") == "starting":  # resumed, not stepping yet: the first
+            elif p.get("state") in ("launching", "starting"):  # not stepping yet: the first
                 # collective waits for every rank, which on a loaded machine takes a while
                 silent = (now - p["time_ns"]) / 1e9 - STARTUP_GRACE_S
             else:

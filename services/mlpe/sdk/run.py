@@ -157,7 +157,7 @@ class Run:
             from mlpe.kernels import profile
 
             profile.enable()
-        self._progress(state="starting")
+        self._progress(state="launching")  # "starting" once load() knows the step
 
     def _read_spec(self) -> dict:
         if not self.managed:

@@ -2,13 +2,16 @@
 (and, for the stream test, InfluxDB): the examples/ scripts on mlpe.sdk paused,
 checkpointed on request, killed, fed a corrupt checkpoint, preempted and cancelled; a
 killed run equal to the uninterrupted one; scripts that raise, hang, or do not use the
-SDK; bad specs; the CLI; steps and kernel timings reaching InfluxDB and Kafka."""
+SDK; bad specs; the CLI; steps and kernel timings reaching InfluxDB and Kafka; the
+job's pids published for the placement join."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +19,14 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from aiokafka import AIOKafkaConsumer
 from influxdb_client import InfluxDBClient
 
+from mlpe.common.topics import PLACEMENT
 from mlpe.control.local import LocalController
 from mlpe.sdk import checkpoint
 from mlpe.v1 import control_pb2 as c
+from mlpe.v1.training_pb2 import JobPlacement
 from tests.helpers import REPO_ROOT
 from tests.integration.test_control import end_offsets, read_job_events
 
@@ -267,3 +273,36 @@ def test_script_steps_reach_influxdb_and_kernel_timings_kafka(stack_endpoints, u
     finally:
         control.stop()
         stop(stream)
+
+
+def test_the_controller_publishes_which_pids_run_the_job(control, stack_endpoints):
+    mark = end_offsets(stack_endpoints.kafka_bootstrap, (PLACEMENT,))
+    job = control.submit_script(EXAMPLES / "train_mlp.py", "--steps", "20", world_size=2)
+    control.wait_state(job.job_id, c.JOB_STATE_COMPLETED)
+    ranks = json.loads((control.jobs_dir / job.job_id / "logs" / "attempt-1" /
+                        "ranks.json").read_text())["ranks"]
+    key = f"{socket.gethostname()}/{job.job_id}".encode()
+
+    async def read() -> list[JobPlacement]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=stack_endpoints.kafka_bootstrap,
+                                    enable_auto_commit=False)
+        await consumer.start()
+        consumer.assign(list(mark))
+        for tp, offset in mark.items():
+            consumer.seek(tp, offset)
+        found: list[JobPlacement] = []
+        try:
+            async with asyncio.timeout(30):
+                while not (found and found[-1].ended):
+                    for records in (await consumer.getmany(timeout_ms=500)).values():
+                        found += [JobPlacement.FromString(r.value) for r in records
+                                  if r.key == key]
+        finally:
+            await consumer.stop()
+        return found
+
+    launched, ended = asyncio.run(read())
+    assert {(r.rank, r.pid) for r in launched.ranks} == {
+        (int(rank), p["pid"]) for rank, p in ranks.items()}
+    assert launched.node_id == socket.gethostname() and not launched.ended
+    assert ended.ended and not ended.ranks

@@ -100,6 +100,7 @@ def build_spec(args):
         e.SetInParent()
         if args.script:
             e.script = str(args.script.resolve())
+            spec.name = spec.name or args.script.name  # the list shows it
         if args.module:
             e.module = args.module
         if args.workdir:

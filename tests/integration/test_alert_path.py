@@ -53,7 +53,9 @@ async def notify_to_sink(endpoints, unique: str, tmp_path):
         wait_group_stable(endpoints.kafka_bootstrap, f"test-notify-{unique}", 1, [notify])
         yield notify, base
     finally:
-        stop_gracefully(notify, "mlpe notify")
+        # In a thread: the sink serves on this event loop, and a delivery in flight at
+        # SIGTERM must get its answer (a blocking wait here held notify for 30 s).
+        await asyncio.to_thread(stop_gracefully, notify, "mlpe notify")
         await runner.cleanup()
 
 

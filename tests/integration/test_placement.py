@@ -14,20 +14,17 @@ from influxdb_client import InfluxDBClient
 from mlpe.common.topics import PLACEMENT
 from mlpe.v1.training_pb2 import JobPlacement, RankProcess
 from tests.helpers import mlpe_env, start_mlpe, stop_child
-from tests.integration.test_stream import start_stream, stop, wait_for
+from tests.integration.test_stream import (  # noqa: F401 - stream_env: a fixture
+    start_stream,
+    stop,
+    stream_env,
+    wait_for,
+)
 
 # With the other tests that start `mlpe stream` (test_stream.py says why).
 pytestmark = pytest.mark.xdist_group("stream-b")
 
 PIDS = (4242, 4243)
-
-
-@pytest.fixture
-def placement_env(stack_endpoints, monkeypatch):
-    monkeypatch.setenv("MLPE_TEST_INFLUX_TOKEN", stack_endpoints.influx_token)
-    monkeypatch.setenv("MLPE_KAFKA_BOOTSTRAP", stack_endpoints.kafka_bootstrap)
-    monkeypatch.setenv("MLPE_INFLUX_URL", stack_endpoints.influx_url)
-    return stack_endpoints
 
 
 async def publish(producer, node: str, job: str, pids=(), ended=False) -> None:
@@ -55,9 +52,9 @@ def jobs_of_windows(e, prefix: str) -> dict[tuple[str, str], list[str]]:
     return found
 
 
-async def test_gpu_points_carry_the_job_whose_pids_run_on_them(placement_env, unique,
+async def test_gpu_points_carry_the_job_whose_pids_run_on_them(stream_env, unique,  # noqa: F811
                                                                tmp_path):
-    e = placement_env
+    e = stream_env
     prefix, job = f"p{unique}", f"p{unique}-job"
     nodes = [f"{prefix}-00", f"{prefix}-01"]  # the simulator's node ids for --node-id prefix
     producer = AIOKafkaProducer(bootstrap_servers=e.kafka_bootstrap)

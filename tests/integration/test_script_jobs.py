@@ -29,6 +29,12 @@ from mlpe.v1 import control_pb2 as c
 from mlpe.v1.training_pb2 import JobPlacement
 from tests.helpers import REPO_ROOT
 from tests.integration.test_control import end_offsets, read_job_events
+from tests.integration.test_stream import (  # noqa: F401 - stream_env: a fixture
+    start_stream,
+    stop,
+    stream_env,
+    wait_for,
+)
 
 EXAMPLES = REPO_ROOT / "examples"
 SCRIPTS = Path(__file__).with_name("scripts")
@@ -236,14 +242,9 @@ def test_a_script_job_from_the_cli(control):
 
 
 @pytest.mark.xdist_group("stream-b")  # it starts `mlpe stream` (test_stream.py says why)
-def test_script_steps_reach_influxdb_and_kernel_timings_kafka(stack_endpoints, unique,
-                                                              tmp_path, monkeypatch):
-    from tests.integration.test_stream import start_stream, stop
-
-    e = stack_endpoints
-    monkeypatch.setenv("MLPE_TEST_INFLUX_TOKEN", e.influx_token)
-    monkeypatch.setenv("MLPE_KAFKA_BOOTSTRAP", e.kafka_bootstrap)
-    monkeypatch.setenv("MLPE_INFLUX_URL", e.influx_url)
+def test_script_steps_reach_influxdb_and_kernel_timings_kafka(stream_env, unique,  # noqa: F811
+                                                              tmp_path):
+    e = stream_env
     stream = start_stream(unique, tmp_path / "stream.log")
     control = ScriptController(e, tmp_path)
     try:
@@ -267,7 +268,6 @@ def test_script_steps_reach_influxdb_and_kernel_timings_kafka(stack_endpoints, u
             return sum(len(t.records) for t in tables)
 
         async def wait():
-            from tests.integration.test_stream import wait_for
             return await wait_for(train_points, 90, "the job's train points", stream)
         assert asyncio.run(wait()) > 0
     finally:

@@ -226,7 +226,7 @@ class AsyncCheckpointer:
             raise RuntimeError(f"checkpoint write failed: {err}") from err
 
 
-class ShardedCheckpointer:
+class ShardedCheckpointer(AsyncCheckpointer):
     """The same guarantees for sharded state through torch.distributed.checkpoint: every
     rank writes its own shards in the background (DCP's async_save, after staging them
     to the CPU) on `group`, a gloo group used for nothing else so the writer's
@@ -235,10 +235,8 @@ class ShardedCheckpointer:
     job's ranks share the checkpoint folder (one node, or a shared filesystem)."""
 
     def __init__(self, directory: Path, keep: int, rank: int, group):
-        self.directory, self.keep, self.rank, self.group = Path(directory), keep, rank, group
-        self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-        self.last_written = 0
+        super().__init__(directory, keep)
+        self.rank, self.group = rank, group
 
     def save(self, step: int, state: dict) -> float:
         import torch.distributed as dist
@@ -268,5 +266,3 @@ class ShardedCheckpointer:
                 self.last_written = step
         except Exception as err:  # noqa: BLE001 - reported by wait(), in the training thread
             self.error = err
-
-    wait = AsyncCheckpointer.wait

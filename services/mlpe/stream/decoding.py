@@ -41,10 +41,12 @@ def parse_batch(raw: bytes) -> batches.Batch:
 
 
 def gpu_second_reports(closed: list[Closed]) -> list[tuple[str, dict]]:
-    """Closed 1 s GPU windows as one report per (job, node, second): (job, report)."""
+    """Closed 1 s GPU windows as one report per (job, node, second): (job, report).
+    Final windows only: a provisional one may grow yet (windows.py)."""
     reports: dict[tuple, dict] = {}
     for c in closed:
-        if c.kind != metrics_pb2.DEVICE_KIND_GPU or c.end_ns - c.start_ns != 10**9:
+        if not c.final or c.kind != metrics_pb2.DEVICE_KIND_GPU or \
+                c.end_ns - c.start_ns != 10**9:
             continue
         report = reports.setdefault((c.job, c.node, c.start_ns), {
             "job": c.job, "node": c.node, "start_ns": c.start_ns, "gpus": {}})

@@ -6,6 +6,13 @@ replay after a crash recomputes exactly the same windows), or when the partition
 has been silent for a while (a node that stopped sending still gets its last
 window written). Each closed window becomes one InfluxDB point whose timestamp
 is the window start: rewriting it on replay overwrites, never duplicates.
+
+A window written because its partition went silent is provisional: the rest of its
+samples may still come (an agent that paused, a network hiccup), so it stays open,
+keeps its tokens (its events are not acknowledged) and is written again, whole,
+when more arrive; it becomes final when event time passes it or the silence lasts
+`final_idle_s`. Releasing its events at the first write let a kill -9 commit past
+a half-written window and the restarted worker, skipping the tail, never mend it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ class _Window:
     tokens: list[object] = field(default_factory=list)  # whatever the caller acks afterwards
     job: str = ""
     seen: set[tuple[int, int, int]] = field(default_factory=set)  # (epoch, first time, n)
+    written_parts: int = 0  # how many parts its last provisional write held
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ class Closed:
     device: int = 0
     job: str = ""
     means: dict[str, float] = field(default_factory=dict)
+    final: bool = True  # False: written while its partition is silent; may grow yet
 
 
 def escape_tag(value: str) -> str:
@@ -58,11 +67,13 @@ class WindowSet:
     """All open windows of one width, keyed by (partition, node, kind, device); a
     partition is any hashable, e.g. (topic, partition number)."""
 
-    def __init__(self, width_s: float, lateness_s: float, idle_s: float):
+    def __init__(self, width_s: float, lateness_s: float, idle_s: float,
+                 final_idle_s: float | None = None):
         self.width_ns = int(width_s * 1e9)
         self.label = f"{width_s:g}s"
         self.lateness_ns = int(lateness_s * 1e9)
         self.idle_s = idle_s
+        self.final_idle_s = 5 * idle_s if final_idle_s is None else final_idle_s
         self.open: dict[tuple, dict[int, _Window]] = defaultdict(dict)
         self.watermark: dict = {}               # partition -> max event time seen (ns)
         self.last_seen: dict = {}               # partition -> monotonic time of last batch
@@ -84,9 +95,13 @@ class WindowSet:
         if key not in self.skip_before:
             # The first data of a device after a (re)start may begin mid-window: after a
             # crash the rest of that window was consumed (and written) before the last
-            # commit. Never overwrite a window with such a tail: skip it.
+            # commit. Never overwrite a window with such a tail: skip it. A first sample
+            # less than one sampling interval after the window start is no tail: no
+            # earlier sample of this device can lie in that window.
             first = int(starts[0])
-            self.skip_before[key] = first if times[0] == first else first + self.width_ns
+            interval = int(np.median(np.diff(times))) if len(times) > 1 else 0
+            begins = times[0] == first or int(times[0]) - first < interval
+            self.skip_before[key] = first if begins else first + self.width_ns
         closed_before = self.watermark.get(partition, -1) - self.lateness_ns
         # Nearly every batch lies inside one window: skip the masks then.
         groups = [(int(starts[0]), slice(None))] if starts[0] == starts[-1] else \
@@ -131,30 +146,36 @@ class WindowSet:
 
     def close_ready(self, now: float | None = None, flush_all: bool = False,
                     backlog=lambda partition: False) -> list[Closed]:
-        """Windows whose end (plus lateness) the event time has passed, or whose partition
-        has been idle for idle_s with nothing left to read (`backlog` says whether unread
-        data waits: a worker busy elsewhere must not mistake that for silence); all of
-        them with flush_all."""
+        """Windows whose end (plus lateness) the event time has passed (final), or whose
+        partition has been idle for idle_s with nothing left to read (provisional: see
+        the module's doc; final after final_idle_s). `backlog` says whether unread data
+        waits: a worker busy elsewhere must not mistake that for silence. All of them,
+        final, with flush_all. A final window already written whole provisionally comes
+        back with an empty line: only its tokens are news."""
         now = time.monotonic() if now is None else now
         out = []
-        idle_checked: dict = {}
+        silence: dict = {}
         for key, windows in list(self.open.items()):
             partition = key[0]
-            idle = idle_checked.get(partition)
-            if idle is None:
-                idle = now - self.last_seen.get(partition, now) >= self.idle_s and \
-                    not backlog(partition)
-                idle_checked[partition] = idle
+            silent_s = silence.get(partition)
+            if silent_s is None:
+                silent_s = 0.0 if backlog(partition) else \
+                    now - self.last_seen.get(partition, now)
+                silence[partition] = silent_s
             horizon = self.watermark.get(partition, 0) - self.lateness_ns
             for start in sorted(windows):
-                end = start + self.width_ns
-                if flush_all or idle or end <= horizon:
+                window = windows[start]
+                if flush_all or start + self.width_ns <= horizon or \
+                        silent_s >= self.final_idle_s:
                     out.append(self._close(key, windows.pop(start)))
+                elif silent_s >= self.idle_s and window.written_parts != len(window.parts):
+                    window.written_parts = len(window.parts)
+                    out.append(self._close(key, window, final=False))
             if not windows:
                 del self.open[key]
         return out
 
-    def _close(self, key: tuple, window: _Window) -> Closed:
+    def _close(self, key: tuple, window: _Window, final: bool = True) -> Closed:
         _, node, kind, device = key
         times = np.concatenate([t for t, _ in window.parts])
         values = np.concatenate([v for _, v in window.parts])
@@ -192,9 +213,12 @@ class WindowSet:
             if window.job:  # the job view and AdviseJob select a job's GPUs by this tag
                 tags += f",job={escape_tag(window.job)}"
         line = f"{MEASUREMENT.get(kind, 'device')},{tags} {','.join(parts)} {window.start_ns}"
-        return Closed(line=line, tokens=window.tokens, start_ns=window.start_ns,
-                      end_ns=window.start_ns + self.width_ns, node=node, kind=kind,
-                      device=device, job=window.job, means=means)
+        if final and window.written_parts == len(window.parts):
+            line = ""  # written whole already, while its partition was silent
+        return Closed(line=line, tokens=window.tokens if final else [],
+                      start_ns=window.start_ns, end_ns=window.start_ns + self.width_ns,
+                      node=node, kind=kind, device=device, job=window.job, means=means,
+                      final=final)
 
 
 def _nan_safe(fn, values: np.ndarray, counts: np.ndarray) -> np.ndarray:

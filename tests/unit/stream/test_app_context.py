@@ -138,8 +138,13 @@ async def test_aggregate_alerts_at_once_and_acks_only_written_data(stream, alert
     async def send_second(key, value):
         seconds_sent.append(json.loads(value))
 
+    async def send_letter(key, value):
+        letters.append(value)
+
+    letters: list[bytes] = []
     monkeypatch.setattr(stream.writer, "write", write)
     monkeypatch.setattr(stream.gpu_seconds, "send", send_second)
+    monkeypatch.setattr(stream.dead_letters, "send", send_letter)  # no Kafka in unit tests
     xid = pb.DeviceEvent(kind=pb.EVENT_XID, code=79, time_ns=HOUR_AGO_NS)
     async with stream.aggregate.test_context() as agent:
         first = await agent.put(gpu_batch(0.0, 0, [xid]))
@@ -147,6 +152,7 @@ async def test_aggregate_alerts_at_once_and_acks_only_written_data(stream, alert
         later = await agent.put(gpu_batch(1.5, 1))  # closes the first 1 s window only
     assert [a.rule for a in alerts] == ["gpu_xid"]  # at once, before any window is written
     assert stream.state.counters["dead_letters"] == 1 and stream.state.counters["batches"] == 2
+    assert len(letters) == 1
     assert not first.message.acked and not garbage.message.acked  # held behind `first`
     await stream.write_once()
     assert [line.split(" ")[0] for line in written] == [

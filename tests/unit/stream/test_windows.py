@@ -86,11 +86,45 @@ def test_late_data_for_a_written_window_is_counted_not_rewritten():
     assert w.late_samples == 10
 
 
-def test_idle_partition_flushes_its_windows():
-    w = WindowSet(1.0, 0.5, idle_s=2.0)
+def test_first_sample_within_one_interval_of_the_start_begins_the_window():
+    """Replay from a commit whose event starts the window (its first sample 5 ms after
+    the window start at 100 Hz): no earlier sample can be in that window, so it is no
+    tail, and skipping it would leave the window never written."""
+    w = WindowSet(1.0, 0.0, 60)
+    b = batch(100, 10, np.ones(10))
+    b.timestamps_ns = b.timestamps_ns + 5_000_000  # 1.005 s .. 1.095 s
+    w.add(0, b, token="head")
+    w.add(0, batch(300, 1, [1]), token="push")
+    (closed,) = w.close_ready()
+    assert parse(closed.line)[2] - T0 == 10**9 and w.partial_skipped == 0
+
+
+def test_idle_partition_writes_its_windows_provisionally_then_final():
+    w = WindowSet(1.0, 0.5, idle_s=2.0, final_idle_s=10.0)
     w.add(3, batch(0, 10, np.ones(10)), token=1)
     assert w.close_ready(now=w.last_seen[3] + 1.0) == []
-    assert len(w.close_ready(now=w.last_seen[3] + 2.5)) == 1
+    (provisional,) = w.close_ready(now=w.last_seen[3] + 2.5)
+    assert not provisional.final and provisional.tokens == []  # its events stay held
+    assert parse(provisional.line)[1]["samples"] == 10
+    assert w.close_ready(now=w.last_seen[3] + 5.0) == []  # written once, not every pass
+    (final,) = w.close_ready(now=w.last_seen[3] + 10.0)
+    assert final.final and final.tokens == [1] and final.line == ""  # nothing new to write
+
+
+def test_the_rest_of_a_provisional_window_rewrites_it_whole():
+    """An agent paused mid-second: the window written meanwhile must not be replaced by
+    its tail when the rest comes (last write wins in InfluxDB)."""
+    w = WindowSet(1.0, 0.5, idle_s=2.0)
+    for i in range(3):
+        w.add(0, batch(10 * i, 10, np.ones(10)), token=i)
+    (provisional,) = w.close_ready(now=w.last_seen[0] + 2.5)
+    assert parse(provisional.line)[1]["samples"] == 30
+    for i in range(3, 10):
+        w.add(0, batch(10 * i, 10, np.ones(10)), token=i)
+    w.add(0, batch(200, 1, [1]), token="push")  # event time passes the window
+    (final,) = w.close_ready()
+    assert final.final and parse(final.line)[1]["samples"] == 100
+    assert final.tokens == list(range(10)) and w.late_samples == 0
 
 
 def test_partitions_and_nodes_are_separate():
@@ -105,9 +139,9 @@ def test_partitions_and_nodes_are_separate():
 def test_silence_with_unread_data_is_not_idleness():
     w = WindowSet(1.0, 0.5, idle_s=2.0)
     w.add(3, batch(0, 10, np.ones(10)), token=1)
-    later = w.last_seen[3] + 5
+    later = w.last_seen[3] + 15
     assert w.close_ready(now=later, backlog=lambda p: True) == []  # busy, not silent
-    assert len(w.close_ready(now=later, backlog=lambda p: False)) == 1
+    assert [c.final for c in w.close_ready(now=later, backlog=lambda p: False)] == [True]
 
 
 def test_the_same_batch_twice_counts_once():

@@ -213,6 +213,8 @@ class Run:
         self.terminate |= bool(preempt)
         if pause and not (stop or preempt):
             if not self.paused:
+                for saver in self.savers.values():
+                    saver.wait()  # paused = quiescent: no checkpoint lands while paused
                 self._halt("paused")
             self.paused = True
             self._progress(state="paused")  # also says when a checkpoint asked for is done

@@ -71,3 +71,18 @@ def test_sigterm_is_a_preemption_decision_and_exit_code(run):
     decision = run.poll()
     assert decision.preempt and not decision.stop
     assert run.finish() == sdk.EXIT_PREEMPTED == 143
+
+
+def test_a_pause_waits_for_the_checkpoint_in_flight(run, monkeypatch):
+    """Paused means quiescent: a checkpoint saved asynchronously before the pause has
+    landed when the run says it is paused (none appears while it is)."""
+    from types import SimpleNamespace
+
+    from mlpe.sdk import run as sdk_run
+
+    waited = []
+    run.savers["torch"] = SimpleNamespace(wait=lambda: waited.append("torch"))
+    monkeypatch.setattr(run, "_control", lambda: (1, 0, 0))  # the controller says pause
+    monkeypatch.setattr(sdk_run, "PAUSE_POLL_S", 0.0)
+    assert run.poll().pause and waited == ["torch"]
+    assert run.poll().pause and waited == ["torch"]  # once, on entering the pause

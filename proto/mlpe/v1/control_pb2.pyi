@@ -25,7 +25,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class ModelSpec(_message.Message):
-    __slots__ = ("preset", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq_len", "tied")
+    __slots__ = ("preset", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq_len", "tied", "hf_config", "hf_pretrained", "hf_mlpe_kernels")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,9 @@ class ModelSpec(_message.Message):
     VOCAB_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     TIED_FIELD_NUMBER: _ClassVar[int]
+    HF_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    HF_PRETRAINED_FIELD_NUMBER: _ClassVar[int]
+    HF_MLPE_KERNELS_FIELD_NUMBER: _ClassVar[int]
     preset: str
     layers: int
     hidden: int
@@ -44,7 +47,20 @@ class ModelSpec(_message.Message):
     vocab: int
     seq_len: int
     tied: bool
-    def __init__(self, preset: _Optional[str] = ..., layers: _Optional[int] = ..., hidden: _Optional[int] = ..., heads: _Optional[int] = ..., kv_heads: _Optional[int] = ..., ffn: _Optional[int] = ..., vocab: _Optional[int] = ..., seq_len: _Optional[int] = ..., tied: _Optional[bool] = ...) -> None: ...
+    hf_config: str
+    hf_pretrained: str
+    hf_mlpe_kernels: bool
+    def __init__(self, preset: _Optional[str] = ..., layers: _Optional[int] = ..., hidden: _Optional[int] = ..., heads: _Optional[int] = ..., kv_heads: _Optional[int] = ..., ffn: _Optional[int] = ..., vocab: _Optional[int] = ..., seq_len: _Optional[int] = ..., tied: _Optional[bool] = ..., hf_config: _Optional[str] = ..., hf_pretrained: _Optional[str] = ..., hf_mlpe_kernels: _Optional[bool] = ...) -> None: ...
+
+class ParallelismSpec(_message.Message):
+    __slots__ = ("kind", "reshard_after_forward", "cpu_offload")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    RESHARD_AFTER_FORWARD_FIELD_NUMBER: _ClassVar[int]
+    CPU_OFFLOAD_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    reshard_after_forward: bool
+    cpu_offload: bool
+    def __init__(self, kind: _Optional[str] = ..., reshard_after_forward: _Optional[bool] = ..., cpu_offload: _Optional[bool] = ...) -> None: ...
 
 class DataSpec(_message.Message):
     __slots__ = ("kind", "path", "dtype", "seed")
@@ -116,7 +132,7 @@ class Entrypoint(_message.Message):
     def __init__(self, script: _Optional[str] = ..., module: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., nproc_per_node: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "model", "data", "steps", "global_batch", "micro_batch", "precision", "recompute", "optimizer", "checkpoint", "world_size", "priority", "max_restarts", "hang_timeout_s", "device", "seed", "kernel_report_steps", "entrypoint")
+    __slots__ = ("name", "model", "data", "steps", "global_batch", "micro_batch", "precision", "recompute", "optimizer", "checkpoint", "world_size", "priority", "max_restarts", "hang_timeout_s", "device", "seed", "kernel_report_steps", "entrypoint", "parallelism")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +151,7 @@ class JobSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     KERNEL_REPORT_STEPS_FIELD_NUMBER: _ClassVar[int]
     ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
+    PARALLELISM_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: ModelSpec
     data: DataSpec
@@ -153,7 +170,8 @@ class JobSpec(_message.Message):
     seed: int
     kernel_report_steps: int
     entrypoint: Entrypoint
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., steps: _Optional[int] = ..., global_batch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., precision: _Optional[str] = ..., recompute: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointPolicy, _Mapping]] = ..., world_size: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., hang_timeout_s: _Optional[float] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ..., kernel_report_steps: _Optional[int] = ..., entrypoint: _Optional[_Union[Entrypoint, _Mapping]] = ...) -> None: ...
+    parallelism: ParallelismSpec
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., steps: _Optional[int] = ..., global_batch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., precision: _Optional[str] = ..., recompute: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointPolicy, _Mapping]] = ..., world_size: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., hang_timeout_s: _Optional[float] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ..., kernel_report_steps: _Optional[int] = ..., entrypoint: _Optional[_Union[Entrypoint, _Mapping]] = ..., parallelism: _Optional[_Union[ParallelismSpec, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "spec", "state", "step", "checkpoint_step", "restarts", "submitted_ns", "started_ns", "ended_ns", "message", "loss", "tokens_per_s", "queue_position")

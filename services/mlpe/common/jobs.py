@@ -3,8 +3,9 @@
 - `GPTConfig` and `PRESETS`: the worker's model shapes, without torch (the controller
   validates specs with them and must start quickly; the optimizer models them).
 - `resolve(spec)`: a JobSpec with its defaults filled in and every bad field named, as
-  the plain dict the worker runs; `model_config` turns it into a GPTConfig. A script
-  job (`entrypoint`) keeps the built-in fields at their defaults, unused.
+  the plain dict the worker runs; `model_config` turns it into a GPTConfig (for a
+  Hugging Face model, `hf`, only its seq_len counts). A script job (`entrypoint`) keeps
+  the built-in fields at their defaults, unused.
 - `JobKeys`: the Redis keys the controller and its workers share, under a namespace
   (Settings.control_namespace) so controllers sharing one Redis keep apart.
 """
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 from google.protobuf import json_format
@@ -101,12 +103,61 @@ def _model(m: control_pb2.ModelSpec, recompute: str, problems: list[str]) -> dic
     return fields
 
 
+PARALLELISMS = ("ddp", "fsdp")
+GPT_DIMENSIONS = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab")
+
+
+def _hf(m: control_pb2.ModelSpec, problems: list[str]) -> dict | None:
+    """A Hugging Face model's source, or None for the built-in GPT. An inline config is
+    parsed here; a config path or pretrained folder is checked by the controller (its
+    filesystem, its allowed roots) and read by the worker."""
+    if not (m.hf_config or m.hf_pretrained):
+        if m.HasField("hf_mlpe_kernels"):
+            problems.append("model.hf_mlpe_kernels: only with model.hf_config or "
+                            "model.hf_pretrained")
+        return None
+    if m.hf_config and m.hf_pretrained:
+        problems.append("model: one of hf_config and hf_pretrained, got both")
+    if m.preset or m.tied or any(getattr(m, name) for name in GPT_DIMENSIONS):
+        problems.append("model: a Hugging Face model takes its shape from its config; "
+                        "leave preset, tied and " + ", ".join(GPT_DIMENSIONS) +
+                        " unset (seq_len is allowed)")
+    inline = None
+    if m.hf_config.lstrip().startswith("{"):
+        try:
+            inline = json.loads(m.hf_config)
+        except ValueError as err:
+            problems.append(f"model.hf_config: not valid JSON: {err}")
+        else:
+            if not isinstance(inline, dict) or not isinstance(inline.get("model_type"), str):
+                problems.append('model.hf_config: a JSON object with a "model_type" (e.g. '
+                                '"llama"), as in a config.json')
+                inline = None
+    return {"config": inline, "config_path": "" if inline is not None or
+            m.hf_config.lstrip().startswith("{") else m.hf_config,
+            "pretrained": m.hf_pretrained,
+            "mlpe_kernels": m.hf_mlpe_kernels if m.HasField("hf_mlpe_kernels") else True}
+
+
+def _parallelism(spec: control_pb2.JobSpec, problems: list[str]) -> dict:
+    p = spec.parallelism
+    kind = p.kind or "ddp"
+    if kind not in PARALLELISMS:
+        problems.append(f"parallelism.kind: one of {', '.join(PARALLELISMS)}, got {kind!r}")
+    if kind != "fsdp" and (p.HasField("reshard_after_forward") or p.cpu_offload):
+        problems.append("parallelism: reshard_after_forward and cpu_offload are FSDP "
+                        "choices; set kind 'fsdp'")
+    return {"kind": kind, "cpu_offload": p.cpu_offload,
+            "reshard_after_forward": p.reshard_after_forward
+            if p.HasField("reshard_after_forward") else True}
+
+
 # Set by the launcher for every rank; a script job's env may not override them.
 RESERVED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                 "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "TORCHELASTIC_RUN_ID", "PYTHONPATH")
 BUILTIN_ONLY = ("model", "data", "optimizer", "global_batch", "micro_batch", "precision",
-                "recompute", "seed")
+                "recompute", "seed", "parallelism")
 
 
 def _entrypoint(spec: control_pb2.JobSpec, world: int, problems: list[str]) -> dict | None:
@@ -116,7 +167,8 @@ def _entrypoint(spec: control_pb2.JobSpec, world: int, problems: list[str]) -> d
         return None
     e = spec.entrypoint
     for name in BUILTIN_ONLY:
-        present = spec.HasField(name) if name in ("model", "data", "optimizer") else \
+        present = spec.HasField(name) if name in ("model", "data", "optimizer",
+                                                  "parallelism") else \
             bool(getattr(spec, name))
         if present:
             problems.append(f"{name}: only for the built-in model; a script job "
@@ -152,7 +204,10 @@ def resolve(spec: control_pb2.JobSpec) -> tuple[dict, list[str]]:
     if recompute not in RECOMPUTE:
         problems.append(f"recompute: one of {', '.join(RECOMPUTE)}, got {recompute!r}")
         recompute = "none"
-    model = _model(spec.model, recompute, problems)
+    hf = _hf(spec.model, problems)
+    model = _model(control_pb2.ModelSpec(seq_len=spec.model.seq_len) if hf else spec.model,
+                   recompute, problems)
+    parallelism = _parallelism(spec, problems)
 
     data = {"kind": spec.data.kind or "synthetic", "path": spec.data.path,
             "dtype": spec.data.dtype or "uint16", "seed": spec.data.seed}
@@ -231,7 +286,8 @@ def resolve(spec: control_pb2.JobSpec) -> tuple[dict, list[str]]:
                 "optimizer": optimizer, "checkpoint": checkpoint,
                 "priority": spec.priority, "max_restarts": spec.max_restarts,
                 "hang_timeout_s": hang, "device": device, "seed": spec.seed,
-                "kernel_report_steps": spec.kernel_report_steps, "entrypoint": entrypoint}
+                "kernel_report_steps": spec.kernel_report_steps, "entrypoint": entrypoint,
+                "hf": hf, "parallelism": parallelism}
     return resolved, problems
 
 

@@ -39,6 +39,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--preset", help="model preset: tiny, small, gpt-30m, gpt-125m")
     for flag in ("layers", "hidden", "heads", "kv-heads", "vocab", "seq-len"):
         s.add_argument(f"--{flag}", type=int, help=f"model {flag} (overrides the preset)")
+    s.add_argument("--hf-config", metavar="JSON|FILE",
+                   help="train a Hugging Face causal LM from this config (inline JSON with "
+                   "model_type, or a local config.json), randomly initialised")
+    s.add_argument("--hf-pretrained", type=Path, metavar="DIR",
+                   help="or from a local folder written by save_pretrained")
+    s.add_argument("--no-mlpe-kernels", action="store_true",
+                   help="leave the Hugging Face model unpatched (default: mlpe.kernels.hf)")
+    s.add_argument("--parallelism", choices=("ddp", "fsdp"),
+                   help="ddp (replicated, default) or fsdp (FSDP2: sharded parameters, "
+                   "gradients and optimizer state)")
+    s.add_argument("--no-reshard-after-forward", action="store_true",
+                   help="fsdp: keep gathered weights from forward to backward (faster, "
+                   "more memory)")
+    s.add_argument("--cpu-offload", action="store_true",
+                   help="fsdp: parameters, gradients and optimizer state on the CPU")
     s.add_argument("--data", metavar="FILE", help="token file (uint16); default synthetic")
     s.add_argument("--steps", type=int, help="optimizer steps")
     s.add_argument("--global-batch", type=int, help="sequences per step, all ranks")
@@ -116,6 +131,20 @@ def build_spec(args):
     for arg in ("layers", "hidden", "heads", "kv_heads", "vocab", "seq_len"):
         if getattr(args, arg) is not None:
             setattr(spec.model, arg, getattr(args, arg))
+    if args.hf_config is not None:
+        inline = args.hf_config.lstrip().startswith("{")
+        spec.model.hf_config = args.hf_config if inline else \
+            str(Path(args.hf_config).resolve())
+    if args.hf_pretrained is not None:
+        spec.model.hf_pretrained = str(args.hf_pretrained.resolve())
+    if args.no_mlpe_kernels:
+        spec.model.hf_mlpe_kernels = False
+    if args.parallelism is not None:
+        spec.parallelism.kind = args.parallelism
+    if args.no_reshard_after_forward:
+        spec.parallelism.reshard_after_forward = False
+    if args.cpu_offload:
+        spec.parallelism.cpu_offload = True
     if args.data:
         spec.data.kind, spec.data.path = "file", str(Path(args.data).resolve())
     for arg, field in (("lr", "lr"), ("warmup_steps", "warmup_steps"),

@@ -145,5 +145,14 @@ class LocalController:
     def checkpoint_state(self, job_id: str, step: int) -> dict:
         import torch
 
-        path = self.jobs_dir / job_id / "checkpoints" / f"step-{step:08d}" / "state.pt"
-        return torch.load(path, weights_only=False)
+        folder = self.jobs_dir / job_id / "checkpoints" / f"step-{step:08d}"
+        if (folder / "state.pt").exists():
+            return torch.load(folder / "state.pt", weights_only=False)
+        # A sharded job's (DCP): its shards gathered into one plain state dict.
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(folder, Path(tmp) / "state.pt")
+            return torch.load(Path(tmp) / "state.pt", weights_only=False)

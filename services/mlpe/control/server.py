@@ -80,6 +80,8 @@ class TrainingControl(control_pb2_grpc.TrainingControlServicer):
         resolved, problems = job_spec.resolve(request.spec)
         if resolved["entrypoint"] is not None and not problems:
             problems += scripts.check(resolved["entrypoint"], self.script_roots)
+        if resolved["hf"] is not None and not problems:
+            problems += scripts.check_model(resolved["hf"], self.script_roots)
         if resolved["world_size"] > self.supervisor.slots:
             problems.append(f"world_size: {resolved['world_size']} ranks, but this controller "
                             f"has {self.supervisor.slots} slot(s)")

@@ -125,6 +125,11 @@ class Run:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             self.owns_process_group = True
         self.group = dist.new_group(backend="gloo") if self.world_size > 1 else None
+        # DCP's background writer runs collectives on a thread of its own: on the decision
+        # group above they interleaved with poll()'s all-reduce and the job hung in its
+        # first sharded save. So sharded checkpoints get a gloo group of their own.
+        self.checkpoint_group = dist.new_group(backend="gloo") if self.world_size > 1 \
+            else None
 
         policy = self.spec.get("checkpoint", {})
         self.every_steps = policy.get("every_steps") or every_steps
@@ -282,7 +287,7 @@ class Run:
         if fmt not in self.savers:
             self.savers[fmt] = (
                 checkpoint.ShardedCheckpointer(self.checkpoint_dir, self.keep, self.rank,
-                                               self.group) if fmt == "dcp" else
+                                               self.checkpoint_group) if fmt == "dcp" else
                 checkpoint.AsyncCheckpointer(self.checkpoint_dir, self.keep))
         return self.savers[fmt]
 
@@ -293,8 +298,8 @@ class Run:
         rank writing its shards; replicated state is written by rank 0 alone. Call it on
         every rank."""
         sharded = _is_sharded(state) if sharded is None else sharded
-        if sharded and self.group is None and dist.is_initialized():
-            self.group = dist.new_group(backend="gloo")
+        if sharded and self.checkpoint_group is None and dist.is_initialized():
+            self.checkpoint_group = dist.new_group(backend="gloo")
         stall = 0.0
         if sharded:
             stall = self._saver("dcp").save(step, _dcp_state(state))
@@ -352,7 +357,9 @@ class Run:
         )
 
         loaded = _dcp_state(state)
-        dcp.load(loaded, checkpoint_id=str(path), process_group=self.group)
+        if self.checkpoint_group is None and dist.is_initialized():
+            self.checkpoint_group = dist.new_group(backend="gloo")
+        dcp.load(loaded, checkpoint_id=str(path), process_group=self.checkpoint_group)
         for key, target in state.items():
             if isinstance(target, torch.nn.Module):
                 set_model_state_dict(target, loaded[key])

@@ -2,10 +2,12 @@
 
 The SDK's `Run` gives each step the controller's decisions (pause, stop, checkpoint,
 SIGTERM), writes the progress the crash and hang watch reads, publishes step and kernel
-events, and saves and loads the checksummed checkpoints. Data is addressed by position,
-gradients are averaged with one all-reduce of a flat buffer in a fixed order, and the
-optimizer state and RNG round-trip exactly, so on the CPU a run resumed from step k's
-checkpoint is bitwise the run that never stopped.
+events, and saves and loads the checksummed checkpoints. The model is the built-in GPT
+or a Hugging Face causal LM (hf_model.py). Data is addressed by position; gradients are
+averaged with one all-reduce of a flat buffer in a fixed order (ddp) or reduce-scattered
+by FSDP2 (fsdp: parameters, gradients and optimizer state sharded, saved through the
+SDK's sharded DCP path); the optimizer state and RNG round-trip exactly, so on the CPU a
+run resumed from step k's checkpoint is bitwise the run that never stopped.
 """
 
 from __future__ import annotations
@@ -63,6 +65,29 @@ class Fault:
                 time.sleep(3600)
 
 
+def shard(model: torch.nn.Module, parallelism: dict, precision: str) -> None:
+    """FSDP2 over all ranks (the default process group: NCCL on GPUs, gloo on the CPU):
+    each transformer block its own unit (gathered just before it runs), then the root
+    (embedding, final norm, head). bf16 keeps fp32 master weights, gathers bf16 and
+    reduces gradients in fp32; CPU offload keeps parameters, gradients and optimizer
+    state on the host between uses."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():  # one rank: FSDP2 still wants a process group
+        device = next(model.parameters()).device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                store=dist.HashStore(), rank=0, world_size=1)
+    options = {"reshard_after_forward": parallelism["reshard_after_forward"]}
+    if precision == "bf16":
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                    reduce_dtype=torch.float32)
+    if parallelism["cpu_offload"]:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for block in model.blocks:
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+
+
 class Trainer:
     def __init__(self, spec: dict, run: Run, fault_spec: str = ""):
         self.spec, self.run = spec, run
@@ -73,14 +98,24 @@ class Trainer:
         self.fault = Fault(fault_spec, run.job_dir or Path("."), self.rank)
         cfg = model_config(spec)
         torch.manual_seed(spec["seed"])
-        self.model = GPT(cfg).to(self.device)
+        if spec.get("hf"):
+            from mlpe.worker.hf_model import HFCausalLM
+
+            self.model = HFCausalLM(spec["hf"]).to(self.device)
+            vocab = self.model.vocab
+        else:
+            self.model, vocab = GPT(cfg).to(self.device), cfg.vocab
+        self.parallelism = spec.get("parallelism") or {"kind": "ddp"}
+        self.sharded = self.parallelism["kind"] == "fsdp"
+        if self.sharded:
+            shard(self.model, self.parallelism, spec["precision"])
         o = spec["optimizer"]
         self.optimizer = FusedAdamW(self.model.parameters(), lr=o["lr"],
                                     betas=(o["beta1"], o["beta2"]), eps=o["eps"],
                                     weight_decay=o["weight_decay"])
         d = spec["data"]
-        self.data = (SyntheticTokens(cfg.vocab, cfg.seq_len, d["seed"]) if d["kind"] ==
-                     "synthetic" else TokenFile(d["path"], cfg.vocab, cfg.seq_len, d["seed"],
+        self.data = (SyntheticTokens(vocab, cfg.seq_len, d["seed"]) if d["kind"] ==
+                     "synthetic" else TokenFile(d["path"], vocab, cfg.seq_len, d["seed"],
                                                 d["dtype"]))
         self.accum = spec["global_batch"] // (spec["micro_batch"] * self.world)
         self.tokens_per_step = self.accum * spec["micro_batch"] * cfg.seq_len
@@ -105,8 +140,8 @@ class Trainer:
     def train_step(self) -> dict:
         spec, step = self.spec, self.step + 1
         t0 = time.perf_counter()
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                    if spec["precision"] == "bf16" else nullcontext())
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16)  # FSDP2: its own policy
+                    if spec["precision"] == "bf16" and not self.sharded else nullcontext())
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.accum):
             index = ((step - 1) * self.world + self.rank) * self.accum + micro
@@ -116,7 +151,7 @@ class Trainer:
             loss.backward()
             loss_sum += loss.detach().float()
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:  # FSDP2 reduce-scattered in backward
             flat = torch.cat([p.grad.reshape(-1) for p in params])
             dist.all_reduce(flat)
             flat /= self.world

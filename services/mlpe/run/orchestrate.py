@@ -23,6 +23,9 @@ from mlpe.common.settings import Settings, environment
 from mlpe.run.progress import StatusLine
 
 SCENARIO = scenario.packaged("run.yaml")
+# The job: a Hugging Face Llama patched with mlpe.kernels and sharded with FSDP2, run as
+# a user's script job (the example in the repository's examples/).
+TRAIN_SCRIPT = Path(__file__).resolve().parents[3] / "examples" / "train_hf_llama.py"
 SERVICE_LOGS = ("stream", "notify", "optimizer", "agent", "gpu-agent")  # tails shown on failure
 
 
@@ -59,7 +62,8 @@ class MainJob:
 
         s, say = self.settings, self.status.say
         control = LocalController(s.redis_url, s.kafka_bootstrap, self.work, slots=2,
-                                  namespace=f"run-{self.run_id}")
+                                  namespace=f"run-{self.run_id}", extra_env={
+                                      "MLPE_CONTROL_SCRIPT_ROOTS": str(TRAIN_SCRIPT.parent)})
         try:
             print("mlpe run: starting stream, notify, control and optimizer …", flush=True)
             if not self.slack:
@@ -148,17 +152,24 @@ class MainJob:
         return {"model": "llama3-8b", "cluster": "2x8xH100", "best": best.summary}
 
     def train_and_kill(self, control) -> tuple[str, dict]:
-        """Submit the tiny job, SIGKILL rank 1 a third of the way, watch rank 0 resume
-        from a checkpoint; (job id, recovery figures) once the job has ended."""
+        """Submit the script job (a small Hugging Face Llama on mlpe.kernels, FSDP2 over 2
+        CPU ranks), SIGKILL rank 1 a third of the way, watch rank 0 resume from a sharded
+        checkpoint; (job id, recovery figures) once the job has ended."""
         from mlpe.v1 import control_pb2 as c
 
         say = self.status.say
+        if not TRAIN_SCRIPT.is_file():
+            raise RuntimeError(f"mlpe run: the training script {TRAIN_SCRIPT} is missing "
+                               "(run from a checkout of the repository)")
         job = control.submit(c.JobSpec(
-            name="mlpe-run", model=c.ModelSpec(preset="tiny"), steps=self.args.steps,
-            world_size=2, micro_batch=2, global_batch=8, max_restarts=2, device="cpu",
-            kernel_report_steps=50, checkpoint=c.CheckpointPolicy(every_steps=25, keep=3)))
-        say(f"mlpe run: training job {job.job_id} submitted (tiny GPT, 2 ranks, "
-            f"{self.args.steps} steps, checkpoint every 25)", flush=True)
+            name="mlpe-run", steps=self.args.steps, world_size=2, max_restarts=2,
+            device="cpu", kernel_report_steps=50,
+            checkpoint=c.CheckpointPolicy(every_steps=25, keep=3),
+            entrypoint=c.Entrypoint(script=str(TRAIN_SCRIPT), args=[
+                "--steps", str(self.args.steps), "--ckpt-every", "25"])))
+        say(f"mlpe run: training job {job.job_id} submitted (Hugging Face Llama on "
+            f"mlpe.kernels, FSDP2 over 2 CPU ranks, {self.args.steps} steps, sharded "
+            "checkpoint every 25)", flush=True)
         kill_at = self.args.steps // 3
         victim, killed_at, recovery = None, 0.0, {}
         last_shown = 0.0

@@ -33,3 +33,18 @@ def test_the_language_model_under_plain_python(tmp_path):
     first = float(out.split("step 25: loss ")[1].split()[0])
     assert first < 4.85  # below ln(128), a uniform guess: it learned something
     assert (tmp_path / "checkpoints" / "step-00000025" / "manifest.json").is_file()
+
+
+def test_the_hugging_face_llama_sharded_under_torchrun_then_resumed(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node=2"]
+    script = str(EXAMPLES / "train_hf_llama.py")
+    out = run([*torchrun, script, "--steps", "40"], tmp_path)
+    assert "fused_linear_cross_entropy: 1 LlamaForCausalLM" in out  # patched in one call
+    assert float(out.split("step 40: loss ")[1].split()[0]) < 4.85  # below ln(128)
+    manifest = json.loads((tmp_path / "checkpoints" / "step-00000040" /
+                           "manifest.json").read_text())
+    assert manifest["format"] == "dcp" and {"__0_0.distcp", "__1_0.distcp"} <= set(
+        manifest["files"])  # each rank wrote its own shard
+    out = run([*torchrun, script, "--steps", "50"], tmp_path)
+    assert "step 40" not in out and "step 50: loss" in out

@@ -9,7 +9,8 @@ BIN := $(VENV)/bin
 MLPE := $(BIN)/mlpe
 PROTOS := $(wildcard proto/mlpe/v1/*.proto)
 
-.PHONY: help setup install run up down status test test-fast test-unit lint proto proto-check lock clean
+.PHONY: help setup install run up down status test test-fast test-unit lint proto proto-check lock clean \
+	gpu-wheels gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -74,6 +75,17 @@ lock:  ## re-pin requirements.lock (dev) and requirements-runtime.lock (images) 
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 -o requirements.lock
 	@$(HOME)/.cache/mlpe/uv-0.13.8/bin/uv pip compile pyproject.toml -c requirements.lock \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 -o requirements-runtime.lock
+
+# The GPU machine reaches no registry: `make gpu-wheels` here, then carry .gpu-wheels/ there
+# and run `make gpu-check` (or python3 tests/gpu/check.py) with that machine's own Python.
+GPU_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_PYTHONS ?= 3.10 3.11 3.12
+gpu-wheels:  ## download the GPU check's wheels (Liger-Kernel, transformers, ...) into .gpu-wheels/
+	@$(GPU_PY) tests/gpu/check.py --download-wheels --pythons "$(GPU_PYTHONS)" \
+		--uv $(HOME)/.cache/mlpe/uv-0.13.8/bin/uv
+
+gpu-check:  ## GPU tests, kernel bench, planner calibration, NVML, FSDP2 in <= 6 min; no GPU: says so
+	@$(GPU_PY) tests/gpu/check.py $(GPU_CHECK_ARGS)
 
 clean:  ## stop the stack and remove .venv; the stack's data ($$MLPE_STATE_DIR) and the per-user cache stay
 	@$(MLPE) stack down 2>/dev/null || true

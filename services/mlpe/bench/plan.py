@@ -4,7 +4,11 @@ latency, and the gRPC server's plan requests per second.
 - Accuracy: the worker's GPT run forward and backward on the CPU at several
   configurations; bytes saved for backward (through the fused kernels, in Triton's
   interpreter), parameters, gradients and AdamW states, each against the planner's
-  prediction (mlpe.bench.plan_accuracy).
+  prediction (mlpe.bench.plan_accuracy). Then the planner's generic models: bytes that
+  Hugging Face llama / mistral / qwen2 / qwen3 models (fp32, eager attention) save for
+  backward against its activation model (kernels="eager"), and each rank's FSDP2 shards
+  (2 gloo ranks) of parameters, gradients and AdamW states for the worker's GPT and a
+  Llama against its ZeRO-3 per-GPU figures.
 - Search latency: the full search for llama3-70b on 128 x 8 H100 (1,024 GPUs), global batch
   1024, sequence 8192, repeated; p50 and p99.
 - Requests/s: `mlpe optimizer` on loopback with its Redis cache, 16 concurrent clients for
@@ -23,6 +27,11 @@ import time
 from mlpe.common.settings import Settings, environment
 
 SEARCH_CASE = ("llama3-70b", "128x8xH100", 1024, 8192)
+# The accuracy keys of the result with --skip-accuracy (the same keys as accuracy()'s).
+SKIPPED_ACCURACY = {"configs_measured": 0, "mem_err_max_pct": None,
+                    "hf_configs_measured": 0, "hf_act_err_max_pct": None,
+                    "hf_act_baseline_err_max_pct": None, "fsdp_configs_measured": 0,
+                    "fsdp_err_max_pct": None, "accuracy_s": None}
 
 
 def register(sub) -> None:
@@ -31,7 +40,7 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=50, help="timed searches (50)")
     p.add_argument("--seconds", type=float, default=10.0, help="load test length (10)")
     p.add_argument("--skip-accuracy", action="store_true",
-                   help="leave out the (slow) CPU measurements")
+                   help="leave out the (slow) CPU measurements (GPT, Hugging Face, FSDP2)")
     p.set_defaults(bench=run)
 
 
@@ -104,6 +113,52 @@ async def load(address: str, seconds: float, concurrency: int = 16) -> dict:
             "cache_hit_ratio": round(cached / max(done, 1), 3)}
 
 
+def _print_rows(rows: list[dict], extra=lambda r: "") -> None:
+    width = max([40] + [len(r["config"]) for r in rows])
+    for r in rows:
+        print(f"  {r['config']:{width}s} {r['component']:12s} predicted "
+              f"{r['predicted'] / 2**20:10.2f} MiB  measured {r['measured'] / 2**20:10.2f}"
+              f" MiB  error {r['error_pct']:+.2f}%{extra(r)}", flush=True)
+
+
+def _max_error(rows: list[dict], key: str = "error_pct") -> float:
+    return round(max(abs(r[key]) for r in rows), 2)
+
+
+def accuracy() -> dict:
+    """The CPU measurements against the planner: the worker's GPT (its own path), Hugging
+    Face activations and FSDP2 states (the generic models)."""
+    from mlpe.bench.plan_accuracy import (
+        FSDP_WORLD,
+        accuracy_table,
+        fsdp_table,
+        hf_activation_table,
+    )
+
+    t0 = time.perf_counter()
+    print("measuring the worker's GPT on the CPU (fused kernels in Triton's "
+          "interpreter) …", flush=True)
+    rows = accuracy_table()
+    _print_rows(rows)
+    print("Hugging Face models (fp32, eager attention): saved for backward vs the generic "
+          "activation model (kernels=eager; Korthikanti's fused count in brackets) …",
+          flush=True)
+    hf = hf_activation_table()
+    _print_rows(hf, lambda r: f"  [fused count "
+                f"{100 * (r['baseline'] - r['measured']) / r['measured']:+.2f}%]")
+    print(f"FSDP2 over {FSDP_WORLD} gloo ranks: the largest rank's local shards vs ZeRO-3 "
+          "per GPU …", flush=True)
+    fsdp = fsdp_table()
+    _print_rows(fsdp, lambda r: f"  (dim-0 padding {r['padding']:,} B)")
+    return {"configs_measured": len({r["config"] for r in rows}),
+            "mem_err_max_pct": _max_error(rows),
+            "hf_configs_measured": len(hf), "hf_act_err_max_pct": _max_error(hf),
+            "hf_act_baseline_err_max_pct": _max_error(hf, "baseline_error_pct"),
+            "fsdp_configs_measured": len({r["config"] for r in fsdp}),
+            "fsdp_err_max_pct": _max_error(fsdp),
+            "accuracy_s": round(time.perf_counter() - t0, 1)}
+
+
 def run(args, settings: Settings) -> dict:
     import grpc
 
@@ -112,20 +167,7 @@ def run(args, settings: Settings) -> dict:
     from mlpe.common.process import free_port, stop_child
 
     result: dict = {"bench": "plan"}
-    if not args.skip_accuracy:
-        from mlpe.bench.plan_accuracy import accuracy_table
-
-        print("measuring the worker's GPT on the CPU (fused kernels in Triton's "
-              "interpreter) …", flush=True)
-        rows = accuracy_table()
-        for r in rows:
-            print(f"  {r['config']:40s} {r['component']:14s} predicted "
-                  f"{r['predicted'] / 2**20:10.2f} MiB  measured {r['measured'] / 2**20:10.2f}"
-                  f" MiB  error {r['error_pct']:+.2f}%")
-        result["configs_measured"] = len({r["config"] for r in rows})
-        result["mem_err_max_pct"] = round(max(abs(r["error_pct"]) for r in rows), 2)
-    else:
-        result.update(configs_measured=0, mem_err_max_pct=None)
+    result.update(SKIPPED_ACCURACY if args.skip_accuracy else accuracy())
     result.update(search_latency(args.repeats))
     print(f"search, {SEARCH_CASE[0]} on {SEARCH_CASE[1]}: p50 {result['search_p50_ms']} ms, "
           f"p99 {result['search_p99_ms']} ms ({result['search_evaluated']:,} layouts); best: "

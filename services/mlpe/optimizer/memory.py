@@ -54,6 +54,42 @@ keeps the embedding dropout mask (s b h, dropout models only); the last stage th
 norm input, the head input (2 s b h each, /t with SP) and fp32 logits for the
 cross-entropy backward (4 s b v / t, vocab-parallel).
 
+That count is for fused kernels (Megatron-LM's, or flash attention with fused norms and
+activations): kernels="fused", the default. kernels="eager" is the same layer run as
+plain PyTorch modules, as Hugging Face's llama / mistral / qwen2 / qwen3 do with
+attn_implementation="eager" (measured by mlpe.bench.plan_accuracy: fp32 on the CPU, to
+the byte; bf16 on the CPU within 0.1 %). Korthikanti's count under-predicts those by
+21-33 %; what it misses, per layer and token (e the activation bytes, 4 in fp32, 2 in
+bf16):
+- RMSNorm upcasts to fp32 and keeps its fp32 input (4 h: pow and the multiply by rstd
+  save it), rstd (4 bytes) and the normalised x * rstd (e h), besides its output (e h,
+  saved by the next projection): 4 h + e h + 4 per norm instead of e h;
+- RoPE's multiplications by cos / sin save only cos and sin (once for the model,
+  2 s head_dim e), so the q / k projections' outputs are not kept (except by Qwen3's q / k
+  norms, which keep them in fp32, their x * rstd and rstd); attention saves the rotated
+  q (and k, below);
+- eager attention's repeat_kv copies k and v to every head before the matmuls save them:
+  GQA's smaller k / v (2 kv_heads / heads) does not show, 2 e h whatever kv_heads. With
+  one kv head repeat_kv's expand reshapes to a stride-0 view, but matmul still copies it
+  when it folds more than one sequence with the heads; one kv head and one sequence keep
+  2 e h / heads;
+- the probabilities: softmax in fp32 (4 a s, plus its copy in the model's dtype when
+  that is narrower), which attention x V saves;
+- SwiGLU keeps four intermediates, not three: the gate projection (SiLU's input), SiLU's
+  output and the up projection (saved by their product) and the product (down's input):
+  4 e ffn;
+- the model: the token ids (int64), the final norm as above, the head's input, the
+  log-probabilities in fp32 (log_softmax's output, 4 v per token: the logits themselves
+  are not saved), the shifted targets (int64) and the loss's 4-byte weight total.
+With flash=True (an SDPA / flash attention kernel) the attention keeps q, k and v at
+their own head counts, the output and an fp32 logsumexp per head instead (not measured
+on Hugging Face models; it is what the worker's GPT does on its references, which the
+eager count matches within 1 % without recomputation).
+Both counts: a fused qkv projection (ModelShape.fused_qkv: the worker's GPT, whose q, k
+and v are views of its output) keeps that whole output alive while v is saved, so with
+RoPE the unrotated q and k stay besides the rotated ones ((1 + kv_heads / heads) h
+elements).
+
 Pipeline (1F1B, Narayanan et al. 2021): stage i holds p - i micro-batches in flight, so
 the first stage holds min(p, m) micro-batches of its layers/p layers (the whole model's
 worth of activations); with v interleaved chunks per stage the first stage holds
@@ -91,6 +127,7 @@ FRAGMENTATION = 0.05  # caching-allocator fragmentation, a fraction of everythin
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
+KERNELS = ("fused", "eager")  # what the activation model counts; see the module doc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,29 +203,76 @@ def _layer_terms(model: ModelShape) -> tuple[float, float, float, float, float]:
     mlp = (3.0 if model.ffn_type == "swiglu" else 2.0) * ratio
     if model.moe:
         mlp = model.top_k * (mlp + 1.0)
-    split = 1.0 + 2.0 * model.kv_heads / model.heads + 1.0 + mlp
+    split = 1.0 + 2.0 * model.kv_heads / model.heads + 1.0 + mlp + _unrotated_qk(model)
     score = 2.0 if model.dropout else 1.0
     score_mask = 1.0 if model.dropout else 0.0
     return rep, rep_mask, split, score, score_mask
 
 
+def _unrotated_qk(model: ModelShape) -> float:
+    """Elements per token and hidden unit of the unrotated q and k that a fused qkv
+    projection's output keeps alive under RoPE (v, a view of it, is saved)."""
+    if not model.fused_qkv or model.pos_embedding:
+        return 0.0
+    return 1.0 + model.kv_heads / model.heads
+
+
+def _eager_layer_bytes(model: ModelShape, e: float, flash: bool,
+                       micro_batch: Any) -> tuple[Any, Any, float]:
+    """kernels="eager": per token and hidden unit, in bytes, (replicated, split by TP,
+    scores per a*s/h) of a layer run as plain PyTorch modules (Hugging Face's eager
+    attention when flash is False); see the module doc."""
+    h = model.hidden
+    kv = model.kv_heads / model.heads
+    # RMSNorm: fp32 input, x * rstd, rstd; LayerNorm: input, fp32 mean and rstd.
+    norm = 4.0 + e + 4.0 / h if model.norm == "rmsnorm" else e + 8.0 / h
+    rep = 2 * norm + 2 * e + (2.0 if model.dropout else 0.0)  # + the norms' outputs, masks
+    # flash: q, k, v, the output and an fp32 logsumexp per head; eager: q, k and v
+    # repeated to every head (copies, except for one kv head and one sequence: stride-0
+    # views), the output.
+    repeated = np.where((model.kv_heads > 1) | (np.asarray(micro_batch) > 1), 1.0, kv)
+    attention = (e * (2.0 + 2.0 * kv) + 4.0 * model.heads / h if flash
+                 else e * (2.0 + 2.0 * repeated))
+    if model.qk_norm:  # per head: fp32 input, x * rstd, rstd
+        attention += (4.0 + e) * (1.0 + kv) + 4.0 * (model.heads + model.kv_heads) / h
+    attention += e * _unrotated_qk(model)
+    mlp = (4.0 if model.ffn_type == "swiglu" else 2.0) * e * model.ffn / h
+    if model.moe:
+        mlp = model.top_k * (mlp + e)
+    score = 4.0 + (e if e < 4 else 0.0) + ((e + 1.0) if model.dropout else 0.0)
+    return rep, attention + mlp, score
+
+
 def layer_activation_bytes(model: ModelShape, seq_len: int, micro_batch: float,
                            tp: Any = 1, sp: Any = False, recompute: Any = "none",
-                           flash: bool = False, cp: Any = 1, act_bytes: float = 2.0):
+                           flash: bool = False, cp: Any = 1, act_bytes: float = 2.0,
+                           kernels: str = "fused"):
     """Activation bytes one layer keeps for backward for one micro-batch (Korthikanti et
-    al. 2022, generalised per architecture; see the module doc). Works elementwise on
-    numpy arrays of tp, sp, recompute codes (0 none, 1 selective, 2 full), cp."""
+    al. 2022, generalised per architecture, for fused kernels; kernels="eager": plain
+    PyTorch modules; see the module doc). Works elementwise on numpy arrays of tp, sp,
+    recompute codes (0 none, 1 selective, 2 full), cp."""
     rec = code("recompute", recompute)
     tp, cp = np.asarray(tp, dtype=float), np.asarray(cp, dtype=float)
     t_rep = np.where(np.asarray(sp, dtype=bool), tp, 1.0)
-    rep, rep_mask, split, score, score_mask = _layer_terms(model)
     tokens_h = (seq_len / cp) * micro_batch * model.hidden
-    scores = 0.0 if flash else (score * act_bytes + score_mask) * model.heads * seq_len / (
-        model.hidden * tp)
-    none = tokens_h * ((rep * act_bytes + rep_mask) / t_rep + split * act_bytes / tp + scores)
-    selective = tokens_h * ((rep * act_bytes + rep_mask) / t_rep + split * act_bytes / tp)
+    if _kernels(kernels) == "eager":
+        rep_b, split_b, score_b = _eager_layer_bytes(model, act_bytes, flash, micro_batch)
+    else:
+        rep, rep_mask, split, score, score_mask = _layer_terms(model)
+        rep_b, split_b = rep * act_bytes + rep_mask, split * act_bytes
+        score_b = score * act_bytes + score_mask
+    scores = 0.0 if flash else score_b * model.heads * seq_len / (model.hidden * tp)
+    none = tokens_h * (rep_b / t_rep + split_b / tp + scores)
+    selective = tokens_h * (rep_b / t_rep + split_b / tp)
     full = tokens_h * act_bytes / t_rep
     return np.where(rec == 0, none, np.where(rec == 1, selective, full))
+
+
+def _kernels(kernels: str) -> str:
+    if kernels not in KERNELS:
+        raise PlanInputError("training.kernels", f"must be one of {', '.join(KERNELS)}, got "
+                                                 f"{kernels!r}")
+    return kernels
 
 
 def inflight_microbatches(pp: Any, grad_accum: Any, virtual_stages: Any = 1):
@@ -205,7 +289,8 @@ def inflight_microbatches(pp: Any, grad_accum: Any, virtual_stages: Any = 1):
 
 # -- the whole GPU --------------------------------------------------------------------------
 def memory_arrays(model: ModelShape, seq_len: int, precision: str, optimizer: str,
-                  layout: Layout, *, flash: bool = True) -> dict[str, np.ndarray]:
+                  layout: Layout, *, flash: bool = True,
+                  kernels: str = "fused") -> dict[str, np.ndarray]:
     """Every component of MemoryBreakdown, in bytes, elementwise over a Layout of numpy
     arrays (the planner evaluates thousands at once) or of one layout. Returns the worse of
     the first and last pipeline stages, per layout, plus "total" and "stage" (0 first, 1
@@ -246,7 +331,7 @@ def memory_arrays(model: ModelShape, seq_len: int, precision: str, optimizer: st
 
     def layer_bytes(recompute, flash):  # one layer's activations, one micro-batch
         return layer_activation_bytes(model, seq_len, a.micro_batch, a.tp, a.sp, recompute,
-                                      flash, a.cp, act_b)
+                                      flash, a.cp, act_b, kernels)
 
     # Activations per micro-batch.
     per_layer = layer_bytes(a.recompute, flash)
@@ -255,7 +340,19 @@ def memory_arrays(model: ModelShape, seq_len: int, precision: str, optimizer: st
                                            if model.dropout else 0.0)
     logits = 4.0 * tokens * model.vocab / a.tp
     last_tail = 2 * act_b * tokens * model.hidden / t_rep + logits
-    last_act = layers_here * per_layer + last_tail
+    if _kernels(kernels) == "eager":
+        # Every stage: RoPE's cos and sin (1 x s x head_dim each); the first the int64
+        # token ids; the last the final norm (as a layer's), the head's input, the fp32
+        # log-probabilities (logits), the int64 targets and the loss's weight total.
+        rotary = 0.0 if model.pos_embedding else 2 * act_b * seq_len / a.cp * model.head_dim
+        first_act = first_act + rotary + 8.0 * tokens
+        norm = (4.0 + act_b + 4.0 / model.hidden if model.norm == "rmsnorm"
+                else act_b + 8.0 / model.hidden)
+        last_tail = ((norm + act_b) * tokens * model.hidden / t_rep + logits + 8.0 * tokens
+                     + 4.0)
+        last_act = layers_here * per_layer + last_tail + rotary
+    else:
+        last_act = layers_here * per_layer + last_tail
     first_act = first_act + np.where(single, last_tail, 0.0)
     inflight_first = inflight_microbatches(a.pp, a.grad_accum, a.virtual_stages)
     v = a.virtual_stages
@@ -309,11 +406,12 @@ def breakdown(arrays: dict[str, np.ndarray], index: int | tuple = ()) -> MemoryB
 
 def plan_memory(model: ModelShape, seq_len: int, precision: str = "bf16",
                 optimizer: str = "adamw", layout: Layout | None = None, *, flash: bool = True,
-                **change: Any) -> MemoryBreakdown:
+                kernels: str = "fused", **change: Any) -> MemoryBreakdown:
     """Per-GPU memory of one layout (the worse pipeline stage): `layout` with the fields
     in `change` replaced, e.g. plan_memory(model, 4096, tp=8, dp=4)."""
     layout = (Layout() if layout is None else layout).replace(**change)
-    return breakdown(memory_arrays(model, seq_len, precision, optimizer, layout, flash=flash))
+    return breakdown(memory_arrays(model, seq_len, precision, optimizer, layout, flash=flash,
+                                   kernels=kernels))
 
 
 # -- the worker's GPT, exactly ----------------------------------------------------------------

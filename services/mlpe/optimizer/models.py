@@ -35,6 +35,11 @@ class ModelShape:
     bias: bool = False  # biases in every linear layer (GPT-2)
     pos_embedding: bool = False  # learned absolute positions, seq_len x hidden (GPT-2)
     dropout: bool = False  # trained with dropout (its masks are activations too)
+    qkv_bias: bool = False  # biases on the q, k and v projections only (Qwen2)
+    qk_norm: bool = False  # RMSNorm of each head's q and k before RoPE (Qwen3)
+    # One q/k/v projection whose output q, k and v are views of (the worker's GPT):
+    # with RoPE the unrotated q and k stay alive in it while v is saved.
+    fused_qkv: bool = False
 
     def __post_init__(self):
         for name in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq_len",
@@ -70,11 +75,14 @@ class ModelShape:
 
     def attention_params(self) -> int:
         """One layer's attention: q and out (heads x head_dim), k and v (kv_heads x
-        head_dim), and their biases if any."""
+        head_dim), their biases if any (q, k and v only with qkv_bias), and the q and k
+        norms' weights (head_dim each) with qk_norm."""
         q = self.heads * self.head_dim
         kv = self.kv_heads * self.head_dim
         weights = self.hidden * (q + 2 * kv) + q * self.hidden
-        return weights + ((q + 2 * kv + self.hidden) if self.bias else 0)
+        biases = (q + 2 * kv + self.hidden if self.bias else
+                  q + 2 * kv if self.qkv_bias else 0)
+        return weights + biases + (2 * self.head_dim if self.qk_norm else 0)
 
     def expert_params(self) -> int:
         """One MLP (one expert of an MoE layer): 3 matrices for SwiGLU, 2 for GELU."""
@@ -192,6 +200,44 @@ def build_model(preset: str | None = None, **overrides: Any) -> ModelShape:
     return dataclasses.replace(base, **overrides)
 
 
+# Hugging Face model types that are this kind of decoder (RMSNorm, RoPE, grouped-query
+# attention, SwiGLU) and what sets them apart.
+HF_LLAMA_FAMILY = {"llama": {}, "mistral": {}, "qwen2": {"qkv_bias": True},
+                   "qwen3": {"qk_norm": True}}
+
+
+def from_hf_config(config: Any) -> ModelShape:
+    """The ModelShape of a Hugging Face llama / mistral / qwen2 / qwen3 config (a
+    transformers PretrainedConfig, or anything with its attribute names; transformers is
+    not imported). Qwen2's q/k/v biases and Qwen3's q/k norms are kept; a head_dim other
+    than hidden / heads, Llama's attention_bias without its mlp_bias (or the other way
+    round), and other model types raise PlanInputError."""
+    kind = getattr(config, "model_type", None)
+    if kind not in HF_LLAMA_FAMILY:
+        raise PlanInputError("model.model_type", f"must be one of "
+                                                 f"{', '.join(HF_LLAMA_FAMILY)}, got {kind!r}")
+    extra = dict(HF_LLAMA_FAMILY[kind])
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    if head_dim * heads != hidden:
+        raise PlanInputError("model.head_dim", f"head_dim {head_dim} x heads {heads} is not "
+                                               f"hidden {hidden}")
+    # Llama's and Mistral's attention_bias (q, k, v and o) and mlp_bias: both or neither.
+    attention_bias = bool(getattr(config, "attention_bias", False))
+    if attention_bias != bool(getattr(config, "mlp_bias", False)):
+        raise PlanInputError("model.bias", "attention_bias without mlp_bias (or the other "
+                                           "way round) is not modelled")
+    if attention_bias:
+        extra["bias"] = True
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return ModelShape(name=f"hf-{kind}", layers=config.num_hidden_layers, hidden=hidden,
+                      heads=heads, kv_heads=kv, ffn=config.intermediate_size,
+                      ffn_type="swiglu", vocab=config.vocab_size,
+                      seq_len=config.max_position_embeddings,
+                      tied=bool(getattr(config, "tie_word_embeddings", False)),
+                      norm="rmsnorm", **extra)
+
+
 def worker_model(cfg: Any) -> ModelShape:
     """The worker's GPT (mlpe.worker.model.GPT) for a mlpe.common.jobs.GPTConfig:
     RMSNorm (weight only), RoPE (buffers, no parameters), grouped-query attention with a
@@ -199,4 +245,5 @@ def worker_model(cfg: Any) -> ModelShape:
     final RMSNorm and an LM head (tied to the embedding when cfg.tied)."""
     return ModelShape(name="worker", layers=cfg.layers, hidden=cfg.hidden, heads=cfg.heads,
                       kv_heads=cfg.kv_heads, ffn=cfg.ffn_size, ffn_type="swiglu",
-                      vocab=cfg.vocab, seq_len=cfg.seq_len, tied=cfg.tied, norm="rmsnorm")
+                      vocab=cfg.vocab, seq_len=cfg.seq_len, tied=cfg.tied, norm="rmsnorm",
+                      fused_qkv=True)

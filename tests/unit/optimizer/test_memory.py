@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from mlpe.optimizer.errors import PlanInputError
 from mlpe.optimizer.layout import Layout
 from mlpe.optimizer.memory import (
     GIB,
@@ -165,3 +166,77 @@ def test_worker_formula_scales_with_batch_and_dtype():
     assert two - w_grad == pytest.approx(2 * (one - w_grad))
     full = worker_activation_bytes(dataclasses.replace(cfg, recompute="full"), 2, 64, 2)
     assert full < two / 3
+
+
+def test_eager_kernels_count_what_plain_pytorch_modules_save():
+    # kernels="eager", per layer and token (module doc): two RMSNorms (fp32 input,
+    # x * rstd, rstd, output), q, k and v repeated to all heads, the attention output,
+    # SwiGLU's four intermediates and the fp32 probabilities (+ their bf16 copy).
+    m = MODELS["llama3-8b"]
+    h, f, a, s = m.hidden, m.ffn, m.heads, 2048
+    for e in (2, 4):
+        per_token = 2 * (4 * h + e * h + 4 + e * h) + 4 * e * h + 4 * e * f
+        probs = (4 + (e if e < 4 else 0)) * a * s
+        assert layer_activation_bytes(m, s, 1, act_bytes=e, kernels="eager") == \
+            pytest.approx(s * (per_token + probs))
+    # The default stays Korthikanti's count, which the eager one exceeds.
+    assert layer_activation_bytes(m, s, 1) == layer_activation_bytes(m, s, 1,
+                                                                     kernels="fused")
+    assert layer_activation_bytes(m, s, 1, kernels="eager") > \
+        1.2 * layer_activation_bytes(m, s, 1)
+    # Qwen3's q / k norms: fp32 input, x * rstd (e) and rstd per head, for q and k.
+    q3 = dataclasses.replace(m, qk_norm=True)
+    d, k = m.head_dim, m.kv_heads
+    extra = (4 + 2) * (a + k) * d + 4 * (a + k)
+    assert layer_activation_bytes(q3, s, 1, kernels="eager") - \
+        layer_activation_bytes(m, s, 1, kernels="eager") == pytest.approx(s * extra)
+    with pytest.raises(PlanInputError) as err:
+        plan_memory(m, s, kernels="triton")
+    assert err.value.field == "training.kernels"
+
+
+def test_fused_qkv_keeps_the_unrotated_q_and_k():
+    m = MODELS["llama3-8b"]
+    fused = dataclasses.replace(m, fused_qkv=True)
+    extra = 2 * 2048 * (m.hidden + m.kv_heads * m.head_dim)  # bf16, per layer
+    for kernels in ("fused", "eager"):
+        assert layer_activation_bytes(fused, 2048, 1, kernels=kernels) - \
+            layer_activation_bytes(m, 2048, 1, kernels=kernels) == pytest.approx(extra)
+    # No RoPE (learned positions): nothing to keep.
+    gpt2 = MODELS["gpt2-small"]
+    assert layer_activation_bytes(dataclasses.replace(gpt2, fused_qkv=True), 1024, 1) == \
+        layer_activation_bytes(gpt2, 1024, 1)
+
+
+# The worker's GPT: its own formula is exact to the measurement (tests/unit/bench); the
+# generic model, through worker_model (fused_qkv), has to hold for it too.
+GPT_CASES = [
+    ({"vocab": 256, "seq_len": 32, "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2},
+     2, 32),
+    ({"vocab": 384, "seq_len": 64, "layers": 3, "hidden": 96, "heads": 6, "kv_heads": 3,
+      "ffn": 160, "tied": True}, 1, 48),
+    ({"vocab": 512, "seq_len": 128, "layers": 4, "hidden": 128, "heads": 4, "kv_heads": 4},
+     4, 128),
+]
+
+
+@pytest.mark.parametrize(("fields", "batch", "seq"), GPT_CASES)
+def test_generic_model_holds_for_the_worker_gpt(fields, batch, seq):
+    from mlpe.common.jobs import GPTConfig
+    from mlpe.optimizer.models import worker_model
+
+    cfg = GPTConfig(**fields)
+    shape = worker_model(cfg)
+    # On its references (plain PyTorch RMSNorm, SiLU and log-softmax; SDPA attention) the
+    # GPT is what kernels="eager" with flash attention counts: within 1 %.
+    reference = worker_activation_bytes(cfg, batch, seq, 4, "none", fused=False)
+    eager = plan_memory(shape, seq, "fp32", micro_batch=batch, kernels="eager").activations
+    assert eager == pytest.approx(reference, rel=0.01)
+    # On its fused kernels, Korthikanti's count gets closer with the fused qkv's
+    # unrotated q and k than without (the rest: the fused head's grad_w, rstd, lse).
+    fused = worker_activation_bytes(cfg, batch, seq, 4, "none", fused=True)
+    with_qkv = plan_memory(shape, seq, "fp32", micro_batch=batch).activations
+    without = plan_memory(dataclasses.replace(shape, fused_qkv=False), seq, "fp32",
+                          micro_batch=batch).activations
+    assert abs(with_qkv - fused) < abs(without - fused)
+    assert with_qkv == pytest.approx(fused, rel=0.10)

@@ -93,3 +93,46 @@ def test_unknown_preset_and_custom_models():
     with pytest.raises(PlanInputError) as err:
         build_model(None, layers=2)
     assert err.value.field.startswith("model.")
+
+
+HF_CONFIGS = [
+    ("llama", {"num_key_value_heads": 2}),
+    ("mistral", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+    ("qwen2", {"num_key_value_heads": 4}),  # q, k and v biases
+    ("qwen3", {"num_key_value_heads": 2, "head_dim": 16}),  # q and k norms
+    ("llama", {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True}),
+]
+
+
+@pytest.mark.parametrize(("model_type", "fields"), HF_CONFIGS)
+def test_from_hf_config_counts_hugging_face_models_exactly(model_type, fields):
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mlpe.optimizer.models import from_hf_config
+
+    config = AutoConfig.for_model(model_type, vocab_size=300, hidden_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=160, **fields)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    shape = from_hf_config(config)
+    assert shape.params() == sum(p.numel() for p in model.parameters())
+    assert (shape.qkv_bias, shape.qk_norm) == (model_type == "qwen2", model_type == "qwen3")
+
+
+def test_from_hf_config_refuses_what_it_cannot_model():
+    from types import SimpleNamespace
+
+    from mlpe.optimizer.models import from_hf_config
+
+    base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "intermediate_size": 160, "vocab_size": 300,
+            "max_position_embeddings": 64}
+    assert from_hf_config(SimpleNamespace(**base)).kv_heads == 4
+    for change, field in (({"model_type": "gpt2"}, "model.model_type"),
+                          ({"head_dim": 32}, "model.head_dim"),
+                          ({"attention_bias": True}, "model.bias")):
+        with pytest.raises(PlanInputError) as err:
+            from_hf_config(SimpleNamespace(**{**base, **change}))
+        assert err.value.field == field

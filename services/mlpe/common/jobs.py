@@ -240,6 +240,9 @@ def resolve(spec: control_pb2.JobSpec) -> tuple[dict, list[str]]:
     device = spec.device or "auto"
     if device not in DEVICES:
         problems.append(f"device: one of {', '.join(DEVICES)}, got {device!r}")
+    if parallelism["cpu_offload"] and device == "cpu":
+        problems.append("parallelism.cpu_offload: offloads GPU memory to the host; needs "
+                        "device cuda (or auto on a GPU machine)")
     if precision == "bf16" and device == "cpu":
         problems.append("precision: bf16 mixed precision needs device cuda (or auto on a "
                         "GPU machine)")

@@ -47,6 +47,8 @@ class HFCausalLM(nn.Module):
                 torch_dtype=torch.float32)
         else:
             self.hf = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        self.hf.train()  # from_pretrained hands it over in eval mode (no dropout, and
+        # the patched forward would compute full logits instead of the fused loss)
         self.vocab = config.vocab_size
         self.patched: list[str] = []
         if hf["mlpe_kernels"]:
@@ -64,5 +66,6 @@ class HFCausalLM(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
         if targets is None:
             return self.hf(input_ids=tokens, use_cache=False).logits
+        targets = targets.contiguous()  # HF's own loss views it flat
         return self.hf(input_ids=tokens, labels=targets, shift_labels=targets,
                        use_cache=False).loss

@@ -44,6 +44,8 @@ def test_an_inline_config_and_fsdp_choices():
     ({"model": c.ModelSpec(hf_mlpe_kernels=False)}, "only with model.hf_config"),
     ({"parallelism": c.ParallelismSpec(kind="zero3")}, "parallelism.kind: one of ddp, fsdp"),
     ({"parallelism": c.ParallelismSpec(cpu_offload=True)}, "set kind 'fsdp'"),
+    ({"device": "cpu", "parallelism": c.ParallelismSpec(kind="fsdp", cpu_offload=True)},
+     "parallelism.cpu_offload: offloads GPU memory to the host; needs device cuda"),
 ])
 def test_bad_model_and_parallelism_fields_are_named(fields, message):
     problems = resolved(**fields)[1]

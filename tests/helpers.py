@@ -86,3 +86,10 @@ def isolated_stack_env(state_dir: Path, *components: str) -> dict[str, str]:
     if "redis" in wanted:
         overrides["MLPE_REDIS_PORT"] = str(free_port())
     return mlpe_env(**overrides)
+
+
+def flip_a_byte(path: Path) -> None:
+    """Corrupt a checkpoint file the way a bad disk would: one byte in its middle."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))

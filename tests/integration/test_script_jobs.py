@@ -27,7 +27,7 @@ from mlpe.control.local import LocalController
 from mlpe.sdk import checkpoint
 from mlpe.v1 import control_pb2 as c
 from mlpe.v1.training_pb2 import JobPlacement
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, flip_a_byte
 from tests.integration.test_control import end_offsets, read_job_events
 from tests.integration.test_stream import (  # noqa: F401 - stream_env: a fixture
     start_stream,
@@ -78,12 +78,6 @@ def _call(control, rpc: str, job_id: str) -> c.Job:
     return getattr(control.stub, rpc)(c.JobRequest(job_id=job_id), metadata=control.auth)
 
 
-def _flip_a_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def test_a_script_job_paused_checkpointed_killed_corrupted_preempted_cancelled(control):
     job = control.submit_script(EXAMPLES / "train_mlp.py", "--steps", "100000",
                                 world_size=2, max_restarts=3,
@@ -112,7 +106,7 @@ def test_a_script_job_paused_checkpointed_killed_corrupted_preempted_cancelled(c
     _call(control, "PauseJob", job.job_id)
     control.paused(job.job_id)
     newest, previous = sorted(folder.glob("step-????????"))[-1:-3:-1]
-    _flip_a_byte(newest / "state.pt")
+    flip_a_byte(newest / "state.pt")
     old = {p["pid"] for p in control.progress(job.job_id).values()}
     os.kill(control.progress(job.job_id)[0]["pid"], signal.SIGKILL)
     resumed = control.restarted(job.job_id, old)

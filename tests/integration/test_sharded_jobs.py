@@ -15,6 +15,7 @@ import torch
 
 from mlpe.control.local import LocalController
 from mlpe.v1 import control_pb2 as c
+from tests.helpers import flip_a_byte
 
 TINY_LLAMA = json.dumps({
     "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
@@ -79,10 +80,7 @@ def test_a_corrupt_shard_is_refused_and_the_previous_checkpoint_used(control, mo
     control.wait("paused", lambda: control.progress(job.job_id)[0].get("state") == "paused")
     folder = control.jobs_dir / job.job_id / "checkpoints"
     newest, previous = sorted(folder.glob("step-????????"))[-1:-3:-1]
-    shard = newest / "__1_0.distcp"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one flipped byte in rank 1's shard
-    shard.write_bytes(bytes(data))
+    flip_a_byte(newest / "__1_0.distcp")  # rank 1's shard
     old = {p["pid"] for p in control.progress(job.job_id).values()}
     os.kill(control.progress(job.job_id)[0]["pid"], signal.SIGKILL)
     resumed = restarted(control, job.job_id, old)

@@ -93,3 +93,12 @@ def flip_a_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def kafka_record(topic: str, value: bytes | None, *, partition: int = 0, offset: int = 0,
+                 key: bytes | None = b""):
+    """What aiokafka's consumer hands over (topic, partition, offset, key, value)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(topic=topic, partition=partition, offset=offset, key=key,
+                           value=value)

@@ -21,7 +21,7 @@ from mlpe.agent.shipper import Shipper
 from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.spool import Spool
 from mlpe.common.kafka import wait_group_stable
-from mlpe.common.topics import ALERTS
+from mlpe.common.topics import ALERTS, metrics_group
 from mlpe.notify.slack import parse_message
 from mlpe.v1 import alerts_pb2
 from tests.helpers import mlpe_env, start_mlpe, stop_gracefully
@@ -146,7 +146,7 @@ async def test_kill_9_of_the_stream_sends_no_notification_twice(stream_env, uniq
                 await asyncio.sleep(0.05)
             # Its data's partitions have commits (not of the alert's batch: a 10 s window
             # holds it), so the restart resumes there rather than at the topic's start.
-            await wait_committed(stream_env.kafka_bootstrap, f"test-stream-{unique}",
+            await wait_committed(stream_env.kafka_bootstrap, metrics_group(f"test-stream-{unique}"),
                                  partitions_of([f"{node}-00", f"{node}-01"]))
             os.kill(stream.pid, signal.SIGKILL)
             stream.wait()

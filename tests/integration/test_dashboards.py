@@ -27,7 +27,7 @@ from mlpe.agent.sources.host import HostMetrics
 from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.sources.train_sim import SimulatedTraining
 from mlpe.agent.spool import Spool
-from mlpe.common.kafka import wait_group_stable
+from mlpe.common.kafka import wait_stream_ready
 from tests.helpers import DEPLOY, mlpe_env, start_mlpe
 
 from .test_stream import stop
@@ -120,7 +120,7 @@ def filled(stack_endpoints, tmp_path_factory) -> Filled:
                    MLPE_INFLUX_URL=e.influx_url, MLPE_INFLUX_TOKEN=e.influx_token)
     stream = start_mlpe("stream", env=env, log=tmp / "stream.log")
     try:
-        wait_group_stable(e.kafka_bootstrap, env["MLPE_STREAM_APP_ID"], 1, [stream])
+        wait_stream_ready(e.kafka_bootstrap, env["MLPE_STREAM_APP_ID"], 1, [stream])
         scenario = parse(SCENARIO.replace("JOB", job))
         start = datetime.now(UTC)
         sim = SimulatedGpus(scenario, 100, node_prefix=f"{prefix}-")

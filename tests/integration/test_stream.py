@@ -21,8 +21,8 @@ from mlpe.agent.scenario import Scenario
 from mlpe.agent.shipper import Shipper
 from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.spool import Spool
-from mlpe.common.kafka import wait_group_stable
-from mlpe.common.topics import DEAD_LETTER, GPU_METRICS, TRAIN_EVENTS
+from mlpe.common.kafka import wait_stream_ready
+from mlpe.common.topics import DEAD_LETTER, GPU_METRICS, TRAIN_EVENTS, metrics_group
 from mlpe.v1 import deadletter_pb2
 from mlpe.v1.training_pb2 import TrainStep
 from tests.helpers import mlpe_env, start_mlpe, stop_child, stop_gracefully
@@ -44,7 +44,7 @@ def start_stream(unique: str, log_path) -> subprocess.Popen:
     stream = start_mlpe("stream", env=env, log=log_path)
     # Ready = the worker's consumer group is Stable with it as a member.
     try:
-        wait_group_stable(env["MLPE_KAFKA_BOOTSTRAP"], env["MLPE_STREAM_APP_ID"], 1, [stream])
+        wait_stream_ready(env["MLPE_KAFKA_BOOTSTRAP"], env["MLPE_STREAM_APP_ID"], 1, [stream])
     except BaseException:
         stop_child(stream, timeout=0)  # never leave a worker behind
         raise
@@ -159,7 +159,7 @@ async def test_kill_9_mid_run_leaves_no_window_missing(stream_env, unique, tmp_p
         run_agent(stream_env.kafka_bootstrap, tmp_path, prefix, seconds=20))
     try:
         await wait_for(lambda: len(windows(stream_env, prefix)) >= 8, 60, "first windows", stream)
-        await wait_committed(stream_env.kafka_bootstrap, f"test-stream-{unique}",
+        await wait_committed(stream_env.kafka_bootstrap, metrics_group(f"test-stream-{unique}"),
                              partitions_of([f"{prefix}00", f"{prefix}01"]))
         os.kill(stream.pid, signal.SIGKILL)
         stream.wait()
@@ -262,7 +262,7 @@ async def test_two_workers_share_the_partitions(stream_env, unique, tmp_path):
     workers = [start_mlpe("stream", env={**env, "MLPE_STATE_DIR": str(tmp_path / f"state{i}")},
                           log=log) for i, log in enumerate(logs)]
     try:
-        wait_group_stable(stream_env.kafka_bootstrap, env["MLPE_STREAM_APP_ID"], 2, workers)
+        wait_stream_ready(stream_env.kafka_bootstrap, env["MLPE_STREAM_APP_ID"], 2, workers)
         # 16 nodes over 8 partitions: each worker's half is all but sure to hold some.
         sim = SimulatedGpus(Scenario(seed=4, nodes=16, gpus_per_node=1), 100, node_prefix=prefix)
         await Agent([(sim, 100)], Shipper(stream_env.kafka_bootstrap,

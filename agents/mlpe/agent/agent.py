@@ -1,8 +1,8 @@
-"""The node agent: sample every source at a fixed rate, batch per device, ship.
+"""The node agent: sample every source at a fixed rate, batch per node, ship.
 
 A sampler thread keeps the tick schedule (absolute deadlines, so jitter never
 accumulates) and writes each reading into preallocated numpy buffers; every
-flush interval it encodes one MetricBatch per device and hands the records to
+flush interval it encodes one MetricBatch per node (all its GPUs) and hands the records to
 the shipper on the event loop. Kafka being slow or away never delays a tick.
 With the simulator, the simulated training job's step events for the same
 ticks go out at each flush too, through the same shipper and spool.
@@ -75,8 +75,18 @@ class _SourceBuffer:
         self.batch_seq = np.zeros(n_dev, dtype=np.int64)
         self.sample_seq = np.zeros(n_dev, dtype=np.int64)
         kind = source.devices[0].kind if source.devices else pb.DEVICE_KIND_GPU
-        self.device_keys = [(d.node_id, d.kind, d.index, d.uuid) for d in source.devices]
-        self.node_keys = [d.node_id.encode() for d in source.devices]
+        # One message per node: the node's rows of the device axis, which sources list
+        # node by node (the simulator: every GPU of node 00, then of node 01, ...).
+        self.nodes: list[tuple[str, int, np.ndarray]] = []
+        for row, device in enumerate(source.devices):
+            if self.nodes and self.nodes[-1][0] == device.node_id:
+                self.nodes[-1][2].append(row)
+            elif any(node == device.node_id for node, _, _ in self.nodes):
+                raise ValueError(f"source {source.name}: the devices of node "
+                                 f"{device.node_id} are not listed together")
+            else:
+                self.nodes.append((device.node_id, device.kind, [row]))
+        self.nodes = [(node, k, np.array(rows)) for node, k, rows in self.nodes]
         self.topic = GPU_METRICS.name if kind == pb.DEVICE_KIND_GPU else HOST_METRICS.name
 
     def take(self, k: int, t_ns: int) -> int:
@@ -104,11 +114,16 @@ class _SourceBuffer:
                 self.events[row].append(event)
         template = pb.MetricBatch(agent_epoch_ns=self.epoch_ns, sample_hz=hz / self.every,
                                   job_id=self.job_id)
-        encoded = batches.encode_devices(
-            template, self.device_keys, self.times[:self.n], self.values[:self.n],
-            self.source.fields, self.events, self.batch_seq, self.sample_seq)
-        records = [Record(self.topic, key, value)
-                   for key, value in zip(self.node_keys, encoded, strict=True)]
+        devices = self.source.devices
+        nodes = [(node, kind, rows, [
+            pb.Device(index=devices[r].index, uuid=devices[r].uuid,
+                      batch_seq=int(self.batch_seq[r]),
+                      first_sample_seq=int(self.sample_seq[r]), events=self.events[r])
+            for r in rows]) for node, kind, rows in self.nodes]
+        encoded = batches.encode_nodes(template, nodes, self.times[:self.n],
+                                       self.values[:self.n], self.source.fields)
+        records = [Record(self.topic, node.encode(), value)
+                   for (node, _, _), value in zip(self.nodes, encoded, strict=True)]
         self.batch_seq += 1
         self.sample_seq += self.n
         self.n = 0

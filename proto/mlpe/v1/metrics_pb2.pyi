@@ -148,35 +148,41 @@ class DeviceEvent(_message.Message):
     detail: str
     def __init__(self, time_ns: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., code: _Optional[int] = ..., value: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
 
-class MetricBatch(_message.Message):
-    __slots__ = ("node_id", "device_kind", "device_index", "device_uuid", "agent_epoch_ns", "batch_seq", "first_sample_seq", "base_time_ns", "time_offsets_us", "series", "events", "sample_hz", "job_id")
-    NODE_ID_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
-    AGENT_EPOCH_NS_FIELD_NUMBER: _ClassVar[int]
+class Device(_message.Message):
+    __slots__ = ("index", "uuid", "batch_seq", "first_sample_seq", "events")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
     BATCH_SEQ_FIELD_NUMBER: _ClassVar[int]
     FIRST_SAMPLE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    uuid: str
+    batch_seq: int
+    first_sample_seq: int
+    events: _containers.RepeatedCompositeFieldContainer[DeviceEvent]
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., batch_seq: _Optional[int] = ..., first_sample_seq: _Optional[int] = ..., events: _Optional[_Iterable[_Union[DeviceEvent, _Mapping]]] = ...) -> None: ...
+
+class MetricBatch(_message.Message):
+    __slots__ = ("node_id", "device_kind", "agent_epoch_ns", "base_time_ns", "time_offsets_us", "devices", "series", "sample_hz", "job_id")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
+    AGENT_EPOCH_NS_FIELD_NUMBER: _ClassVar[int]
     BASE_TIME_NS_FIELD_NUMBER: _ClassVar[int]
     TIME_OFFSETS_US_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
     SERIES_FIELD_NUMBER: _ClassVar[int]
-    EVENTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_HZ_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     device_kind: DeviceKind
-    device_index: int
-    device_uuid: str
     agent_epoch_ns: int
-    batch_seq: int
-    first_sample_seq: int
     base_time_ns: int
     time_offsets_us: bytes
+    devices: _containers.RepeatedCompositeFieldContainer[Device]
     series: _containers.RepeatedCompositeFieldContainer[Series]
-    events: _containers.RepeatedCompositeFieldContainer[DeviceEvent]
     sample_hz: float
     job_id: str
-    def __init__(self, node_id: _Optional[str] = ..., device_kind: _Optional[_Union[DeviceKind, str]] = ..., device_index: _Optional[int] = ..., device_uuid: _Optional[str] = ..., agent_epoch_ns: _Optional[int] = ..., batch_seq: _Optional[int] = ..., first_sample_seq: _Optional[int] = ..., base_time_ns: _Optional[int] = ..., time_offsets_us: _Optional[bytes] = ..., series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[DeviceEvent, _Mapping]]] = ..., sample_hz: _Optional[float] = ..., job_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., device_kind: _Optional[_Union[DeviceKind, str]] = ..., agent_epoch_ns: _Optional[int] = ..., base_time_ns: _Optional[int] = ..., time_offsets_us: _Optional[bytes] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ..., sample_hz: _Optional[float] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class NvLink(_message.Message):
     __slots__ = ("link", "peer_pci_bus_id", "peer_gpu_index", "active")

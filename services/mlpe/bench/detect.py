@@ -78,7 +78,7 @@ def duration_of(scenario_file: Path) -> float:
 
 
 def bench_detect(args, settings: Settings) -> dict:
-    from mlpe.common.kafka import kafka_reachable, wait_group_stable
+    from mlpe.common.kafka import kafka_reachable, wait_group_stable, wait_stream_ready
 
     files = sorted(Path(args.scenarios).glob("*.yaml"))
     if not files:
@@ -120,7 +120,7 @@ def bench_detect(args, settings: Settings) -> dict:
             _wait_port(port, sink)
             notify = start("notify", "notify")
             workers = [start(f"stream{i}", "stream") for i in range(args.workers)]
-            wait_group_stable(settings.kafka_bootstrap, env["MLPE_STREAM_APP_ID"],
+            wait_stream_ready(settings.kafka_bootstrap, env["MLPE_STREAM_APP_ID"],
                               args.workers, workers)
             wait_group_stable(settings.kafka_bootstrap, env["MLPE_NOTIFY_GROUP_ID"], 1,
                               [notify])

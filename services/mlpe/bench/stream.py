@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from mlpe.common.kafka import wait_group_stable
+from mlpe.common.kafka import wait_stream_ready
 from mlpe.common.process import ManagedProcess, stop_children
 from mlpe.common.settings import Settings, environment
 
@@ -76,8 +76,8 @@ def _step(settings: Settings, nodes: int, args, workdir: Path) -> dict:
     workers = [subprocess.Popen([sys.executable, "-m", "mlpe.cli", "stream"], env=env,
                                 stdout=(workdir / f"w{run_id}{i}.log").open("wb"),
                                 stderr=subprocess.STDOUT) for i in range(args.workers)]
-    wait_group_stable(settings.kafka_bootstrap, f"bench-stream-{run_id}", args.workers,
-                       workers)
+    wait_stream_ready(settings.kafka_bootstrap, f"bench-stream-{run_id}", args.workers,
+                      workers)
     per_agent = -(-nodes // args.agents)
     agents = [subprocess.Popen(
         [sys.executable, "-m", "mlpe.cli", "agent", "--source", "sim", "--nodes",

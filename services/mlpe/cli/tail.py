@@ -63,11 +63,15 @@ def describe(topic: str, key: bytes | None, value: bytes | None) -> dict:
             b = batches.decode(value)
         except batches.BatchError as err:
             return {**out, "error": str(err)}
-        out.update(node=b.node_id, device=b.device_index, uuid=b.device_uuid or None,
-                   batch_seq=b.batch_seq, samples=b.samples,
+        out.update(node=b.node_id, samples=b.samples,
                    first_time=_iso(b.timestamps_ns[0]) if b.samples else None,
-                   fields={batches.field_name(f): _summary(v) for f, v in b.columns.items()},
-                   events=[MessageToDict(e) for e in b.events])
+                   devices=[{"device": int(b.device_indices[d]),
+                             "uuid": b.device_uuids[d] or None,
+                             "batch_seq": int(b.batch_seqs[d]),
+                             "fields": {batches.field_name(f): _summary(v[d])
+                                        for f, v in b.columns.items()},
+                             "events": [MessageToDict(e) for e in b.events[d]]}
+                            for d in range(b.devices)])
         return out
     message_type = MESSAGE_TYPES.get(topic)
     if message_type is None:
@@ -101,11 +105,14 @@ def _iso(ns: int) -> str:
 def render(d: dict) -> str:
     if "error" in d:
         return f"{d['topic']} key={d['key']}: UNDECODABLE: {d['error']}"
-    if "fields" in d:
-        fields = " ".join(f"{name}={v['last']}" for name, v in d["fields"].items())
-        events = f" events={d['events']}" if d["events"] else ""
-        return (f"{d['first_time']} {d['node']} dev{d['device']} seq={d['batch_seq']} "
-                f"n={d['samples']} {fields}{events}")
+    if "devices" in d:
+        lines = []
+        for dev in d["devices"]:
+            fields = " ".join(f"{name}={v['last']}" for name, v in dev["fields"].items())
+            events = f" events={dev['events']}" if dev["events"] else ""
+            lines.append(f"{d['first_time']} {d['node']} dev{dev['device']} "
+                         f"seq={dev['batch_seq']} n={d['samples']} {fields}{events}")
+        return "\n".join(lines)
     rest = {k: v for k, v in d.items() if k not in ("topic", "key")}
     return f"{d['topic']} key={d['key']} {json.dumps(rest, separators=(',', ':'))}"
 

@@ -1,7 +1,8 @@
 """Columnar metric batches: numpy arrays in, protobuf bytes out, and back.
 
-One Kafka message carries every sample of one device over one flush interval:
-a timestamp array plus one packed array per field. Decoding is a handful of
+One Kafka message carries every sample of every device of one kind on one node over
+one flush interval: a timestamp array shared by the devices plus one packed
+(devices x samples) array per field. Decoding is a handful of
 np.frombuffer calls, never a Python object per sample.
 """
 
@@ -41,6 +42,8 @@ class BatchError(ValueError):
 
 @dataclass
 class Batch:
+    """The samples of one device: what a detector or a test reasons about. The wire
+    carries a node's devices together (NodeBatch); `NodeBatch.device(d)` is one of them."""
     node_id: str
     device_kind: int
     device_index: int
@@ -62,39 +65,122 @@ class Batch:
     def values(self) -> int:
         return self.samples * len(self.columns)
 
+
+@dataclass
+class NodeBatch:
+    """Every device of one kind on one node over one flush (one Kafka message)."""
+    node_id: str
+    device_kind: int
+    agent_epoch_ns: int
+    device_indices: np.ndarray             # int64 (D,)
+    device_uuids: list[str]
+    batch_seqs: np.ndarray                 # uint64 (D,)
+    first_sample_seqs: np.ndarray          # uint64 (D,)
+    timestamps_ns: np.ndarray              # int64 (S,), shared by every device
+    columns: dict[int, np.ndarray]         # Field -> float32/float64 array (D, S)
+    events: list[list[pb.DeviceEvent]]     # per device
+    sample_hz: float = 0.0
+    job_id: str = ""
+    # Per device, the job it works for (the stream fills it from placements); None: job_id.
+    jobs: list[str] | None = None
+
+    @property
+    def samples(self) -> int:
+        return len(self.timestamps_ns)
+
+    @property
+    def devices(self) -> int:
+        return len(self.device_indices)
+
+    @property
+    def values(self) -> int:
+        return self.samples * self.devices * len(self.columns)
+
+    def job_of_device(self, d: int) -> str:
+        return self.job_id if self.jobs is None else self.jobs[d]
+
     def matrix(self) -> tuple[tuple[int, ...], np.ndarray]:
-        """(sorted field numbers, float64 array of shape (samples, fields)); computed once."""
+        """(sorted field numbers, float64 array (samples, devices, fields)); computed once."""
         cached = self.__dict__.get("_matrix")
         if cached is None:
             fields = tuple(sorted(self.columns))
-            out = np.empty((self.samples, len(fields)))
+            out = np.empty((self.samples, self.devices, len(fields)))
             for j, f in enumerate(fields):
-                out[:, j] = self.columns[f]
+                out[:, :, j] = self.columns[f].T
             cached = self.__dict__["_matrix"] = (fields, out)
         return cached
 
+    def device(self, d: int) -> Batch:
+        """Device d as a Batch (views of the arrays, no copies)."""
+        return Batch(
+            node_id=self.node_id, device_kind=self.device_kind,
+            device_index=int(self.device_indices[d]), device_uuid=self.device_uuids[d],
+            agent_epoch_ns=self.agent_epoch_ns, batch_seq=int(self.batch_seqs[d]),
+            first_sample_seq=int(self.first_sample_seqs[d]), timestamps_ns=self.timestamps_ns,
+            columns={f: v[d] for f, v in self.columns.items()}, events=self.events[d],
+            sample_hz=self.sample_hz, job_id=self.job_of_device(d))
 
-def encode(batch: Batch) -> bytes:
-    ts = np.asarray(batch.timestamps_ns, dtype=np.int64)
+    def select(self, keep: np.ndarray) -> NodeBatch:
+        """The devices where `keep` (bool, (D,)) is true, as a batch of their own."""
+        rows = np.flatnonzero(keep)
+        return NodeBatch(
+            node_id=self.node_id, device_kind=self.device_kind,
+            agent_epoch_ns=self.agent_epoch_ns, device_indices=self.device_indices[rows],
+            device_uuids=[self.device_uuids[d] for d in rows],
+            batch_seqs=self.batch_seqs[rows], first_sample_seqs=self.first_sample_seqs[rows],
+            timestamps_ns=self.timestamps_ns,
+            columns={f: v[rows] for f, v in self.columns.items()},
+            events=[self.events[d] for d in rows], sample_hz=self.sample_hz,
+            job_id=self.job_id, jobs=None if self.jobs is None else [self.jobs[d] for d in rows])
+
+
+def join(devices: list[Batch]) -> NodeBatch:
+    """Batches of one node's devices (same kind, timestamps and fields) as one NodeBatch."""
+    if not devices:
+        raise BatchError("join: no devices")
+    first = devices[0]
+    for b in devices[1:]:
+        if (b.node_id, b.device_kind) != (first.node_id, first.device_kind) or \
+                set(b.columns) != set(first.columns) or \
+                not np.array_equal(b.timestamps_ns, first.timestamps_ns):
+            raise BatchError("join: devices differ in node, kind, fields or timestamps")
+    return NodeBatch(
+        node_id=first.node_id, device_kind=first.device_kind,
+        agent_epoch_ns=first.agent_epoch_ns,
+        device_indices=np.array([b.device_index for b in devices], dtype=np.int64),
+        device_uuids=[b.device_uuid for b in devices],
+        batch_seqs=np.array([b.batch_seq for b in devices], dtype=np.uint64),
+        first_sample_seqs=np.array([b.first_sample_seq for b in devices], dtype=np.uint64),
+        timestamps_ns=np.asarray(first.timestamps_ns, dtype=np.int64),
+        columns={f: np.stack([np.asarray(b.columns[f]) for b in devices])
+                 for f in first.columns},
+        events=[list(b.events) for b in devices], sample_hz=first.sample_hz,
+        job_id=first.job_id)
+
+
+def encode(batch: Batch | NodeBatch) -> bytes:
+    """A MetricBatch's bytes; a Batch becomes a node batch of one device."""
+    node = join([batch]) if isinstance(batch, Batch) else batch
+    ts = np.asarray(node.timestamps_ns, dtype=np.int64)
     base = int(ts[0]) if len(ts) else 0
     offsets_us = (ts - base) // 1000
     if len(ts) and (offsets_us.min() < 0 or offsets_us.max() > 0xFFFFFFFF):
         raise BatchError("timestamps must be ascending and span under 71 minutes")
     message = pb.MetricBatch(
-        node_id=batch.node_id,
-        device_kind=batch.device_kind,
-        device_index=batch.device_index,
-        device_uuid=batch.device_uuid,
-        agent_epoch_ns=batch.agent_epoch_ns,
-        batch_seq=batch.batch_seq,
-        first_sample_seq=batch.first_sample_seq,
+        node_id=node.node_id,
+        device_kind=node.device_kind,
+        agent_epoch_ns=node.agent_epoch_ns,
         base_time_ns=base,
         time_offsets_us=offsets_us.astype("<u4").tobytes(),
-        events=batch.events,
-        sample_hz=batch.sample_hz,
-        job_id=batch.job_id,
+        sample_hz=node.sample_hz,
+        job_id=node.job_id,
     )
-    for number, values in batch.columns.items():
+    for d in range(node.devices):
+        message.devices.add(index=int(node.device_indices[d]), uuid=node.device_uuids[d],
+                            batch_seq=int(node.batch_seqs[d]),
+                            first_sample_seq=int(node.first_sample_seqs[d]),
+                            events=node.events[d])
+    for number, values in node.columns.items():
         kind = value_type(number)
         message.series.add(field=number, type=kind,
                            values=np.asarray(values, dtype=_DTYPES[kind]).tobytes())
@@ -111,10 +197,10 @@ def _varint(n: int) -> bytes:
 
 
 @functools.lru_cache(maxsize=4096)
-def _series_prefix(number: int, samples: int) -> bytes:
+def _series_prefix(number: int, devices: int, samples: int) -> bytes:
     """Wire bytes of MetricBatch.series (field 10) up to its values: tag, length, field, type."""
     kind = value_type(number)
-    size = samples * _DTYPES[kind].itemsize
+    size = devices * samples * _DTYPES[kind].itemsize
     inner = b"\x08" + _varint(number) + b"\x10" + _varint(kind) + b"\x1a" + _varint(size)
     return b"\x52" + _varint(len(inner) + size) + inner
 
@@ -129,50 +215,48 @@ def _columns_by_dtype(fields: tuple[int, ...]) -> list[tuple[np.dtype, list[int]
     return out
 
 
-def encode_devices(
+def encode_nodes(
     template: pb.MetricBatch,
-    devices: list[tuple[str, int, int, str]],
+    nodes: list[tuple[str, int, np.ndarray, list[pb.Device]]],
     timestamps_ns: np.ndarray,
     values: np.ndarray,
     fields: tuple[int, ...],
-    events: list[list[pb.DeviceEvent]],
-    batch_seq: np.ndarray,
-    first_sample_seq: np.ndarray,
 ) -> list[bytes]:
-    """encode() for every device of a source at once: the same bytes a decode() accepts,
-    but one numpy conversion for the whole (samples, devices, fields) block.
+    """encode() for every node of a source at once: one numpy conversion for the whole
+    (samples, devices, fields) block, then each node's bytes cut out of it.
 
-    template carries agent_epoch_ns and sample_hz; devices are (node, kind, index, uuid).
+    template carries agent_epoch_ns and sample_hz; nodes are (node id, device kind, the
+    node's rows in `values`' device axis (contiguous, ascending), its Device messages
+    with their seqs and events set).
     """
     samples = len(timestamps_ns)
     base = int(timestamps_ns[0])
     template.base_time_ns = base
     template.time_offsets_us = ((timestamps_ns - base) // 1000).astype("<u4").tobytes()
-    groups = []  # float32 fields, then float64 fields
+    groups = []  # float32 fields, then float64 fields: (F_sub, D, S) blocks
     for dtype, cols in _columns_by_dtype(fields):
-        block = np.ascontiguousarray(values[:samples][:, :, cols].transpose(1, 2, 0),
-                                     dtype=dtype).tobytes()
-        prefixes = [_series_prefix(fields[i], samples) for i in cols]
-        groups.append((block, prefixes, samples * dtype.itemsize))
+        block = np.ascontiguousarray(values[:samples][:, :, cols].transpose(2, 1, 0),
+                                     dtype=dtype)
+        groups.append((block, cols))
     out = []
-    for d, (node, kind, index, uuid) in enumerate(devices):
+    for node, kind, rows, devices in nodes:
         template.node_id, template.device_kind = node, kind
-        template.device_index, template.device_uuid = index, uuid
-        template.batch_seq, template.first_sample_seq = int(batch_seq[d]), int(first_sample_seq[d])
-        del template.events[:]
-        template.events.extend(events[d])
+        del template.devices[:]
+        template.devices.extend(devices)
         parts = [template.SerializeToString()]
-        for block, prefixes, size in groups:
-            start = d * len(prefixes) * size
-            for j, prefix in enumerate(prefixes):
-                parts.append(prefix)
-                parts.append(block[start + j * size:start + (j + 1) * size])
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        for block, cols in groups:
+            for j, col in enumerate(cols):
+                chunk = block[j, lo:hi].tobytes()
+                parts.append(_series_prefix(fields[col], hi - lo, samples))
+                parts.append(chunk)
         out.append(b"".join(parts))
     return out
 
 
-def decode(raw: bytes) -> Batch:
-    """Parse and validate; raises BatchError naming the first problem found."""
+def decode(raw: bytes) -> NodeBatch:
+    """Parse and check the structure; raises BatchError naming the first problem found.
+    (Limits and identifiers are the consumer's to check: mlpe.stream.decoding.)"""
     message = pb.MetricBatch()
     try:
         message.ParseFromString(raw)
@@ -185,9 +269,15 @@ def decode(raw: bytes) -> Batch:
     if len(message.time_offsets_us) % 4:
         raise BatchError(f"MetricBatch: time_offsets_us has {len(message.time_offsets_us)} "
                          "bytes, not a multiple of 4")
+    devices = message.devices
+    if not devices:
+        raise BatchError("MetricBatch: no devices")
+    indices = np.array([d.index for d in devices], dtype=np.int64)
+    if len(np.unique(indices)) != len(indices):
+        raise BatchError(f"MetricBatch: device indices {indices.tolist()[:16]} repeat")
     offsets = np.frombuffer(message.time_offsets_us, dtype="<u4")
     timestamps = message.base_time_ns + offsets.astype(np.int64) * 1000
-    samples = len(offsets)
+    samples, n_dev = len(offsets), len(devices)
     # One numpy conversion per value type rather than per field: the per-field loop only
     # checks numbers (this runs for every message the stream consumes).
     by_type: dict[int, tuple[list[int], list[bytes]]] = {}
@@ -199,10 +289,10 @@ def decode(raw: bytes) -> Batch:
         dtype = _DTYPES.get(kind)
         if dtype is None:
             raise BatchError(f"MetricBatch: field {name} has no value type")
-        if len(values) != dtype.itemsize * samples:
+        if len(values) != dtype.itemsize * samples * n_dev:
             raise BatchError(
                 f"MetricBatch: field {name} has {len(values) / dtype.itemsize:g} "
-                f"samples, timestamps has {samples}")
+                f"values, {n_dev} devices x {samples} timestamps need {n_dev * samples}")
         if field_number in seen:
             raise BatchError(f"MetricBatch: field {name} appears twice")
         seen.add(field_number)
@@ -211,20 +301,20 @@ def decode(raw: bytes) -> Batch:
         chunks.append(values)
     columns: dict[int, np.ndarray] = {}
     for kind, (fields, chunks) in by_type.items():
-        block = np.frombuffer(b"".join(chunks), dtype=_DTYPES[kind]).reshape(len(fields),
-                                                                             samples)
+        block = np.frombuffer(b"".join(chunks), dtype=_DTYPES[kind]).reshape(
+            len(fields), n_dev, samples)
         columns.update(zip(fields, block, strict=True))
-    return Batch(
+    return NodeBatch(
         node_id=message.node_id,
         device_kind=message.device_kind,
-        device_index=message.device_index,
-        device_uuid=message.device_uuid,
         agent_epoch_ns=message.agent_epoch_ns,
-        batch_seq=message.batch_seq,
-        first_sample_seq=message.first_sample_seq,
+        device_indices=indices,
+        device_uuids=[d.uuid for d in devices],
+        batch_seqs=np.array([d.batch_seq for d in devices], dtype=np.uint64),
+        first_sample_seqs=np.array([d.first_sample_seq for d in devices], dtype=np.uint64),
         timestamps_ns=timestamps,
         columns=columns,
-        events=list(message.events),
+        events=[list(d.events) for d in devices],
         sample_hz=message.sample_hz,
         job_id=message.job_id,
     )

@@ -73,3 +73,13 @@ def wait_group_stable(bootstrap: str, group: str, members: int, workers, timeout
             return
         time.sleep(0.5)
     raise RuntimeError(f"{group} did not form a stable group in {timeout:.0f} s")
+
+
+def wait_stream_ready(bootstrap: str, app_id: str, members: int, workers,
+                      timeout=90.0) -> None:
+    """Until `workers` (mlpe stream processes of app `app_id`) are members of both of
+    the app's groups: its Faust agents' and its metrics consumer's."""
+    from mlpe.common.topics import metrics_group
+
+    for group in (app_id, metrics_group(app_id)):
+        wait_group_stable(bootstrap, group, members, workers, timeout)

@@ -85,6 +85,19 @@ def _float(env: Mapping[str, str], name: str, default: float, low: float, high: 
     return value
 
 
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise SettingsError(f"{name}={raw!r}: expected a whole number from {low} to {high}")
+    return value
+
+
 def _secret_url(env: Mapping[str, str], *names: str) -> str | None:
     """The first of `names` that is set, checked for form; the value is never shown."""
     for name in names:
@@ -143,6 +156,13 @@ class Settings:
     redis_url: str
 
     stream_lateness_s: float  # how long a window waits for late samples (event time)
+    # A batch stamped further ahead of the worker's clock is refused (dead letter + alert):
+    # a node whose clock jumped must not close other windows, nor its own, early.
+    stream_clock_tolerance_s: float
+    stream_max_devices: int   # devices in one metric batch (one node's GPUs)
+    stream_max_samples: int   # samples per device in one metric batch
+    stream_max_world_size: int  # TrainStep world_size (ranks of one job)
+    stream_fetch_records: int   # metric messages the stream takes from Kafka at once
     stream_app_id: str        # Faust app id = Kafka consumer group of the stream workers
     stream_start: str         # where a new consumer group starts: earliest or latest
     rules_path: str           # threshold rules for the stream ("" = none)
@@ -257,6 +277,12 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             env, "MLPE_REDIS_URL", f"redis://127.0.0.1:{redis_port}/0", ("redis", "rediss")
         ),
         stream_lateness_s=_float(env, "MLPE_STREAM_LATENESS_S", 0.3, 0.0, 60.0),
+        stream_clock_tolerance_s=_float(env, "MLPE_STREAM_CLOCK_TOLERANCE_S", 10.0, 0.0,
+                                        3600.0),
+        stream_max_devices=_int(env, "MLPE_STREAM_MAX_DEVICES", 64, 1, 4096),
+        stream_max_samples=_int(env, "MLPE_STREAM_MAX_SAMPLES", 6000, 1, 1_000_000),
+        stream_max_world_size=_int(env, "MLPE_STREAM_MAX_WORLD_SIZE", 65536, 1, 1 << 24),
+        stream_fetch_records=_int(env, "MLPE_STREAM_FETCH_RECORDS", 2000, 1, 100_000),
         stream_app_id=_text(env, "MLPE_STREAM_APP_ID", "mlpe-stream"),
         stream_start=_choice(env, "MLPE_STREAM_START", "earliest", ("earliest", "latest")),
         rules_path=str(packaged("rules", "default.yaml")) if rules is None else rules.strip(),

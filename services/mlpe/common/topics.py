@@ -45,6 +45,12 @@ PLACEMENT = Topic("mlpe.placement", 1, 30 * DAY_MS, "node id/job id", "JobPlacem
 GPU_SECONDS = Topic("gpu-seconds", 4, HOUR_MS, "job id", "per-node 1 s GPU means (JSON)")
 
 
+def metrics_group(app_id: str) -> str:
+    """The consumer group of one stream app's metrics consumer (its Faust agents are in
+    the group named by the app id itself)."""
+    return f"{app_id}-metrics"
+
+
 def of_app(topic: Topic, app_id: str) -> Topic:
     """`topic` as one stream app's own: named "<app id>-<name>"."""
     return dataclasses.replace(topic, name=f"{app_id}-{topic.name}")

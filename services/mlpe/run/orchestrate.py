@@ -56,7 +56,7 @@ class MainJob:
         """Every step, in order; 0 when done (a failure raises, after the services' log
         tails on stderr). The services are stopped either way."""
         from mlpe.agent.sources.nvml import nvml_available
-        from mlpe.common.kafka import wait_group_stable
+        from mlpe.common.kafka import wait_group_stable, wait_stream_ready
         from mlpe.control.local import LocalController
         from mlpe.run.summary import print_summary
 
@@ -76,7 +76,7 @@ class MainJob:
             self.start_service("optimizer", "optimizer", "--listen",
                                f"127.0.0.1:{self.optimizer_port}")
             control.start()
-            wait_group_stable(s.kafka_bootstrap, self.env["MLPE_STREAM_APP_ID"], 1, [stream])
+            wait_stream_ready(s.kafka_bootstrap, self.env["MLPE_STREAM_APP_ID"], 1, [stream])
             wait_group_stable(s.kafka_bootstrap, self.env["MLPE_NOTIFY_GROUP_ID"], 1, [notify])
             plan = self.plan_training()
             say(f"mlpe run: fleet of 2 x 8 simulated GPUs for {self.args.duration:.0f} s "

@@ -69,3 +69,19 @@ class AckQueues:
         still held from the last commit."""
         for partition in partitions:
             self.queues.pop(partition, None)
+
+
+class Consumed:
+    """A record of a plain Kafka consumer (topic, partition, offset, key, value) as an
+    event for AckQueues: acknowledging it makes its partition committable up to it.
+    Acks come in offset order (AckQueues), so `committable` only moves forward."""
+
+    __slots__ = ("acked", "committable", "message")
+
+    def __init__(self, record, committable: dict[Partition, int]):
+        self.message, self.acked, self.committable = record, False, committable
+
+    def ack(self) -> None:
+        self.acked = True
+        self.committable[(self.message.topic, self.message.partition)] = \
+            self.message.offset + 1

@@ -29,12 +29,13 @@ import time
 
 import faust
 import numpy as np
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
 from faust.types import TP
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from mlpe.common import batches
+from mlpe.common.alerts import fingerprint
 from mlpe.common.settings import Settings
 from mlpe.common.topics import (
     ALERTS,
@@ -44,11 +45,14 @@ from mlpe.common.topics import (
     HOST_METRICS,
     PLACEMENT,
     TRAIN_EVENTS,
+    metrics_group,
     of_app,
 )
 from mlpe.stream import rules
-from mlpe.stream.acks import Partition
+from mlpe.stream.acks import Consumed, Partition
 from mlpe.stream.decoding import (
+    ClockError,
+    Limits,
     StepRow,
     gpu_second_reports,
     parse_batch,
@@ -60,6 +64,7 @@ from mlpe.stream.detectors import baseline, peers, training, trend
 from mlpe.stream.detectors import events as events_detector
 from mlpe.stream.influx import InfluxWriter, alert_line
 from mlpe.stream.state import StreamState
+from mlpe.stream.windows import escape_tag
 from mlpe.v1 import alerts_pb2, deadletter_pb2
 
 log = logging.getLogger("mlpe.stream")
@@ -136,6 +141,8 @@ class StreamApp:
         self.state = StreamState.create(settings.stream_lateness_s) if state is None else state
         self.rules = rules.load(settings.rules_path) if settings.rules_path else []
         self.writer = InfluxWriter(settings)
+        self.limits = Limits.of(settings)
+        self.metrics_consumer: AIOKafkaConsumer | None = None
         datadir = settings.state_dir / "stream"
         datadir.mkdir(parents=True, exist_ok=True)
 
@@ -162,7 +169,6 @@ class StreamApp:
         )
 
         # Topics.
-        self.metric_topics = _raw_topic(app, GPU_METRICS.name, HOST_METRICS.name)
         self.alerts_topic = _raw_topic(app, ALERTS.name)
         self.dead_letters = _raw_topic(app, DEAD_LETTER.name)
         self.gpu_seconds = _raw_topic(app, of_app(GPU_SECONDS, settings.stream_app_id).name,
@@ -181,7 +187,7 @@ class StreamApp:
         # Agents, timers, the write loop and the rebalance hook. Each body is the method
         # of the same name; for an agent that name now means the Faust agent (whose
         # name, "mlpe.stream.app.<method>", is what Faust logs).
-        self.aggregate = app.agent(self.metric_topics)(self.aggregate)
+        app.task(self.consume_metrics)
         self.detect_gpus = app.agent(self.gpu_seconds)(self.detect_gpus)
         self.train_steps = app.agent(self.train_topic)(self.train_steps)
         app.timer(interval=1.0)(self.watch_stalls)
@@ -193,32 +199,165 @@ class StreamApp:
 
     # Agents.
 
-    async def aggregate(self, stream) -> None:
-        """Metric batches into windows, and their events and rule breaches as alerts."""
-        state = self.state
-        async for event in stream.noack().events():
-            if state.placements_loaded is not None and not state.placements_loaded.is_set():
-                await self.wait_for_placements()
+    async def consume_metrics(self) -> None:
+        """The metric topics, without Faust: a plain consumer in the group
+        "<app id>-metrics" takes them in batches (getmany) and commits by hand, only up
+        to the events acknowledged (acks.py). Faust's per-event machinery cost half of
+        the CPU of each message, and its recovery raced the fetcher (see
+        seek_stream_partitions_before_fetching); a group of its own needs neither."""
+        settings = self.settings
+        while not self.app.should_stop:
+            consumer = self.metrics_consumer = AIOKafkaConsumer(
+                bootstrap_servers=settings.kafka_bootstrap,
+                group_id=metrics_group(settings.stream_app_id), enable_auto_commit=False,
+                auto_offset_reset=settings.stream_start, session_timeout_ms=10_000,
+                heartbeat_interval_ms=1_000, fetch_max_wait_ms=50,
+                max_partition_fetch_bytes=4 * 2**20)
+            consumer.subscribe([GPU_METRICS.name, HOST_METRICS.name],
+                               listener=_MetricsRebalance(self))
             try:
-                batch = parse_batch(event.value)
-            except batches.BatchError as err:
-                await self.dead_letter(event, str(err))
+                await consumer.start()
+                await self.read_metrics(consumer)
+            except KafkaError as err:
+                log.warning("metrics consumer: %s; again in %g s", err, PLACEMENT_RETRY_S)
+            finally:
+                await self.commit_metrics(consumer)
+                await consumer.stop()
+            if not self.app.should_stop:
+                await asyncio.sleep(PLACEMENT_RETRY_S)
+
+    async def read_metrics(self, consumer: AIOKafkaConsumer) -> None:
+        state, last_commit = self.state, time.monotonic()
+        while not self.app.should_stop:
+            fetched = await consumer.getmany(timeout_ms=100,
+                                             max_records=self.settings.stream_fetch_records)
+            if fetched and state.placements_loaded is not None and \
+                    not state.placements_loaded.is_set():
+                await self.wait_for_placements()
+            for tp, records in fetched.items():
+                for record in records:
+                    if tp not in consumer.assignment():
+                        break  # revoked meanwhile: its new owner reads it from the commit
+                    await self.take_metrics(record)
+            if time.monotonic() - last_commit >= 1.0:
+                await self.commit_metrics(consumer)
+                last_commit = time.monotonic()
+
+    async def commit_metrics(self, consumer: AIOKafkaConsumer, only=None) -> None:
+        """Commit each owned metric partition up to its last acknowledged event."""
+        owned = consumer.assignment()
+        offsets = {TopicPartition(*p): offset
+                   for p, offset in self.state.committable.items()
+                   if TopicPartition(*p) in owned and (only is None or p in only)}
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as err:  # a rebalance: replayed, not lost
+            log.warning("metrics commit failed (%s); the partitions' next owner replays",
+                        err)
+            return
+        for tp in offsets:
+            self.state.committable.pop((tp.topic, tp.partition), None)
+
+    async def take_metrics(self, record) -> Consumed:
+        """One metric batch (an aiokafka record) into windows, and its events and rule
+        breaches as alerts. Whatever goes wrong with one message sends it to the
+        dead-letter topic with the reason; the others go on."""
+        state = self.state
+        event = Consumed(record, state.committable)
+        partition = (record.topic, record.partition)
+        state.last_offsets[partition] = record.offset
+        try:
+            batch = parse_batch(record.value or b"", self.limits)
+        except ClockError as err:
+            await self.refuse(record, str(err))
+            await self.clock_ahead(err)
+            state.ack_queues.ack_in_order(event)
+            return event
+        except batches.BatchError as err:
+            await self.refuse(record, str(err))
+            state.ack_queues.ack_in_order(event)
+            return event
+        try:
+            await self.aggregate(partition, batch, event)
+        except Exception as err:  # one bad message must not stop the rest
+            log.exception("metric batch at %s/%d offset %d", *partition, record.offset)
+            await self.refuse(record, f"could not be processed: {type(err).__name__}: {err}")
+            state.ack_queues.ack_in_order(event)
+        return event
+
+    async def aggregate(self, partition: Partition, batch: batches.NodeBatch,
+                        event: Consumed) -> None:
+        state = self.state
+        if batch.node_id in state.clock_ahead:
+            await self.clock_ahead(None, batch.node_id)
+        fresh = state.seqs.fresh(batch)
+        if not fresh.all():
+            state.counters["duplicate_batches"] += int((~fresh).sum())
+            if not fresh.any():
                 state.ack_queues.ack_in_order(event)
-                continue
-            batch.job_id = state.placements.job_of(batch)  # what windows and reports carry
-            await self.publish([
-                *events_detector.detect(batch, time.time_ns(), state.throttle_masks),
-                *rules.evaluate(self.rules, state.rule_states, batch)])
-            partition = (event.message.topic, event.message.partition)
-            state.last_offsets[partition] = event.message.offset
-            hold = state.ack_queues.hold(event)
-            for windows in state.windows:
-                hold.refs += windows.add(partition, batch, hold)
-            state.counters["batches"] += 1
-            state.arrival_delays.append(
-                time.time() - batch.timestamps_ns[-1] / 1e9 if batch.samples else 0)
-            state.counters["values"] += batch.values
-            hold.ack_if_unheld()  # acked now if its windows were all written already
+                return
+            batch = batch.select(fresh)
+        batch.jobs = state.placements.jobs_of(batch)  # what windows and reports carry
+        found = rules.evaluate(self.rules, state.rule_states, batch)
+        now_ns = time.time_ns()
+        for d, device_events in enumerate(batch.events):
+            if device_events:
+                found += events_detector.detect(batch.device(d), now_ns, state.throttle_masks)
+        if found:
+            await self.publish(found)
+        hold = state.ack_queues.hold(event)
+        late = 0
+        for windows in state.windows:
+            hold.refs += windows.add(partition, batch, hold)
+            late = max(late, windows.last_late)
+        if late:
+            await self.report_late(event.message, batch, late)
+        state.counters["batches"] += 1
+        state.arrival_delays.append(
+            time.time() - batch.timestamps_ns[-1] / 1e9 if batch.samples else 0)
+        state.counters["values"] += batch.values
+        hold.ack_if_unheld()  # acked now if its windows were all written already
+
+    async def report_late(self, message, batch: batches.NodeBatch, samples: int) -> None:
+        """Samples that came after their window was written are dropped, never silently:
+        counted per node, written to InfluxDB (measurement stream_dropped), and a batch
+        entirely late goes to the dead-letter topic."""
+        state = self.state
+        state.late_by_node[batch.node_id] = state.late_by_node.get(batch.node_id, 0) + samples
+        state.annotations.append(
+            f"stream_dropped,node={escape_tag(batch.node_id)},reason=late "
+            f"samples={samples * batch.devices}i {time.time_ns()}")
+        if samples >= batch.samples:
+            state.counters["late_batches"] += 1
+            await self.refuse(message, f"late: every sample of node {batch.node_id} came "
+                              "after its window was written (more than "
+                              f"{self.settings.stream_lateness_s:g} s behind the node's "
+                              "newest data, MLPE_STREAM_LATENESS_S)")
+
+    async def clock_ahead(self, err: ClockError | None, node: str = "") -> None:
+        """A node's clock ahead of this worker's: one alert naming the node, resolved by
+        its next batch in time."""
+        now_ns = time.time_ns()
+        node = err.node if err is not None else node
+        firing = err is not None
+        if firing == (node in self.state.clock_ahead):
+            return
+        (self.state.clock_ahead.add if firing else self.state.clock_ahead.discard)(node)
+        summary = (f"Clock of {node} is {err.ahead_s:.0f} s ahead; its data is refused"
+                   if firing else f"Clock of {node} is in time again")
+        await self.publish([alerts_pb2.Alert(
+            fingerprint=fingerprint("node_clock_ahead", node), rule="node_clock_ahead",
+            detector="stream", severity=alerts_pb2.SEVERITY_WARNING,
+            state=alerts_pb2.ALERT_FIRING if firing else alerts_pb2.ALERT_RESOLVED,
+            labels={"node": node}, value=err.ahead_s if firing else 0.0,
+            threshold=self.limits.clock_tolerance_s, starts_at_ns=now_ns,
+            ends_at_ns=0 if firing else now_ns, detected_at_ns=now_ns, summary=summary,
+            explanation=("Its batches are stamped later than this worker's clock allows "
+                         "(MLPE_STREAM_CLOCK_TOLERANCE_S) and go to mlpe.deadletter: "
+                         "accepted, they would close windows early. Check NTP on the node."
+                         if firing else "Its batches are accepted again."))])
 
     async def detect_gpus(self, stream) -> None:
         """Baseline, trend and cross-peer detectors over each GPU's 1 s means."""
@@ -329,12 +468,12 @@ class StreamApp:
             return
         for job, report in gpu_second_reports(closed):  # detectors first: they are the hurry
             await self.gpu_seconds.send(key=job.encode(), value=json.dumps(report).encode())
-        lines = [c.line for c in closed if c.line]
+        lines = [line for c in closed for line in c.lines]
         await self.writer.write(lines + notes)  # retries until written
         state.counters["windows_written"] += len(lines)
         now_ns = time.time_ns()
         state.close_delays.extend((now_ns - c.end_ns) / 1e9 for c in closed
-                                  if c.line and c.end_ns - c.start_ns == 10**9)
+                                  if c.lines and c.end_ns - c.start_ns == 10**9)
         for window in closed:
             for hold in window.tokens:
                 hold.release()
@@ -421,7 +560,10 @@ class StreamApp:
     def backlog(self, partition: Partition) -> bool:
         """Is there unread data on this partition? (Then silence is only us being busy.)"""
         try:
-            highwater = self.app.consumer.highwater(TP(*partition))
+            if partition[0] in (GPU_METRICS.name, HOST_METRICS.name):
+                highwater = self.metrics_consumer.highwater(TopicPartition(*partition))
+            else:
+                highwater = self.app.consumer.highwater(TP(*partition))
         except Exception:  # noqa: BLE001 - not assigned or not known yet: assume busy
             return True
         return highwater is None or self.state.last_offsets.get(partition, -1) + 1 < highwater
@@ -474,3 +616,26 @@ class StreamApp:
         self.state.counters["dead_letters"] += 1
         log.warning("dead letter: %s (topic %s, partition %d, offset %d)", reason,
                     message.topic, message.partition, message.offset)
+
+
+class _MetricsRebalance(ConsumerRebalanceListener):
+    """The metrics consumer's partitions move: commit what is written, forget the rest
+    (open windows and held events of partitions no longer ours; their next owner
+    replays them from the commit)."""
+
+    def __init__(self, stream: StreamApp) -> None:
+        self.stream = stream
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        partitions = {(tp.topic, tp.partition) for tp in revoked}
+        consumer = self.stream.metrics_consumer
+        if consumer is not None:
+            await self.stream.commit_metrics(consumer, only=partitions)
+        await self.stream.forget_revoked(None, revoked)
+        for partition in partitions:
+            self.stream.state.committable.pop(partition, None)
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        state = self.stream.state
+        if assigned and state.placements_loaded is None:  # batches wait for placements
+            state.placements_loaded = asyncio.Event()

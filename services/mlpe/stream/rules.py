@@ -11,7 +11,7 @@ A rule file (format in deploy/rules/README.md):
         summary: "GPU {gpu} on {node} is hot"
         explanation: "{value:.0f} °C for {for}, limit {threshold:g} °C"
 
-Rules are evaluated on every batch (100 ms of samples of one device) with the
+Rules are evaluated on every batch (100 ms of samples of a node's devices) with the
 batch statistic named in `when` (`evaluate`); the state (since when true, firing or
 not) is kept per rule and device in a mapping the caller owns.
 """
@@ -19,12 +19,14 @@ not) is kept per rule and device in a mapping the caller owns.
 from __future__ import annotations
 
 import fnmatch
+import math
 import operator
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from mlpe.common import batches
@@ -155,14 +157,22 @@ def load(path: str | Path) -> list[Rule]:
     return parse(text, str(path))
 
 
-def batch_stat(values, stat: str) -> float | None:
-    import numpy as np
-
-    finite = values[np.isfinite(values)]
-    if not len(finite):
-        return None
-    return float({"min": finite.min, "mean": finite.mean, "max": finite.max,
-                  "last": lambda: finite[-1]}[stat]())
+def device_stats(values: np.ndarray, stat: str) -> np.ndarray:
+    """`stat` of each device's finite samples: values (devices, samples) -> (devices,),
+    NaN for a device without one."""
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(values)
+        counts = finite.sum(axis=1)
+        if stat == "min":
+            out = np.where(finite, values, np.inf).min(axis=1)
+        elif stat == "max":
+            out = np.where(finite, values, -np.inf).max(axis=1)
+        elif stat == "mean":
+            out = np.where(finite, values, 0.0).sum(axis=1) / counts
+        else:  # last
+            last = values.shape[1] - 1 - np.argmax(finite[:, ::-1], axis=1)
+            out = values[np.arange(len(values)), last]
+    return np.where(counts > 0, out, np.nan).astype(np.float64)
 
 
 def step(rule: Rule, state: dict | None, value: float, t_ns: int) -> tuple[dict, int | None]:
@@ -187,37 +197,52 @@ def render(template: str, **values) -> str:
         return template
 
 
-def evaluate(rules: list[Rule], states: dict[str, dict], batch: batches.Batch) -> list[al.Alert]:
-    """The alerts `rules` raise or resolve on one batch; `states` ({rule|node|gpu: state})
-    is updated in place. In memory only: a restart re-arms the hold timers."""
+def evaluate(rules: list[Rule], states: dict[str, dict],
+             batch: batches.NodeBatch | batches.Batch) -> list[al.Alert]:
+    """The alerts `rules` raise or resolve on one batch (every device of a node); `states`
+    ({rule|node|gpu: state}) is updated in place. In memory only: a restart re-arms the
+    hold timers. A device whose value does not meet the rule and that has no state is
+    skipped without a call: the common case, thousands of times a second."""
+    if isinstance(batch, batches.Batch):
+        batch = batches.join([batch])
     kind = "gpu" if batch.device_kind == metrics_pb2.DEVICE_KIND_GPU else "host"
-    labels = {"node": batch.node_id}
-    if kind == "gpu":
-        labels["gpu"] = str(batch.device_index)
     out = []
     t_ns = int(batch.timestamps_ns[-1]) if batch.samples else 0
+    indices = batch.device_indices.tolist()
     for rule in rules:
         values = batch.columns.get(rule.field)
-        if rule.measurement != kind or values is None or not rule.matches(labels):
+        if rule.measurement != kind or values is None or not batch.samples:
             continue
-        value = batch_stat(values, rule.stat)
-        if value is None:
-            continue
-        key = f"{rule.name}|{batch.node_id}|{labels.get('gpu', '')}"
-        states[key], change = step(rule, states.get(key), value, t_ns)
-        if change is None:
-            continue
-        hold = f"{rule.hold_s:g}s"
-        text = dict(labels, gpu=labels.get("gpu", ""), value=value,
-                    threshold=rule.threshold, **{"for": hold})
-        firing = change == al.ALERT_FIRING
-        since = states[key]["since"] if firing else states[key].get("last_since", 0)
-        out.append(al.Alert(
-            fingerprint=fingerprint(rule.name, batch.node_id, labels.get("gpu", "")),
-            rule=rule.name, detector="rule", severity=rule.severity, state=change,
-            labels=labels, value=value, threshold=rule.threshold, starts_at_ns=since,
-            ends_at_ns=0 if firing else t_ns, detected_at_ns=time.time_ns(),
-            summary=render(rule.summary, **text),
-            explanation=render(rule.explanation, **text) if firing else
-            f"Cleared: {rule.when} no longer holds (now {value:g})."))
+        stats = device_stats(np.asarray(values, dtype=np.float64), rule.stat)
+        with np.errstate(invalid="ignore"):
+            met = OPS[rule.op](stats, rule.threshold)
+        for d, index in enumerate(indices):
+            gpu = str(index) if kind == "gpu" else ""
+            key = f"{rule.name}|{batch.node_id}|{gpu}"
+            value = float(stats[d])
+            if math.isnan(value) or (not met[d] and key not in states):
+                continue
+            labels = {"node": batch.node_id, "gpu": gpu} if kind == "gpu" else \
+                {"node": batch.node_id}
+            if not rule.matches(labels):
+                continue
+            states[key], change = step(rule, states.get(key), value, t_ns)
+            state = states[key]
+            if not state["firing"] and not state["since"]:
+                del states[key]  # idle again: nothing to remember (keeps the fast path)
+            if change is None:
+                continue
+            hold = f"{rule.hold_s:g}s"
+            text = dict(labels, gpu=gpu, value=value, threshold=rule.threshold,
+                        **{"for": hold})
+            firing = change == al.ALERT_FIRING
+            since = state["since"] if firing else state.get("last_since", 0)
+            out.append(al.Alert(
+                fingerprint=fingerprint(rule.name, batch.node_id, gpu),
+                rule=rule.name, detector="rule", severity=rule.severity, state=change,
+                labels=labels, value=value, threshold=rule.threshold, starts_at_ns=since,
+                ends_at_ns=0 if firing else t_ns, detected_at_ns=time.time_ns(),
+                summary=render(rule.summary, **text),
+                explanation=render(rule.explanation, **text) if firing else
+                f"Cleared: {rule.when} no longer holds (now {value:g})."))
     return out

@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from mlpe.stream.acks import AckQueues, Partition
+from mlpe.stream.dedup import SeqFilter
 from mlpe.stream.detectors import peers
 from mlpe.stream.placement import Placements
 from mlpe.stream.windows import WindowSet
@@ -26,7 +27,7 @@ DELAYS_KEPT = 10_000  # the latest delays the stats percentiles are computed ove
 def _counters() -> dict[str, int]:
     # Logged as a dict by the stats timer; the integration tests read "{'batches': N".
     return {"batches": 0, "values": 0, "steps": 0, "dead_letters": 0, "windows_written": 0,
-            "alerts": 0, "placements": 0}
+            "alerts": 0, "placements": 0, "duplicate_batches": 0, "late_batches": 0}
 
 
 def _delays() -> deque[float]:
@@ -47,6 +48,10 @@ class StreamState:
     close_delays: deque[float] = field(default_factory=_delays)  # 1 s window end -> written
     arrival_delays: deque[float] = field(default_factory=_delays)  # last sample -> consumed
     placements: Placements = field(default_factory=Placements)  # mlpe.placement, all of it
+    seqs: SeqFilter = field(default_factory=SeqFilter)  # batches seen, by device and seq
+    committable: dict[Partition, int] = field(default_factory=dict)  # metrics: acked to here
+    clock_ahead: set[str] = field(default_factory=set)  # nodes whose clock alert is firing
+    late_by_node: dict[str, int] = field(default_factory=dict)  # samples dropped late
     # Set once mlpe.placement was read to its end (None: nobody reads it, as in unit tests).
     placements_loaded: asyncio.Event | None = None
 

@@ -1,13 +1,15 @@
 """Tumbling windows over columnar batches: min, mean, max, p95 and last per field.
 
-Pure numpy and no Faust, so it is tested on its own. A window closes when the
-event time seen on its partition passes its end plus an allowed lateness (so a
-replay after a crash recomputes exactly the same windows), or when the partition
-has been silent for a while (a node that stopped sending still gets its last
-window written). Each closed window becomes one InfluxDB point whose timestamp
-is the window start: rewriting it on replay overwrites, never duplicates.
+Pure numpy and no Faust, so it is tested on its own. A window holds every device of
+one source (a node's GPUs, its host, a training job's rank) and closes when the
+event time seen from that source passes its end plus an allowed lateness (so a
+replay after a crash recomputes exactly the same windows, and a node whose clock
+jumps ahead closes only its own windows early), or when the source has been silent
+for a while (a node that stopped sending still gets its last window written). Each
+closed window becomes one InfluxDB point per device whose timestamp is the window
+start: rewriting it on replay overwrites, never duplicates.
 
-A window written because its partition went silent is provisional: the rest of its
+A window written because its source went silent is provisional: the rest of its
 samples may still come (an agent that paused, a network hiccup), so it stays open,
 keeps its tokens (its events are not acknowledged) and is written again, whole,
 when more arrive; it becomes final when event time passes it or the silence lasts
@@ -35,37 +37,53 @@ MEASUREMENT = {pb.DEVICE_KIND_GPU: "gpu", pb.DEVICE_KIND_HOST: "host", TRAIN_KIN
 @dataclass
 class _Window:
     start_ns: int
-    parts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (times, values)
+    # (times (S,), values (S, devices, fields)) per batch that joined
+    parts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     fields: tuple[int | str, ...] = ()  # field numbers, or names for training rows
     tokens: list[object] = field(default_factory=list)  # whatever the caller acks afterwards
-    job: str = ""
+    jobs: list[str] = field(default_factory=list)  # per device
     seen: set[tuple[int, int, int]] = field(default_factory=set)  # (epoch, first time, n)
     written_parts: int = 0  # how many parts its last provisional write held
 
 
 @dataclass(frozen=True)
+class DeviceMeans:
+    """One device of a closed window: its index, its job and the mean of each field."""
+    index: int
+    job: str
+    means: dict[str, float]
+
+
+@dataclass(frozen=True)
 class Closed:
-    """A finished window: its InfluxDB line, the tokens whose data it held, and the
-    mean of each field (what the detectors look at)."""
-    line: str
+    """A finished window of one node (every device of one kind): its InfluxDB lines (one
+    per device), the tokens whose data it held, and each device's means (what the
+    detectors look at)."""
+    lines: list[str]
     tokens: list[object]
     start_ns: int
     end_ns: int
     node: str = ""
     kind: int = 0
-    device: int = 0
-    job: str = ""
-    means: dict[str, float] = field(default_factory=dict)
-    final: bool = True  # False: written while its partition is silent; may grow yet
+    devices: list[DeviceMeans] = field(default_factory=list)
+    final: bool = True  # False: written while its source is silent; may grow yet
+
+
+_TAG_ESCAPES = str.maketrans({"\\": "\\\\", ",": "\\,", "=": "\\=", " ": "\\ ",
+                              "\n": "\\n", "\r": "\\r"})
 
 
 def escape_tag(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+    """A tag key or value for line protocol: commas, equals signs, spaces and backslashes
+    escaped, and line breaks too, so no value can end the line or add a tag or field.
+    (The stream also refuses identifiers outside a safe alphabet: decoding.py.)"""
+    return value.translate(_TAG_ESCAPES)
 
 
 class WindowSet:
-    """All open windows of one width, keyed by (partition, node, kind, device); a
-    partition is any hashable, e.g. (topic, partition number)."""
+    """All open windows of one width, keyed by source: (partition, node, kind, devices);
+    a partition is any hashable, e.g. (topic, partition number). Event time is kept per
+    source, so one source's clock never decides when another's windows close."""
 
     def __init__(self, width_s: float, lateness_s: float, idle_s: float,
                  final_idle_s: float | None = None):
@@ -75,34 +93,38 @@ class WindowSet:
         self.idle_s = idle_s
         self.final_idle_s = 5 * idle_s if final_idle_s is None else final_idle_s
         self.open: dict[tuple, dict[int, _Window]] = defaultdict(dict)
-        self.watermark: dict = {}               # partition -> max event time seen (ns)
-        self.last_seen: dict = {}               # partition -> monotonic time of last batch
+        self.watermark: dict = {}               # source -> max event time seen (ns)
+        self.last_seen: dict = {}               # source -> monotonic time of its last batch
         self.late_samples = 0
-        self.skip_before: dict[tuple, int] = {}  # key -> first window start it may write
+        self.last_late = 0                      # of the last add(): samples dropped late
+        self.skip_before: dict[tuple, int] = {}  # source -> first window start it may write
         self.partial_skipped = 0
         self.duplicate_samples = 0
 
-    def add(self, partition: Hashable, batch: batches.Batch, token: object) -> int:
-        """Add a batch's samples to their windows; `token` comes back with each window.
-        Returns how many windows now hold some of it."""
-        joined = 0
+    def add(self, partition: Hashable, batch, token: object) -> int:
+        """Add a NodeBatch's (or a StepRow's) samples to their windows; `token` comes back
+        with each window. Returns how many windows now hold some of it; `last_late`
+        says how many of its samples came after their window was written."""
+        joined = self.last_late = 0
         if not batch.samples:
             return joined
-        key = (partition, batch.node_id, batch.device_kind, batch.device_index)
+        if isinstance(batch, batches.Batch):  # one device (tests, tools)
+            batch = batches.join([batch])
+        key = (partition, batch.node_id, batch.device_kind, tuple(batch.device_indices.tolist()))
         fields, matrix = batch.matrix()
         times = batch.timestamps_ns
         starts = times - times % self.width_ns
         if key not in self.skip_before:
-            # The first data of a device after a (re)start may begin mid-window: after a
+            # The first data of a source after a (re)start may begin mid-window: after a
             # crash the rest of that window was consumed (and written) before the last
             # commit. Never overwrite a window with such a tail: skip it. A first sample
             # less than one sampling interval after the window start is no tail: no
-            # earlier sample of this device can lie in that window.
+            # earlier sample of this source can lie in that window.
             first = int(starts[0])
             interval = int(np.median(np.diff(times))) if len(times) > 1 else 0
             begins = times[0] == first or int(times[0]) - first < interval
             self.skip_before[key] = first if begins else first + self.width_ns
-        closed_before = self.watermark.get(partition, -1) - self.lateness_ns
+        closed_before = self.watermark.get(key, -1) - self.lateness_ns
         # Nearly every batch lies inside one window: skip the masks then.
         groups = [(int(starts[0]), slice(None))] if starts[0] == starts[-1] else \
             [(int(s), starts == s) for s in np.unique(starts)]
@@ -111,14 +133,16 @@ class WindowSet:
                 self.partial_skipped += len(times[rows])
                 continue
             if start + self.width_ns <= closed_before and start not in self.open[key]:
-                self.late_samples += len(times[rows])  # that window is already written
+                self.last_late += len(times[rows])  # that window is already written
                 continue
             window = self.open[key].get(start)
             if window is None:
-                window = self.open[key][start] = _Window(start, fields=fields,
-                                                         job=batch.job_id)
-            elif not window.job:  # learned mid-window (placement.py: a GPU's first event)
-                window.job = batch.job_id
+                window = self.open[key][start] = _Window(
+                    start, fields=fields,
+                    jobs=[batch.job_of_device(d) for d in range(len(key[3]))])
+            elif not all(window.jobs):  # learned mid-window (placement.py: first event)
+                window.jobs = [job or batch.job_of_device(d)
+                               for d, job in enumerate(window.jobs)]
             # The same samples twice (a producer's resend, a redelivery after a
             # rebalance) must not count twice: at-least-once in, exactly-once out.
             part_times = times[rows]
@@ -130,39 +154,33 @@ class WindowSet:
             window.parts.append((part_times, matrix[rows]))
             window.tokens.append(token)
             joined += 1
-        self.watermark[partition] = max(self.watermark.get(partition, 0),
-                                        int(batch.timestamps_ns.max()))
-        self.last_seen[partition] = time.monotonic()
+        self.late_samples += self.last_late
+        self.watermark[key] = max(self.watermark.get(key, 0), int(times.max()))
+        self.last_seen[key] = time.monotonic()
         return joined
 
     def drop_partitions(self, partitions: set) -> None:
-        for key in [k for k in self.open if k[0] in partitions]:
-            del self.open[key]
-        for key in [k for k in self.skip_before if k[0] in partitions]:
-            del self.skip_before[key]
-        for partition in partitions:
-            self.watermark.pop(partition, None)
-            self.last_seen.pop(partition, None)
+        for table in (self.open, self.skip_before, self.watermark, self.last_seen):
+            for key in [k for k in table if k[0] in partitions]:
+                del table[key]
 
     def close_ready(self, now: float | None = None, flush_all: bool = False,
                     backlog=lambda partition: False) -> list[Closed]:
-        """Windows whose end (plus lateness) the event time has passed (final), or whose
-        partition has been idle for idle_s with nothing left to read (provisional: see
-        the module's doc; final after final_idle_s). `backlog` says whether unread data
-        waits: a worker busy elsewhere must not mistake that for silence. All of them,
-        final, with flush_all. A final window already written whole provisionally comes
-        back with an empty line: only its tokens are news."""
+        """Windows whose end (plus lateness) their source's event time has passed (final),
+        or whose source has been silent for idle_s with nothing left to read on its
+        partition (provisional: see the module's doc; final after final_idle_s).
+        `backlog` says whether unread data waits: a worker busy elsewhere must not mistake
+        that for silence. All of them, final, with flush_all. A final window already
+        written whole provisionally comes back without lines: only its tokens are news."""
         now = time.monotonic() if now is None else now
         out = []
-        silence: dict = {}
+        busy: dict = {}
         for key, windows in list(self.open.items()):
             partition = key[0]
-            silent_s = silence.get(partition)
-            if silent_s is None:
-                silent_s = 0.0 if backlog(partition) else \
-                    now - self.last_seen.get(partition, now)
-                silence[partition] = silent_s
-            horizon = self.watermark.get(partition, 0) - self.lateness_ns
+            if partition not in busy:
+                busy[partition] = backlog(partition)
+            silent_s = 0.0 if busy[partition] else now - self.last_seen.get(key, now)
+            horizon = self.watermark.get(key, 0) - self.lateness_ns
             for start in sorted(windows):
                 window = windows[start]
                 if flush_all or start + self.width_ns <= horizon or \
@@ -176,49 +194,58 @@ class WindowSet:
         return out
 
     def _close(self, key: tuple, window: _Window, final: bool = True) -> Closed:
-        _, node, kind, device = key
+        _, node, kind, devices = key
         times = np.concatenate([t for t, _ in window.parts])
-        values = np.concatenate([v for _, v in window.parts])
-        order = np.argsort(times, kind="stable")
-        values = values[order]
-        parts = []
+        values = np.concatenate([v for _, v in window.parts])  # (N, D, F)
+        n, n_dev, n_fields = values.shape
+        flat = values[np.argsort(times, kind="stable")].reshape(n, n_dev * n_fields)
         with np.errstate(all="ignore"):
-            finite = np.isfinite(values)
+            finite = np.isfinite(flat)
             counts = finite.sum(axis=0)
-            masked = np.where(finite, values, np.nan)
-            if len(values):
-                stats = {
-                    "min": _nan_safe(np.nanmin, masked, counts),
-                    "mean": _nan_safe(np.nanmean, masked, counts),
-                    "max": _nan_safe(np.nanmax, masked, counts),
-                    "p95": (np.percentile(values, 95, axis=0) if finite.all() else
-                            _nan_safe(lambda a, axis: np.nanpercentile(a, 95, axis=axis),
-                                      masked, counts)),
-                    "last": _last_finite(masked),
-                }
-        means = {}
-        for j, number in enumerate(window.fields):
-            if counts[j] == 0:
-                continue
-            name = number if isinstance(number, str) else batches.field_name(number)
-            parts += [f"{name}_{stat}={float(stats[stat][j])!r}" for stat in STATS]
-            means[name] = float(stats["mean"][j])
-        parts.append(f"samples={len(values)}i")
-        if kind == TRAIN_KIND:
-            tags = f"job={escape_tag(node)},rank={device},window={self.label}"
-        else:
-            tags = f"node={escape_tag(node)},window={self.label}"
-        if kind == pb.DEVICE_KIND_GPU:
-            tags += f",gpu={device}"
-            if window.job:  # the job view and AdviseJob select a job's GPUs by this tag
-                tags += f",job={escape_tag(window.job)}"
-        line = f"{MEASUREMENT.get(kind, 'device')},{tags} {','.join(parts)} {window.start_ns}"
-        if final and window.written_parts == len(window.parts):
-            line = ""  # written whole already, while its partition was silent
-        return Closed(line=line, tokens=window.tokens if final else [],
+            masked = np.where(finite, flat, np.nan)  # inf is no reading either
+            stats = {
+                "min": _nan_safe(np.nanmin, masked, counts),
+                "mean": _nan_safe(np.nanmean, masked, counts),
+                "max": _nan_safe(np.nanmax, masked, counts),
+                "p95": (np.percentile(flat, 95, axis=0) if finite.all() else
+                        _nan_safe(lambda a, axis: np.nanpercentile(a, 95, axis=axis),
+                                  masked, counts)),
+                "last": _last_finite(masked),
+            }
+        stats = {name: v.reshape(n_dev, n_fields).tolist() for name, v in stats.items()}
+        counts = counts.reshape(n_dev, n_fields)
+        names = [f if isinstance(f, str) else batches.field_name(f) for f in window.fields]
+        written_whole = final and window.written_parts == len(window.parts)
+        lines, means = [], []
+        label, measurement = self.label, MEASUREMENT.get(kind, "device")
+        for d, device in enumerate(devices):
+            job = window.jobs[d] if d < len(window.jobs) else ""
+            device_means = {}
+            parts = []
+            for j, name in enumerate(names):
+                if counts[d, j] == 0:
+                    continue
+                mean = stats["mean"][d][j]
+                parts.append(f"{name}_min={stats['min'][d][j]!r},{name}_mean={mean!r},"
+                             f"{name}_max={stats['max'][d][j]!r},{name}_p95="
+                             f"{stats['p95'][d][j]!r},{name}_last={stats['last'][d][j]!r}")
+                device_means[name] = mean
+            means.append(DeviceMeans(device, job, device_means))
+            if written_whole:
+                continue  # written whole already, while its source was silent
+            parts.append(f"samples={n}i")
+            if kind == TRAIN_KIND:
+                tags = f"job={escape_tag(node)},rank={device},window={label}"
+            else:
+                tags = f"node={escape_tag(node)},window={label}"
+            if kind == pb.DEVICE_KIND_GPU:
+                tags += f",gpu={device}"
+                if job:  # the job view and AdviseJob select a job's GPUs by this tag
+                    tags += f",job={escape_tag(job)}"
+            lines.append(f"{measurement},{tags} {','.join(parts)} {window.start_ns}")
+        return Closed(lines=lines, tokens=window.tokens if final else [],
                       start_ns=window.start_ns, end_ns=window.start_ns + self.width_ns,
-                      node=node, kind=kind, device=device, job=window.job, means=means,
-                      final=final)
+                      node=node, kind=kind, devices=means, final=final)
 
 
 def _nan_safe(fn, values: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -40,6 +40,9 @@ def a_batch(draw):
 
 
 def assert_same(back, batch):
+    """A decoded NodeBatch of one device against the Batch it was made of."""
+    assert back.devices == 1
+    back = back.device(0)
     for name in ("node_id", "device_kind", "device_index", "device_uuid", "agent_epoch_ns",
                  "batch_seq", "first_sample_seq", "events", "sample_hz"):
         assert getattr(back, name) == getattr(batch, name), name
@@ -67,8 +70,10 @@ def _good() -> pb.MetricBatch:
     (lambda m: m.ClearField("node_id"), "node_id is empty"),
     (lambda m: setattr(m, "device_kind", 0), "is not GPU or HOST"),
     (lambda m: setattr(m, "time_offsets_us", b"\x00" * 7), "not a multiple of 4"),
-    (lambda m: setattr(m.series[0], "values", b"\x00" * 4), "GPU_POWER has 1 samples, "
-                                                            "timestamps has 2"),
+    (lambda m: setattr(m.series[0], "values", b"\x00" * 4), "GPU_POWER has 1 values, "
+                                                            "1 devices x 2 timestamps need 2"),
+    (lambda m: m.ClearField("devices"), "no devices"),
+    (lambda m: m.devices.append(m.devices[0]), r"device indices \[0, 0\] repeat"),
     (lambda m: setattr(m.series[0], "field", 9999), "unknown field number 9999"),
     (lambda m: setattr(m.series[0], "type", 0), "GPU_POWER has no value type"),
     (lambda m: m.series.append(m.series[0]), "GPU_POWER appears twice"),
@@ -93,20 +98,60 @@ def test_field_names_are_readable():
 @settings(max_examples=50, deadline=None)
 @given(st.integers(1, 30), st.integers(1, 5), st.lists(st.sampled_from(batches.GPU_FIELDS),
                                                          unique=True, min_size=1))
-def test_encode_devices_matches_encode(samples, n_devices, fields):
+def test_encode_nodes_matches_encode(samples, n_devices, fields):
+    """The agent's fast path cuts each node out of one block: the same batches as
+    encoding each node's devices one by one."""
     rng = np.random.default_rng(samples * 31 + n_devices)
     values = rng.normal(size=(samples, n_devices, len(fields))) * 1e3
     values[0, 0, 0] = np.nan
     times = 1_700_000_000_000_000_000 + np.arange(samples) * 10_000_000
-    devices = [(f"n{d % 2}", pb.DEVICE_KIND_GPU, d, f"GPU-{d}") for d in range(n_devices)]
+    node_of = [f"n{d * 2 // n_devices}" for d in range(n_devices)]  # two nodes, in order
     events = [[pb.DeviceEvent(time_ns=int(times[0]), kind=pb.EVENT_XID, code=d)]
               for d in range(n_devices)]
     seqs = np.arange(n_devices) + 5
-    raws = batches.encode_devices(pb.MetricBatch(agent_epoch_ns=9, sample_hz=100.0), devices,
-                                  times, values, tuple(fields), events, seqs, seqs * 10)
-    for d, raw in enumerate(raws):
-        expected = batches.Batch(
-            devices[d][0], pb.DEVICE_KIND_GPU, d, f"GPU-{d}", 9, int(seqs[d]), int(seqs[d] * 10),
+    nodes = []
+    for node in dict.fromkeys(node_of):
+        rows = np.array([d for d in range(n_devices) if node_of[d] == node])
+        nodes.append((node, pb.DEVICE_KIND_GPU, rows, [
+            pb.Device(index=int(d), uuid=f"GPU-{d}", batch_seq=int(seqs[d]),
+                      first_sample_seq=int(seqs[d] * 10), events=events[d]) for d in rows]))
+    raws = batches.encode_nodes(pb.MetricBatch(agent_epoch_ns=9, sample_hz=100.0), nodes,
+                                times, values, tuple(fields))
+    assert len(raws) == len(nodes)
+    for (node, _, rows, _), raw in zip(nodes, raws, strict=True):
+        want = batches.join([batches.Batch(
+            node, pb.DEVICE_KIND_GPU, int(d), f"GPU-{d}", 9, int(seqs[d]), int(seqs[d] * 10),
             times, {f: values[:, d, i] for i, f in enumerate(fields)}, events[d], 100.0)
-        got, want = batches.decode(raw), batches.decode(batches.encode(expected))
-        assert_same(got, want)  # series order may differ; their content may not
+            for d in rows])
+        got = batches.decode(raw)
+        assert got.node_id == node and got.devices == len(rows)
+        for d in range(len(rows)):
+            assert_same(_one(got, d), _one(want, d).device(0))
+
+
+def _one(node_batch, d):
+    """Device d of a NodeBatch as a decoded batch of one device (for assert_same)."""
+    return batches.decode(batches.encode(node_batch.device(d)))
+
+
+def test_matrix_is_samples_by_devices_by_fields():
+    times = np.array([10**18, 10**18 + 10**7, 10**18 + 2 * 10**7])
+    node = batches.decode(batches.encode(batches.join([
+        batches.Batch("n", pb.DEVICE_KIND_GPU, g, "", 1, 0, 0, times,
+                      {pb.GPU_POWER: np.array([g, g + 1, g + 2], dtype=float),
+                       pb.GPU_ENERGY: np.array([10.0 * g] * 3)}) for g in (0, 1)])))
+    fields, matrix = node.matrix()
+    assert fields == (pb.GPU_POWER, pb.GPU_ENERGY) and matrix.shape == (3, 2, 2)
+    np.testing.assert_array_equal(matrix[:, 1, 0], [1, 2, 3])
+    np.testing.assert_array_equal(matrix[:, 1, 1], [10, 10, 10])
+    picked = node.select(np.array([False, True]))
+    assert picked.device_indices.tolist() == [1] and picked.matrix()[1].shape == (3, 1, 2)
+
+
+def test_join_refuses_devices_that_differ():
+    a = batches.Batch("n", pb.DEVICE_KIND_GPU, 0, "", 1, 0, 0, np.array([10**18]),
+                      {pb.GPU_POWER: np.array([1.0])})
+    b = batches.Batch("m", pb.DEVICE_KIND_GPU, 1, "", 1, 0, 0, np.array([10**18]),
+                      {pb.GPU_POWER: np.array([1.0])})
+    with pytest.raises(batches.BatchError, match="differ"):
+        batches.join([a, b])

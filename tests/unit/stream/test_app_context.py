@@ -9,16 +9,18 @@ import time
 
 import numpy as np
 import pytest
-from faust.types import TP
+from aiokafka import TopicPartition
 from sim_seconds import scenario, seconds
 
 from mlpe.common import batches
 from mlpe.common.settings import load
-from mlpe.stream.app import StreamApp
+from mlpe.common.topics import GPU_METRICS
+from mlpe.stream.app import StreamApp, _MetricsRebalance
 from mlpe.stream.decoding import SECOND_FIELDS
 from mlpe.v1 import alerts_pb2 as al
 from mlpe.v1 import metrics_pb2 as pb
 from mlpe.v1.training_pb2 import TrainStep
+from tests.helpers import kafka_record
 
 
 @pytest.fixture()
@@ -118,6 +120,10 @@ async def test_a_completed_job_is_not_reported_stalled(stream, alerts):
     assert [a.rule for a in stream.new_stalls(time.time_ns())] == ["training_stalled"]
 
 
+def metrics(value: bytes, offset: int):
+    return kafka_record(GPU_METRICS.name, value, offset=offset, key=b"n1")
+
+
 def gpu_batch(second: float, seq: int, events=()) -> bytes:
     """100 ms of 100 Hz samples of GPU 0 of node n1, `second` s into a 10 s window."""
     start_ns = HOUR_AGO_NS // 10**10 * 10**10 + int(second * 10**9)
@@ -146,36 +152,36 @@ async def test_aggregate_alerts_at_once_and_acks_only_written_data(stream, alert
     monkeypatch.setattr(stream.gpu_seconds, "send", send_second)
     monkeypatch.setattr(stream.dead_letters, "send", send_letter)  # no Kafka in unit tests
     xid = pb.DeviceEvent(kind=pb.EVENT_XID, code=79, time_ns=HOUR_AGO_NS)
-    async with stream.aggregate.test_context() as agent:
-        first = await agent.put(gpu_batch(0.0, 0, [xid]))
-        garbage = await agent.put(b"\x08\x96\x01 not a batch")
-        later = await agent.put(gpu_batch(1.5, 1))  # closes the first 1 s window only
+    first = await stream.take_metrics(metrics(gpu_batch(0.0, 0, [xid]), 0))
+    garbage = await stream.take_metrics(metrics(b"\x08\x96\x01 not a batch", 1))
+    later = await stream.take_metrics(metrics(gpu_batch(1.5, 1), 2))  # closes 1 s window 0
     assert [a.rule for a in alerts] == ["gpu_xid"]  # at once, before any window is written
     assert stream.state.counters["dead_letters"] == 1 and stream.state.counters["batches"] == 2
     assert len(letters) == 1
-    assert not first.message.acked and not garbage.message.acked  # held behind `first`
+    assert not first.acked and not garbage.acked  # held behind `first`
+    assert stream.state.committable == {}
     await stream.write_once()
     assert [line.split(" ")[0] for line in written] == [
         "gpu,node=n1,window=1s,gpu=0,job=job-g", "alert,rule=gpu_xid,severity=SEVERITY_CRITICAL,"
         "gpu=0,node=n1"]
     assert [(s["node"], list(s["gpus"])) for s in seconds_sent] == [("n1", ["0"])]
-    assert not first.message.acked  # its 10 s window is still open
+    assert not first.acked  # its 10 s window is still open
     for windows in stream.state.windows:
         for window in windows.close_ready(flush_all=True):
             for hold in window.tokens:
                 hold.release()
-    assert first.message.acked and garbage.message.acked and later.message.acked
+    assert first.acked and garbage.acked and later.acked
+    assert stream.state.committable == {(GPU_METRICS.name, 0): 3}  # what the next commit says
     caplog.set_level(logging.INFO, "mlpe.stream")
     await stream.log_stats()  # test_stream.py reads the batches count from this line
     assert re.search(r"stream stats: \{'batches': 2, ", caplog.text)
 
 
 async def test_a_revoked_partition_loses_its_open_windows_and_held_events(stream, alerts):
-    async with stream.aggregate.test_context() as agent:
-        held = await agent.put(gpu_batch(0.0, 0))
+    held = await stream.take_metrics(metrics(gpu_batch(0.0, 0), 0))
     partition = (held.message.topic, held.message.partition)
     assert partition in stream.state.ack_queues.queues
-    await stream.app.on_partitions_revoked.send({TP(*partition)})
+    await _MetricsRebalance(stream).on_partitions_revoked({TopicPartition(*partition)})
     assert stream.state.ack_queues.queues == {}
     assert all(w.open == {} and w.watermark == {} for w in stream.state.windows)
-    assert not held.message.acked  # the partition's next owner replays it
+    assert not held.acked  # the partition's next owner replays it

@@ -10,13 +10,15 @@ import pytest
 from mlpe.common import batches
 from mlpe.stream.decoding import (
     SECOND_FIELDS,
+    ClockError,
+    Limits,
     StepRow,
     gpu_second_reports,
     parse_batch,
     parse_report,
     parse_step,
 )
-from mlpe.stream.windows import TRAIN_KIND, Closed, WindowSet
+from mlpe.stream.windows import TRAIN_KIND, Closed, DeviceMeans, WindowSet
 from mlpe.v1 import metrics_pb2 as pb
 from mlpe.v1.training_pb2 import TrainStep
 
@@ -33,17 +35,21 @@ def test_parse_batch_refuses_a_broken_clock():
     assert parse_batch(batches.encode(metric_batch(NOW_NS))).samples == 10
     with pytest.raises(batches.BatchError, match="not a plausible time"):
         parse_batch(batches.encode(metric_batch(1_000 * 10**9)))  # 1970
-    with pytest.raises(batches.BatchError, match="not a plausible time"):
-        parse_batch(batches.encode(metric_batch(NOW_NS + 2 * 86_400 * 10**9)))
+    with pytest.raises(ClockError, match=r"172800\.0 s ahead of this worker's clock") as err:
+        parse_batch(batches.encode(metric_batch(NOW_NS + 2 * 86_400 * 10**9)),
+                    now_ns=NOW_NS + 90_000_000)
+    assert err.value.node == "n1"
+    assert parse_batch(batches.encode(metric_batch(NOW_NS + 5 * 10**9)),  # within 10 s
+                       now_ns=NOW_NS).samples == 10
     with pytest.raises(batches.BatchError):
         parse_batch(b"\x08\x96\x01 not a batch")
 
 
 def closed(node: str, gpu: int, start_ns: int, width_ns: int = 10**9, job: str = "j",
            kind: int = pb.DEVICE_KIND_GPU) -> Closed:
-    return Closed(line="", tokens=[], start_ns=start_ns, end_ns=start_ns + width_ns, node=node,
-                  kind=kind, device=gpu, job=job,
-                  means={"util": 90.0, "temp": math.nan, "power": 300.0})
+    return Closed(lines=[], tokens=[], start_ns=start_ns, end_ns=start_ns + width_ns,
+                  node=node, kind=kind, devices=[DeviceMeans(gpu, job, {
+                      "util": 90.0, "temp": math.nan, "power": 300.0})])
 
 
 def test_gpu_second_reports_round_trip_through_parse_report():
@@ -98,7 +104,57 @@ def test_a_step_row_is_a_training_window_per_job_and_rank():
                                        time_ns=NOW_NS + 10**9)), token=4)
     [window] = windows.close_ready()
     assert window.kind == TRAIN_KIND and window.tokens == [0, 1, 2, 3]
-    assert window.line.startswith("train,job=job-x,rank=1,window=1s ")
-    assert window.means["loss"] == pytest.approx(1.85)
-    assert window.means["mem_allocated_gib"] == 2.0
-    assert "samples=4i" in window.line
+    (line,) = window.lines
+    assert line.startswith("train,job=job-x,rank=1,window=1s ")
+    (rank,) = window.devices
+    assert rank.means["loss"] == pytest.approx(1.85)
+    assert rank.means["mem_allocated_gib"] == 2.0
+    assert "samples=4i" in line
+
+
+def node_batch(**changes) -> bytes:
+    times = NOW_NS + np.arange(10, dtype=np.int64) * 10_000_000
+    fields = dict(node="n1", devices=2, uuid="GPU-0", job="", samples=None)
+    fields.update(changes)
+    if fields["samples"] is not None:
+        times = NOW_NS + np.arange(fields["samples"], dtype=np.int64)
+    node = batches.join([batches.Batch(fields["node"], pb.DEVICE_KIND_GPU, g, fields["uuid"],
+                                       1, 0, 0, times, {pb.GPU_POWER: np.ones(len(times))},
+                                       job_id=fields["job"])
+                         for g in range(fields["devices"])])
+    return batches.encode(node)
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"node": "n1\nmem,x=1 y=2"}, "node_id 'n1\\\\nmem,x=1 y=2' is not 1-128 characters"),
+    ({"node": "<!channel>"}, "node_id '<!channel>' is not"),
+    ({"node": "n" * 200}, r"node_id 'n{40}'\.\.\. is not"),
+    ({"job": "job a"}, "job_id 'job a' is not"),
+    ({"uuid": "GPU-0,evil=1"}, "device uuid 'GPU-0,evil=1' is not"),
+    ({"devices": 65}, r"65 devices, more than 64 \(MLPE_STREAM_MAX_DEVICES\)"),
+    ({"samples": 6001}, r"6001 samples per device, more than 6000"),
+])
+def test_hostile_identifiers_and_sizes_are_refused(changes, reason):
+    with pytest.raises(batches.BatchError, match=reason):
+        parse_batch(node_batch(**changes), Limits(), now_ns=NOW_NS + 10**9)
+
+
+def test_limits_come_from_settings():
+    from mlpe.common.settings import SettingsError
+    from mlpe.common.settings import load as load_settings
+
+    limits = Limits.of(load_settings({"MLPE_STREAM_MAX_DEVICES": "8",
+                                      "MLPE_STREAM_CLOCK_TOLERANCE_S": "2"}))
+    assert (limits.max_devices, limits.clock_tolerance_s) == (8, 2.0)
+    with pytest.raises(SettingsError, match="MLPE_STREAM_MAX_DEVICES='lots': expected a "
+                                            "whole number from 1 to 4096"):
+        load_settings({"MLPE_STREAM_MAX_DEVICES": "lots"})
+
+
+def test_a_step_of_a_hostile_job_or_world_is_refused():
+    for msg, reason in ((TrainStep(job_id="a\nb", rank=0, world_size=1, step=1,
+                                   time_ns=NOW_NS), "job_id"),
+                        (TrainStep(job_id="j", rank=0, world_size=10**7, step=1,
+                                   time_ns=NOW_NS), "world_size 10000000 is more than 65536")):
+        with pytest.raises(ValueError, match=reason):
+            parse_step(msg.SerializeToString(), now_ns=NOW_NS)

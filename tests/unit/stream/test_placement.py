@@ -109,7 +109,8 @@ def test_a_window_takes_the_job_learned_after_it_opened():
     windows.add("p", first, "t1")
     windows.add("p", second, "t2")
     closed = windows.close_ready(flush_all=True)
-    assert [c.job for c in closed] == ["job-a"] and "job=job-a" in closed[0].line
+    assert [d.job for c in closed for d in c.devices] == ["job-a"]
+    assert "job=job-a" in closed[0].lines[0]
 
 
 def test_parse_placement_accepts_the_contract():
@@ -130,3 +131,15 @@ def test_parse_placement_accepts_the_contract():
 def test_parse_placement_refuses_what_cannot_be_true(key, raw, reason):
     with pytest.raises(ValueError, match=reason):
         parse_placement(key, raw)
+
+
+def test_jobs_of_a_node_batch_are_learned_per_gpu():
+    p = Placements()
+    p.apply(placement())
+    node = batches.join([batch(T0, pids=[4242]), batch(T0)])
+    node.device_indices[1] = 1  # the second GPU names no pid
+    assert p.jobs_of(node) == ["job-a", ""]
+    assert p.jobs_of(batches.join([batch(T0 + S // 10)])) == ["job-a"]  # remembered
+    p.apply(placement(pids=(), ended=True))
+    assert p.jobs_of(batches.join([batch(T0 + S // 5)])) == [""]
+    assert p.learned_on == {}

@@ -3,17 +3,18 @@ placement records in, refused ones dead-lettered, GPU batches tagged where decod
 
 import asyncio
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from aiokafka import TopicPartition
 
 from mlpe.common import batches
 from mlpe.common.settings import load
-from mlpe.common.topics import PLACEMENT
+from mlpe.common.topics import GPU_METRICS, PLACEMENT
 from mlpe.stream.app import StreamApp
 from mlpe.v1 import metrics_pb2 as pb
 from mlpe.v1.training_pb2 import JobPlacement, RankProcess
+from tests.helpers import kafka_record
 
 START_NS = (time.time_ns() - 3600 * 10**9) // 10**10 * 10**10  # an hour ago, on a 10 s mark
 
@@ -35,9 +36,11 @@ def stream(tmp_path, monkeypatch) -> StreamApp:
 
 
 def record(value: bytes | None, key: bytes = b"n1/job-p", offset: int = 0):
-    """What aiokafka's consumer hands over."""
-    return SimpleNamespace(topic=PLACEMENT.name, partition=0, offset=offset, key=key,
-                           value=value)
+    return kafka_record(PLACEMENT.name, value, offset=offset, key=key)
+
+
+def metrics(value: bytes, offset: int = 0):
+    return kafka_record(GPU_METRICS.name, value, offset=offset, key=b"n1")
 
 
 def placed(pids=(4242,), ended=False) -> bytes:
@@ -79,16 +82,39 @@ async def test_aggregate_tags_gpu_batches_with_the_placed_job(stream, monkeypatc
     monkeypatch.setattr(stream.writer, "write", write)
     monkeypatch.setattr(stream.gpu_seconds, "send", send_second)
     await stream.take_placement(record(placed()))
-    async with stream.aggregate.test_context() as agent:
-        await agent.put(gpu_batch(0, pids=[4242]))
-        for tenth in range(1, 15):  # no events in these: the job last learned
-            await agent.put(gpu_batch(tenth))
+    await stream.take_metrics(metrics(gpu_batch(0, pids=[4242])))
+    for tenth in range(1, 15):  # no events in these: the job last learned
+        await stream.take_metrics(metrics(gpu_batch(tenth), offset=tenth))
     for windows in stream.state.windows:
         for window in windows.close_ready(flush_all=True):
-            written.append(window.line)
+            written.extend(window.lines)
     gpu_lines = [line.split(" ")[0] for line in written if line.startswith("gpu,")]
     assert gpu_lines == ["gpu,node=n1,window=1s,gpu=0,job=job-p"] * 2 + [
         "gpu,node=n1,window=10s,gpu=0,job=job-p"]
+
+
+class FakeConsumer:
+    """getmany hands out `records` once, then nothing (an aiokafka consumer's surface)."""
+
+    def __init__(self, records):
+        self.records, self.fetched, self.drained = records, asyncio.Event(), asyncio.Event()
+        self.tp = TopicPartition(GPU_METRICS.name, 0)
+
+    async def getmany(self, timeout_ms, max_records):
+        if self.records:
+            out, self.records = {self.tp: self.records}, []
+            self.fetched.set()
+            return out
+        if self.fetched.is_set():
+            self.drained.set()
+        await asyncio.sleep(timeout_ms / 1000)
+        return {}
+
+    def assignment(self):
+        return {self.tp}
+
+    async def commit(self, offsets):
+        pass
 
 
 async def test_aggregate_waits_for_the_placements_to_be_read(stream, monkeypatch):
@@ -96,12 +122,14 @@ async def test_aggregate_waits_for_the_placements_to_be_read(stream, monkeypatch
     await stream.app.on_partitions_assigned.send(set())  # a worker got partitions
     loaded = stream.state.placements_loaded
     assert loaded is not None and not loaded.is_set()
-    async with stream.aggregate.test_context() as agent:
-        put = asyncio.create_task(agent.put(gpu_batch(0, pids=[4242])))
-        await asyncio.sleep(0.2)
-        assert stream.state.counters["batches"] == 0  # held until the placements are in
-        await stream.take_placement(record(placed()))
-        loaded.set()
-        await put
+    consumer = FakeConsumer([metrics(gpu_batch(0, pids=[4242]))])
+    reading = asyncio.create_task(stream.read_metrics(consumer))
+    await consumer.fetched.wait()
+    await asyncio.sleep(0.2)
+    assert stream.state.counters["batches"] == 0  # held until the placements are in
+    await stream.take_placement(record(placed()))
+    loaded.set()
+    await consumer.drained.wait()
+    reading.cancel()
     assert stream.state.counters["batches"] == 1
     assert stream.state.placements.gpus == {("n1", 0): ("job-p", START_NS)}

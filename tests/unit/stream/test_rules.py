@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from mlpe.common import batches
-from mlpe.stream.rules import RulesError, batch_stat, evaluate, load, parse, step
+from mlpe.stream.rules import RulesError, device_stats, evaluate, load, parse, step
 from mlpe.v1 import alerts_pb2 as al
 from mlpe.v1 import metrics_pb2 as pb
 from tests.helpers import REPO_ROOT
@@ -67,10 +67,25 @@ def test_condition_broken_before_hold_never_fires():
         assert alert is None
 
 
-def test_batch_stat_skips_nan():
-    v = np.array([1.0, np.nan, 5.0])
-    assert (batch_stat(v, "min"), batch_stat(v, "max"), batch_stat(v, "last")) == (1, 5, 5)
-    assert batch_stat(np.array([np.nan]), "mean") is None
+def test_device_stats_skip_nan_and_inf_per_device():
+    v = np.array([[1.0, np.nan, 5.0], [np.nan, np.nan, np.nan], [2.0, np.inf, np.nan]])
+    assert device_stats(v, "min")[[0, 2]].tolist() == [1, 2]
+    assert device_stats(v, "max")[[0, 2]].tolist() == [5, 2]
+    assert device_stats(v, "last")[[0, 2]].tolist() == [5, 2]
+    assert device_stats(v, "mean")[[0, 2]].tolist() == [3, 2]
+    assert np.isnan(device_stats(v, "mean")[1]) and np.isnan(device_stats(v, "last")[1])
+
+
+def test_one_node_batch_judges_each_device_on_its_own():
+    rules = parse("rules:\n  - {name: hot, when: gpu.temp.max > 80, severity: critical}\n")
+    times = 1_700_000_000 * 10**9 + np.arange(10, dtype=np.int64) * 10**8
+    node = batches.join([batches.Batch("n1", pb.DEVICE_KIND_GPU, g, "", 1, 0, 0, times,
+                                       {pb.GPU_TEMP: np.full(10, 70.0 + 10 * g)})
+                         for g in range(4)])
+    states: dict = {}
+    fired = evaluate(rules, states, node)
+    assert sorted(a.labels["gpu"] for a in fired) == ["2", "3"]
+    assert sorted(states) == ["hot|n1|2", "hot|n1|3"]  # the cool GPUs keep no state
 
 
 def gpu_batch(second: int, temp: float, node: str = "rack1-01", gpu: int = 3) -> batches.Batch:
@@ -97,4 +112,4 @@ def test_evaluate_fires_and_resolves_per_device_with_the_rule_text():
     assert resolved.starts_at_ns == firing.starts_at_ns
     assert resolved.ends_at_ns == gpu_batch(3, 70).timestamps_ns[-1]
     assert "no longer holds (now 70)" in resolved.explanation
-    assert list(states) == ["hot|rack1-01|3"]  # the other node never matched
+    assert states == {}  # resolved: idle again, nothing kept (the other node never matched)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -21,9 +22,12 @@ from mlpe.agent.scenario import Scenario
 from mlpe.agent.shipper import Shipper
 from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.spool import Spool
+from mlpe.common import batches
 from mlpe.common.kafka import wait_stream_ready
-from mlpe.common.topics import DEAD_LETTER, GPU_METRICS, TRAIN_EVENTS, metrics_group
+from mlpe.common.topics import ALERTS, DEAD_LETTER, GPU_METRICS, TRAIN_EVENTS, metrics_group
 from mlpe.v1 import deadletter_pb2
+from mlpe.v1 import metrics_pb2 as pb
+from mlpe.v1.alerts_pb2 import ALERT_FIRING, Alert
 from mlpe.v1.training_pb2 import TrainStep
 from tests.helpers import mlpe_env, start_mlpe, stop_child, stop_gracefully
 
@@ -282,3 +286,51 @@ async def test_two_workers_share_the_partitions(stream_env, unique, tmp_path):
     finally:
         for w in workers:
             stop(w)
+
+
+async def test_a_node_whose_clock_jumped_ahead_costs_no_other_node_its_data(stream_env,
+                                                                           unique, tmp_path):
+    """The issue's scenario: a few batches stamped 1,000 s ahead on a partition used to
+    move its event time, and a new node's 15 s of valid data then left zero points."""
+    prefix = f"c{unique}-"
+    fine = f"{prefix}00"
+    ahead = next(f"{prefix}ahead{i}" for i in range(1000)
+                 if partitions_of([f"{prefix}ahead{i}"]) == partitions_of([fine]))
+    stream = start_stream(unique, tmp_path / "stream.log")
+    letters = AIOKafkaConsumer(DEAD_LETTER.name, bootstrap_servers=stream_env.kafka_bootstrap,
+                               auto_offset_reset="latest", group_id=f"t-{unique}")
+    alerts = AIOKafkaConsumer(ALERTS.name, bootstrap_servers=stream_env.kafka_bootstrap,
+                              auto_offset_reset="latest", group_id=f"t-{unique}-a")
+    for consumer in (letters, alerts):
+        await consumer.start()
+        await consumer.getmany(timeout_ms=1000)  # positioned at the end before sending
+    producer = AIOKafkaProducer(bootstrap_servers=stream_env.kafka_bootstrap)
+    await producer.start()
+    try:
+        for seq in range(5):
+            times = time.time_ns() + 1000 * 10**9 + np.arange(10, dtype=np.int64) * 10**7
+            raw = batches.encode(batches.Batch(ahead, pb.DEVICE_KIND_GPU, 0, "", 1, seq,
+                                               seq * 10, times, {pb.GPU_UTIL: np.ones(10)}))
+            await producer.send_and_wait(GPU_METRICS.name, raw, key=ahead.encode())
+        sim = SimulatedGpus(Scenario(seed=5, nodes=1, gpus_per_node=2), 100, node_prefix=prefix)
+        await Agent([(sim, 100)], Shipper(stream_env.kafka_bootstrap,
+                                          Spool(tmp_path / "spool")), hz=100,
+                    job_id=f"{prefix}job").run(duration_s=15)
+        found = await wait_for(lambda: (lambda w: w if len(w) >= 2 * 13 else None)(
+            windows(stream_env, prefix)), 60, "the valid node's 1 s windows", stream)
+        devices, problems = complete_interior(found, prefix)
+        assert devices == 2 and problems == [] and {n for n, _, _ in found} == {fine}
+        letter = await next_dead_letter(letters, lambda d: d.key == ahead.encode())
+        assert f"node {ahead}'s samples are" in letter.reason and "clock is off" in letter.reason
+        async with asyncio.timeout(30):
+            named = []
+            while not named:
+                for records in (await alerts.getmany(timeout_ms=1000)).values():
+                    named += [a for a in map(Alert.FromString, (r.value for r in records))
+                              if a.rule == "node_clock_ahead" and a.labels["node"] == ahead]
+        assert named[0].state == ALERT_FIRING and "ahead" in named[0].summary
+    finally:
+        await producer.stop()
+        for consumer in (letters, alerts):
+            await consumer.stop()
+        stop(stream)

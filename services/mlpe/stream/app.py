@@ -279,16 +279,21 @@ class StreamApp:
             await self.refuse(record, str(err))
             state.ack_queues.ack_in_order(event)
             return event
+        held: list = []
         try:
-            await self.aggregate(partition, batch, event)
-        except Exception as err:  # one bad message must not stop the rest
-            log.exception("metric batch at %s/%d offset %d", *partition, record.offset)
-            await self.refuse(record, f"could not be processed: {type(err).__name__}: {err}")
-            state.ack_queues.ack_in_order(event)
+            await self.aggregate(partition, batch, event, held)
+        except Exception as err:  # noqa: BLE001 - one bad message must not stop the rest
+            await self.failed(record, err)
+            if held:
+                held[0].ack_if_unheld()
+            else:
+                state.ack_queues.ack_in_order(event)
         return event
 
     async def aggregate(self, partition: Partition, batch: batches.NodeBatch,
-                        event: Consumed) -> None:
+                        event: Consumed, held: list) -> None:
+        """A checked batch into windows and alerts; the hold on it, once made, goes
+        into `held`."""
         state = self.state
         if batch.node_id in state.clock_ahead:
             await self.clock_ahead(None, batch.node_id)
@@ -308,31 +313,37 @@ class StreamApp:
         if found:
             await self.publish(found)
         hold = state.ack_queues.hold(event)
-        late = 0
+        held.append(hold)
+        late = []
         for windows in state.windows:
             hold.refs += windows.add(partition, batch, hold)
-            late = max(late, windows.last_late)
+            if windows.last_late:
+                late.append((windows.label, windows.last_late))
         if late:
-            await self.report_late(event.message, batch, late)
+            await self.report_late(event.message, batch, late, dropped=hold.refs == 0)
         state.counters["batches"] += 1
         state.arrival_delays.append(
             time.time() - batch.timestamps_ns[-1] / 1e9 if batch.samples else 0)
         state.counters["values"] += batch.values
         hold.ack_if_unheld()  # acked now if its windows were all written already
 
-    async def report_late(self, message, batch: batches.NodeBatch, samples: int) -> None:
-        """Samples that came after their window was written are dropped, never silently:
-        counted per node, written to InfluxDB (measurement stream_dropped), and a batch
-        entirely late goes to the dead-letter topic."""
+    async def report_late(self, message, batch: batches.NodeBatch,
+                          late: list[tuple[str, int]], dropped: bool) -> None:
+        """Samples that came after their window was written are left out of it, never
+        silently: counted per node, written to InfluxDB (measurement stream_dropped, per
+        window width), and a batch that no window took goes to the dead-letter topic."""
         state = self.state
-        state.late_by_node[batch.node_id] = state.late_by_node.get(batch.node_id, 0) + samples
-        state.annotations.append(
-            f"stream_dropped,node={escape_tag(batch.node_id)},reason=late "
-            f"samples={samples * batch.devices}i {time.time_ns()}")
-        if samples >= batch.samples:
+        node = escape_tag(batch.node_id)
+        now_ns = time.time_ns()
+        for label, samples in late:
+            state.annotations.append(f"stream_dropped,node={node},reason=late,window={label} "
+                                     f"samples={samples * batch.devices}i {now_ns}")
+        state.late_by_node[batch.node_id] = \
+            state.late_by_node.get(batch.node_id, 0) + max(n for _, n in late)
+        if dropped:
             state.counters["late_batches"] += 1
             await self.refuse(message, f"late: every sample of node {batch.node_id} came "
-                              "after its window was written (more than "
+                              "after its windows were written (more than "
                               f"{self.settings.stream_lateness_s:g} s behind the node's "
                               "newest data, MLPE_STREAM_LATENESS_S)")
 
@@ -363,73 +374,92 @@ class StreamApp:
         """Baseline, trend and cross-peer detectors over each GPU's 1 s means."""
         async for event in stream.events():
             try:
-                report = parse_report(event.value)
-            except ValueError as err:
-                await self.dead_letter(event, str(err))
-                continue
-            now_ns, node, start, found = time.time_ns(), report["node"], report["start_ns"], []
-            for gpu, values in report["gpus"].items():
-                values = {k: (math.nan if v is None else float(v)) for k, v in values.items()}
-                member = f"{node}/{gpu}"
-                series = self.gpu_series[member]
-                if start <= series.get("t", 0):
-                    continue  # replayed after a crash: already learned
-                stat_state, stat_alerts = baseline.step(series.get("baseline"), node, gpu,
-                                                        start, values, now_ns)
-                trend_state, trend_alerts = trend.step(
-                    series.get("trend"), node, gpu, start, values.get("mem_used", math.nan),
-                    values.get("mem_total", math.nan), now_ns)
-                self.gpu_series[member] = {"t": start, "baseline": stat_state,
-                                           "trend": trend_state}
-                found += stat_alerts + trend_alerts
-            job = report["job"]
-            buckets = self.state.peer_buckets.setdefault(job, peers.Buckets())
-            buckets.add(report)
-            group = self.peer_groups[job]
-            ready = buckets.ready(group.get("last_start", 0))
-            for second, members in ready:
-                group, peer_alerts = peers.evaluate(group, second, members, now_ns)
-                found += peer_alerts
-            if ready:
-                self.peer_groups[job] = group
-            await self.publish(found)
+                await self.detect_report(event)
+            except Exception as err:  # noqa: BLE001 - one bad message must not stop the agent
+                await self.failed(event.message, err)
+
+    async def detect_report(self, event) -> None:
+        try:
+            report = parse_report(event.value)
+        except ValueError as err:
+            await self.dead_letter(event, str(err))
+            return
+        now_ns, node, start, found = time.time_ns(), report["node"], report["start_ns"], []
+        for gpu, values in report["gpus"].items():
+            values = {k: (math.nan if v is None else float(v)) for k, v in values.items()}
+            member = f"{node}/{gpu}"
+            series = self.gpu_series[member]
+            if start <= series.get("t", 0):
+                continue  # replayed after a crash: already learned
+            stat_state, stat_alerts = baseline.step(series.get("baseline"), node, gpu,
+                                                    start, values, now_ns)
+            trend_state, trend_alerts = trend.step(
+                series.get("trend"), node, gpu, start, values.get("mem_used", math.nan),
+                values.get("mem_total", math.nan), now_ns)
+            self.gpu_series[member] = {"t": start, "baseline": stat_state,
+                                       "trend": trend_state}
+            found += stat_alerts + trend_alerts
+        job = report["job"]
+        buckets = self.state.peer_buckets.setdefault(job, peers.Buckets())
+        buckets.add(report)
+        group = self.peer_groups[job]
+        ready = buckets.ready(group.get("last_start", 0))
+        for second, members in ready:
+            group, peer_alerts = peers.evaluate(group, second, members, now_ns)
+            found += peer_alerts
+        if ready:
+            self.peer_groups[job] = group
+        await self.publish(found)
 
     async def train_steps(self, stream) -> None:
         """Training aggregates per job and rank, and the training detectors."""
-        state = self.state
         async for event in stream.noack().events():
+            held: list = []
             try:
-                msg = parse_step(event.value)
-            except ValueError as err:
-                await self.dead_letter(event, str(err))
-                state.ack_queues.ack_in_order(event)
-                continue
-            now_ns = time.time_ns()
-            if msg.halt:  # not a step: the job stopped on purpose, its silence is no stall
-                job_state = training.halt(self.train_jobs[msg.job_id] or None, msg)
-                if job_state is not None:
-                    self.train_jobs[msg.job_id] = job_state
-                if job_state is not None and msg.job_id in state.stalled_jobs:
-                    state.stalled_jobs.discard(msg.job_id)
-                    await self.publish([training.stall_alert(msg.job_id, job_state, now_ns,
-                                                             stalled=True)])
-                state.ack_queues.ack_in_order(event)
-                continue
-            job_state, found = training.step(self.train_jobs[msg.job_id] or None, msg, now_ns)
-            self.train_jobs[msg.job_id] = job_state
-            if msg.job_id in state.stalled_jobs:
-                resolved = training.stall_alert(msg.job_id, job_state, now_ns, stalled=True)
-                if resolved is not None:
-                    state.stalled_jobs.discard(msg.job_id)
-                    found.append(resolved)
-            await self.publish(found)
-            partition = (event.message.topic, event.message.partition)
-            state.last_offsets[partition] = event.message.offset
-            hold = state.ack_queues.hold(event)
-            for windows in state.windows:
-                hold.refs += windows.add(partition, StepRow(msg), hold)
-            state.counters["steps"] += 1
-            hold.ack_if_unheld()
+                await self.take_step(event, held)
+            except Exception as err:  # noqa: BLE001 - one bad message must not stop the agent
+                await self.failed(event.message, err)
+                if held:
+                    held[0].ack_if_unheld()
+                else:
+                    self.state.ack_queues.ack_in_order(event)
+
+    async def take_step(self, event, held: list) -> None:
+        """One TrainStep event; the hold on it, once made, goes into `held`."""
+        state = self.state
+        try:
+            msg = parse_step(event.value, self.limits)
+        except ValueError as err:
+            await self.dead_letter(event, str(err))
+            state.ack_queues.ack_in_order(event)
+            return
+        now_ns = time.time_ns()
+        if msg.halt:  # not a step: the job stopped on purpose, its silence is no stall
+            job_state = training.halt(self.train_jobs[msg.job_id] or None, msg)
+            if job_state is not None:
+                self.train_jobs[msg.job_id] = job_state
+            if job_state is not None and msg.job_id in state.stalled_jobs:
+                state.stalled_jobs.discard(msg.job_id)
+                await self.publish([training.stall_alert(msg.job_id, job_state, now_ns,
+                                                         stalled=True)])
+            state.ack_queues.ack_in_order(event)
+            return
+        job_state, found = training.step(self.train_jobs[msg.job_id] or None, msg, now_ns)
+        self.train_jobs[msg.job_id] = job_state
+        if msg.job_id in state.stalled_jobs:
+            resolved = training.stall_alert(msg.job_id, job_state, now_ns, stalled=True)
+            if resolved is not None:
+                state.stalled_jobs.discard(msg.job_id)
+                found.append(resolved)
+        await self.publish(found)
+        partition = (event.message.topic, event.message.partition)
+        state.last_offsets[partition] = event.message.offset
+        hold = state.ack_queues.hold(event)
+        held.append(hold)
+        for windows in state.windows:
+            hold.refs += windows.add(partition, StepRow(msg), hold)
+        state.counters["steps"] += 1
+        hold.ack_if_unheld()
 
     # Timers and tasks.
 
@@ -599,6 +629,13 @@ class StreamApp:
                                          value=alert.SerializeToString())
             self.state.annotations.append(alert_line(alert))
             self.state.counters["alerts"] += 1
+
+    async def failed(self, message, err: Exception) -> None:
+        """A message whose handling raised: to the dead-letter topic, with the error."""
+        log.exception("%s/%d offset %d could not be processed", message.topic,
+                      message.partition, message.offset)
+        await self.refuse(message, f"could not be processed: {type(err).__name__}: "
+                          f"{str(err)[:500]}")
 
     async def dead_letter(self, event, reason: str) -> None:
         await self.refuse(event.message, reason)

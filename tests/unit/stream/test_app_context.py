@@ -1,6 +1,7 @@
 """The stream's detector agents in Faust's in-memory test context (no Kafka): events go
 in through agent.put, table state and alerts are what the agents leave behind."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ from mlpe.common.settings import load
 from mlpe.common.topics import GPU_METRICS
 from mlpe.stream.app import StreamApp, _MetricsRebalance
 from mlpe.stream.decoding import SECOND_FIELDS
+from mlpe.stream.detectors import training
 from mlpe.v1 import alerts_pb2 as al
 from mlpe.v1 import metrics_pb2 as pb
 from mlpe.v1.training_pb2 import TrainStep
@@ -185,3 +187,116 @@ async def test_a_revoked_partition_loses_its_open_windows_and_held_events(stream
     assert stream.state.ack_queues.queues == {}
     assert all(w.open == {} and w.watermark == {} for w in stream.state.windows)
     assert not held.acked  # the partition's next owner replays it
+
+
+@pytest.fixture()
+def refused(stream, monkeypatch):
+    """(offset, reason) of every message the app sends to the dead-letter topic."""
+    out: list[tuple[int, str]] = []
+
+    async def refuse(message, reason):
+        out.append((message.offset, reason))
+
+    monkeypatch.setattr(stream, "refuse", refuse)
+    return out
+
+
+def node_batch(second: float, seq: int, node: str = "n1", epoch: int = 1,
+               ahead_s: float = 0.0) -> bytes:
+    """100 ms of 4 GPUs of `node`; stamped `ahead_s` later than `second` says."""
+    start_ns = HOUR_AGO_NS // 10**10 * 10**10 + int((second + ahead_s) * 10**9)
+    times = start_ns + np.arange(10, dtype=np.int64) * 10_000_000
+    return batches.encode(batches.join([
+        batches.Batch(node, pb.DEVICE_KIND_GPU, g, "", epoch, seq, seq * 10, times,
+                      {pb.GPU_UTIL: np.full(10, 90.0)}) for g in range(4)]))
+
+
+async def test_a_repeated_batch_is_dropped_by_its_seq(stream, alerts, refused):
+    events = [await stream.take_metrics(metrics(node_batch(0.1 * i, i), i)) for i in range(5)]
+    again = await stream.take_metrics(metrics(node_batch(0.1, 1), 5))  # a spool replayed twice
+    other_epoch = await stream.take_metrics(metrics(node_batch(0.5, 1, epoch=2), 6))
+    assert stream.state.counters["duplicate_batches"] == 4  # 4 devices of one batch
+    assert again.acked is False and stream.state.counters["batches"] == 6
+    for windows in stream.state.windows:
+        (closed,) = windows.close_ready(flush_all=True)
+        assert {re.search(r",samples=(\d+)i ", line)[1] for line in closed.lines} == {"60"}
+        for hold in closed.tokens:
+            hold.release()
+    assert all(e.acked for e in [*events, again, other_epoch]) and refused == []
+
+
+async def test_a_node_whose_clock_runs_ahead_is_refused_alerted_and_forgiven(
+        stream, alerts, refused):
+    stream.limits = dataclasses.replace(stream.limits, clock_tolerance_s=10.0)
+    ahead = await stream.take_metrics(metrics(node_batch(0, 0, ahead_s=3600 + 1000), 0))
+    await stream.take_metrics(metrics(node_batch(0, 1, ahead_s=3600 + 1000), 1))
+    assert [offset for offset, _ in refused] == [0, 1] and ahead.acked
+    assert re.search(r"n1's samples are 9\d\d\.\d s ahead .* its clock is off", refused[0][1])
+    assert [(a.rule, a.state, dict(a.labels)) for a in alerts] == [
+        ("node_clock_ahead", al.ALERT_FIRING, {"node": "n1"})]  # once, not per batch
+    await stream.take_metrics(metrics(node_batch(0.2, 2), 2))  # its clock is right again
+    assert [a.state for a in alerts] == [al.ALERT_FIRING, al.ALERT_RESOLVED]
+    assert stream.state.counters["batches"] == 1
+
+
+async def test_samples_after_their_window_was_written_are_reported(stream, alerts,
+                                                                   refused, monkeypatch):
+    async def write(lines):
+        written.extend(lines)
+
+    async def send(key, value):
+        pass
+
+    written: list[str] = []
+    monkeypatch.setattr(stream.writer, "write", write)
+    monkeypatch.setattr(stream.gpu_seconds, "send", send)
+    for i in range(25):
+        await stream.take_metrics(metrics(node_batch(0.1 * i, i), i))
+    await stream.write_once()  # the first 1 s window is written, the 10 s one still open
+    late = await stream.take_metrics(metrics(node_batch(0.35, 99), 25))
+    await stream.write_once()
+    assert not late.acked and refused == []  # its 10 s window holds it
+    assert stream.state.late_by_node == {"n1": 10}
+    assert any(line.startswith("stream_dropped,node=n1,reason=late,window=1s samples=40i")
+               for line in written)
+    stream.state.windows = stream.state.windows[:1]  # only 1 s windows: nothing takes it
+    dropped = await stream.take_metrics(metrics(node_batch(0.45, 100), 26))
+    assert [offset for offset, _ in refused] == [26] and stream.state.late_by_node["n1"] == 20
+    assert refused[0][1].startswith("late: every sample of node n1 came after its windows")
+    assert stream.state.counters["late_batches"] == 1 and dropped.message.offset == 26
+
+
+async def test_a_message_whose_handling_raises_is_dead_lettered_and_the_rest_go_on(
+        stream, alerts, refused, monkeypatch):
+    calls = []
+
+    def evaluate(rules, states, batch):
+        calls.append(batch.node_id)
+        if batch.node_id == "bad":
+            raise ZeroDivisionError("division by zero")
+        return []
+
+    monkeypatch.setattr("mlpe.stream.rules.evaluate", evaluate)  # an error path on purpose
+    bad = await stream.take_metrics(metrics(node_batch(0, 0, node="bad"), 0))
+    good = await stream.take_metrics(metrics(node_batch(0, 0, node="good"), 1))
+    assert calls == ["bad", "good"] and bad.acked and not good.acked  # good is in a window
+    assert refused == [(0, "could not be processed: ZeroDivisionError: division by zero")]
+    assert stream.state.counters["batches"] == 1
+
+
+async def test_a_step_whose_handling_raises_is_dead_lettered_and_the_agent_goes_on(
+        stream, alerts, refused, monkeypatch):
+    real_step = training.step
+
+    def step_or_fail(state, msg, now_ns):
+        if msg.step == 2:
+            raise KeyError("boom")
+        return real_step(state, msg, now_ns)
+
+    monkeypatch.setattr(training, "step", step_or_fail)  # an error path on purpose
+    stream.state.windows = []
+    async with stream.train_steps.test_context() as agent:
+        for n in (1, 2, 3):
+            await agent.put(step(n, 0))
+    assert [reason for _, reason in refused] == ["could not be processed: KeyError: 'boom'"]
+    assert stream.train_jobs["job-t"]["steps"] == 3  # the step after the failure counted

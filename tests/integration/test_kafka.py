@@ -52,3 +52,25 @@ async def test_produce_then_consume_round_trip(stack_endpoints, unique):
         await consumer.stop()
     # One partition (auto-created): order is preserved end to end.
     assert received == sent
+
+
+async def test_create_topics_grows_a_topic_with_fewer_partitions(stack_endpoints, unique):
+    """A stack made before a partition count was raised gets the rest at `stack up`."""
+    import dataclasses
+
+    from mlpe.common.kafka import create_topics
+    from mlpe.common.topics import GPU_METRICS
+
+    topic = dataclasses.replace(GPU_METRICS, name=f"test.grow.{unique}", partitions=2)
+    assert await create_topics(stack_endpoints.kafka_bootstrap, [topic]) == [topic.name]
+    more = dataclasses.replace(topic, partitions=6)
+    assert await create_topics(stack_endpoints.kafka_bootstrap, [more]) == [topic.name]
+    assert await create_topics(stack_endpoints.kafka_bootstrap, [topic]) == []  # never fewer
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack_endpoints.kafka_bootstrap)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic.name])
+        assert len(described["partitions"]) == 6
+        await admin.delete_topics([topic.name])
+    finally:
+        await admin.close()

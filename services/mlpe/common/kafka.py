@@ -7,7 +7,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 
 from mlpe.common.topics import ALL_TOPICS
 
@@ -30,7 +30,9 @@ async def describe_cluster(bootstrap: str):
 
 
 async def create_topics(bootstrap: str, topics=ALL_TOPICS) -> list[str]:
-    """Create those of `topics` that do not exist; return their names."""
+    """Create those of `topics` that do not exist, and give those that exist with fewer
+    partitions than declared the rest (Kafka never takes partitions away); return the
+    names created or grown."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
     await admin.start()
     try:
@@ -40,7 +42,14 @@ async def create_topics(bootstrap: str, topics=ALL_TOPICS) -> list[str]:
             await admin.create_topics(
                 [NewTopic(t.name, t.partitions, 1, topic_configs=t.config) for t in missing]
             )
-        return [t.name for t in missing]
+        present = [t for t in topics if t.name in existing]
+        have = {d["topic"]: len(d["partitions"])
+                for d in await admin.describe_topics([t.name for t in present])} \
+            if present else {}
+        grow = [t for t in present if have.get(t.name, t.partitions) < t.partitions]
+        if grow:
+            await admin.create_partitions({t.name: NewPartitions(t.partitions) for t in grow})
+        return [t.name for t in missing + grow]
     finally:
         await admin.close()
 

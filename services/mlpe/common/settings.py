@@ -163,6 +163,8 @@ class Settings:
     stream_max_samples: int   # samples per device in one metric batch
     stream_max_world_size: int  # TrainStep world_size (ranks of one job)
     stream_fetch_records: int   # metric messages the stream takes from Kafka at once
+    gpu_metrics_partitions: int   # of mlpe.metrics.gpu: the most stream workers it feeds
+    host_metrics_partitions: int  # of mlpe.metrics.host
     stream_app_id: str        # Faust app id = Kafka consumer group of the stream workers
     stream_start: str         # where a new consumer group starts: earliest or latest
     rules_path: str           # threshold rules for the stream ("" = none)
@@ -283,6 +285,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         stream_max_samples=_int(env, "MLPE_STREAM_MAX_SAMPLES", 6000, 1, 1_000_000),
         stream_max_world_size=_int(env, "MLPE_STREAM_MAX_WORLD_SIZE", 65536, 1, 1 << 24),
         stream_fetch_records=_int(env, "MLPE_STREAM_FETCH_RECORDS", 2000, 1, 100_000),
+        gpu_metrics_partitions=_int(env, "MLPE_GPU_METRICS_PARTITIONS", 24, 1, 1024),
+        host_metrics_partitions=_int(env, "MLPE_HOST_METRICS_PARTITIONS", 4, 1, 1024),
         stream_app_id=_text(env, "MLPE_STREAM_APP_ID", "mlpe-stream"),
         stream_start=_choice(env, "MLPE_STREAM_START", "earliest", ("earliest", "latest")),
         rules_path=str(packaged("rules", "default.yaml")) if rules is None else rules.strip(),

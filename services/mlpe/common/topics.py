@@ -26,9 +26,12 @@ class Topic:
         return config
 
 
-# Partitions bound stream-processor parallelism (one Faust worker per partition
-# at most); metric topics carry the volume, so they get the most.
-GPU_METRICS = Topic("mlpe.metrics.gpu", 8, 6 * HOUR_MS, "node id", "GPU metric batch")
+# Partitions bound stream-processor parallelism (one worker per partition at most);
+# metric topics carry the volume, so they get the most. The defaults size a fleet of
+# 10,000 GPUs (README: "Partitions"); MLPE_GPU_METRICS_PARTITIONS and
+# MLPE_HOST_METRICS_PARTITIONS change them (`configured`).
+GPU_METRICS = Topic("mlpe.metrics.gpu", 24, 6 * HOUR_MS, "node id",
+                    "GPU metric batch: every GPU of a node")
 HOST_METRICS = Topic("mlpe.metrics.host", 4, 6 * HOUR_MS, "node id", "host metric batch")
 TRAIN_EVENTS = Topic("mlpe.events.train", 4, 7 * DAY_MS, "job id", "training step events")
 KERNEL_EVENTS = Topic("mlpe.events.kernel", 4, 7 * DAY_MS, "job id", "kernel timing summaries")
@@ -65,3 +68,11 @@ ALL_TOPICS: tuple[Topic, ...] = (
     INVENTORY,
     PLACEMENT,
 )
+
+
+def configured(settings) -> tuple[Topic, ...]:
+    """ALL_TOPICS with the partition counts the settings give the metric topics."""
+    counts = {GPU_METRICS.name: settings.gpu_metrics_partitions,
+              HOST_METRICS.name: settings.host_metrics_partitions}
+    return tuple(dataclasses.replace(t, partitions=counts[t.name]) if t.name in counts else t
+                 for t in ALL_TOPICS)

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 from mlpe.common.kafka import create_topics
 from mlpe.common.settings import Settings
+from mlpe.common.topics import configured
 from mlpe.stack.component import StackError, Status
 from mlpe.stack.influxdb import InfluxDB
 from mlpe.stack.kafka import Kafka
@@ -75,7 +76,7 @@ def down(settings: Settings, only: tuple[str, ...] | None = None) -> list[tuple[
 def ensure_topics(settings: Settings) -> list[str]:
     """Create the mlpe topics missing on the configured Kafka (local or not)."""
     try:
-        return asyncio.run(create_topics(settings.kafka_bootstrap))
+        return asyncio.run(create_topics(settings.kafka_bootstrap, configured(settings)))
     except Exception as err:  # noqa: BLE001 - aiokafka raises several kinds
         raise StackError(f"kafka: cannot create topics on {settings.kafka_bootstrap}: "
                          f"{err or type(err).__name__}") from None

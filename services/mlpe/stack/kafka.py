@@ -17,6 +17,7 @@ from pathlib import Path
 from mlpe.common.kafka import create_topics, describe_cluster, kafka_reachable
 from mlpe.common.process import ManagedProcess, port_open
 from mlpe.common.settings import Settings, packaged
+from mlpe.common.topics import configured
 from mlpe.stack.component import StackError, Status, wait_until
 
 POM = packaged("kafka", "pom.xml")
@@ -173,7 +174,7 @@ class Kafka:
 
     def create_topics(self) -> list[str]:
         """Create mlpe's topics that are missing; returns the names created."""
-        return asyncio.run(create_topics(self.s.kafka_bootstrap))
+        return asyncio.run(create_topics(self.s.kafka_bootstrap, configured(self.s)))
 
     def stop(self) -> bool:
         return self.proc.stop(timeout=60.0)

@@ -128,13 +128,23 @@ def parse_report(raw: bytes) -> dict:
         node, start, gpus = report["node"], int(report["start_ns"]), report["gpus"]
         if not isinstance(node, str) or not node or not isinstance(gpus, dict):
             raise TypeError("node must be a non-empty string and gpus a mapping")
-        for values in gpus.values():
+        for gpu, values in gpus.items():
+            if not gpu.isdigit() or len(gpu) > 4:
+                raise TypeError(f"GPU {gpu[:40]!r} is not a GPU index")
             if not isinstance(values, dict) or not all(
-                    v is None or isinstance(v, int | float) for v in values.values()):
-                raise TypeError("each GPU's values must be a mapping of numbers")
-    except (ValueError, KeyError, TypeError) as err:
+                    isinstance(k, str) and len(k) <= 64 and (v is None or (
+                        isinstance(v, int | float) and not isinstance(v, bool)))
+                    for k, v in values.items()):
+                raise TypeError("each GPU's values must be a mapping of names to numbers")
+        job = report.get("job") or ""
+        if not isinstance(job, str):
+            raise TypeError("job must be a string")
+        problem = identifier_problem("node", node) or (job and identifier_problem("job", job))
+        if problem:
+            raise TypeError(problem)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"not a GPU-seconds report: {type(err).__name__}: {err}") from None
-    report["start_ns"], report["job"] = start, str(report.get("job") or "")
+    report["start_ns"], report["job"] = start, job
     return report
 
 

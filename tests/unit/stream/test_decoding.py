@@ -70,7 +70,13 @@ def test_parse_report_refuses_what_the_detectors_cannot_read():
     assert parse_report(b'{"node": "n", "start_ns": "5", "gpus": {}}')["job"] == ""
     for raw in (b"{not json", b'{"node": "n", "gpus": {}}',
                 b'{"node": "", "start_ns": 1, "gpus": {}}',
-                b'{"node": "n", "start_ns": 1, "gpus": {"0": {"util": "high"}}}'):
+                b'{"node": "n", "start_ns": 1, "gpus": {"0": {"util": "high"}}}',
+                b'{"node": "n\\nx", "start_ns": 1, "gpus": {}}',
+                b'{"node": "n", "job": "<!channel>", "start_ns": 1, "gpus": {}}',
+                b'{"node": "n", "job": 5, "start_ns": 1, "gpus": {}}',
+                b'{"node": "n", "start_ns": 1, "gpus": {"0,x=1": {}}}',
+                b'{"node": "n", "start_ns": 1, "gpus": {"0": {"util": true}}}',
+                b'[1, 2]'):
         with pytest.raises(ValueError, match="not a GPU-seconds report"):
             parse_report(raw)
 

@@ -35,8 +35,8 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="stream worker processes (1)")
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per step (20)")
     p.add_argument("--flush-ms", type=int, default=100,
-                   help="agent flush interval: one message per GPU this often (100 ms, the "
-                   "agent's default; longer = fewer, larger messages for the stream)")
+                   help="agent flush interval: one message per node (all its GPUs) this "
+                   "often (100 ms, the agent's default; longer = fewer, larger messages)")
     p.set_defaults(bench=bench_pipeline)
 
 
@@ -122,9 +122,14 @@ def _step(settings: Settings, nodes: int, args, workdir: Path) -> dict:
     cpu["stream"] = [round(100 * (b - a) / elapsed, 1) if a is not None and b is not None
                      else None for a, b in zip(cpu0["stream"], cpu1["stream"], strict=True)]
     cpu["agents"] = [round(100 * (s["cpu_at_stop"]) / args.seconds, 1) for s in stats]
+    values_per_s = sum(s["values"] for s in stats) / args.seconds
+    stream_cores = sum(c for c in cpu["stream"] if c is not None) / 100
     return {
         "nodes": per_agent * args.agents,
-        "values_per_s": round(sum(s["values"] for s in stats) / args.seconds),
+        "values_per_s": round(values_per_s),
+        # What one core of stream worker turns into InfluxDB windows at this load.
+        "values_per_s_per_stream_core": round(values_per_s / stream_cores)
+        if stream_cores else None,
         "lag_p50_s": round(float(np.percentile(lags, 50)), 3) if lags else None,
         "lag_p99_s": round(float(np.percentile(lags, 99)), 3) if lags else None,
         "windows_seen": len(steady),

@@ -271,7 +271,8 @@ def decode(raw: bytes) -> NodeBatch:
                          "bytes, not a multiple of 4")
     devices = message.devices
     if not devices:
-        raise BatchError("MetricBatch: no devices")
+        raise BatchError("MetricBatch: no devices (from an agent older than the node "
+                         "batch format? agents and stream are upgraded together)")
     indices = np.array([d.index for d in devices], dtype=np.int64)
     if len(np.unique(indices)) != len(indices):
         raise BatchError(f"MetricBatch: device indices {indices.tolist()[:16]} repeat")

@@ -143,6 +143,7 @@ class StreamApp:
         self.writer = InfluxWriter(settings)
         self.limits = Limits.of(settings)
         self.metrics_consumer: AIOKafkaConsumer | None = None
+        self.dead_letter_log = (-1e9, 0)  # (monotonic time of the last line, unlogged since)
         datadir = settings.state_dir / "stream"
         datadir.mkdir(parents=True, exist_ok=True)
 
@@ -434,25 +435,27 @@ class StreamApp:
             state.ack_queues.ack_in_order(event)
             return
         now_ns = time.time_ns()
+        partition = (event.message.topic, event.message.partition)
         if msg.halt:  # not a step: the job stopped on purpose, its silence is no stall
-            job_state = training.halt(self.train_jobs[msg.job_id] or None, msg)
+            job_state = training.halt(self.job_state(msg.job_id), msg)
             if job_state is not None:
-                self.train_jobs[msg.job_id] = job_state
+                self.save_job_state(msg.job_id, job_state, now_ns, at_once=True,
+                                    partition=partition)
             if job_state is not None and msg.job_id in state.stalled_jobs:
                 state.stalled_jobs.discard(msg.job_id)
                 await self.publish([training.stall_alert(msg.job_id, job_state, now_ns,
                                                          stalled=True)])
             state.ack_queues.ack_in_order(event)
             return
-        job_state, found = training.step(self.train_jobs[msg.job_id] or None, msg, now_ns)
-        self.train_jobs[msg.job_id] = job_state
+        job_state, found = training.step(self.job_state(msg.job_id), msg, now_ns)
+        self.save_job_state(msg.job_id, job_state, now_ns, at_once=bool(found),
+                            partition=partition)
         if msg.job_id in state.stalled_jobs:
             resolved = training.stall_alert(msg.job_id, job_state, now_ns, stalled=True)
             if resolved is not None:
                 state.stalled_jobs.discard(msg.job_id)
                 found.append(resolved)
         await self.publish(found)
-        partition = (event.message.topic, event.message.partition)
         state.last_offsets[partition] = event.message.offset
         hold = state.ack_queues.hold(event)
         held.append(hold)
@@ -460,6 +463,26 @@ class StreamApp:
             hold.refs += windows.add(partition, StepRow(msg), hold)
         state.counters["steps"] += 1
         hold.ack_if_unheld()
+
+    def job_state(self, job: str) -> dict | None:
+        """A job's training-detector state: the newest, in memory, else its table's."""
+        cached = self.state.job_states.get(job)
+        return cached if cached is not None else (self.train_jobs[job] or None)
+
+    def save_job_state(self, job: str, job_state: dict, now_ns: int, at_once: bool,
+                       partition: Partition) -> None:
+        """Keep the newest in memory; write it to the table (one changelog record with
+        every rank in it) at most once a second per job, and at once when it alerted
+        or halted. Every rank's step rewrote it: a 512-rank job made 1,000 records a
+        second. A restart loses at most that second, and replays it: training events are
+        committed only once their 10 s windows are written, and a step seen twice is
+        ignored (detectors/training.py)."""
+        self.state.job_states[job] = job_state
+        self.state.job_partitions[job] = partition
+        last = self.state.job_saved_ns.get(job, 0)
+        if at_once or now_ns - last >= 10**9:
+            self.train_jobs[job] = job_state
+            self.state.job_saved_ns[job] = now_ns
 
     # Timers and tasks.
 
@@ -474,7 +497,8 @@ class StreamApp:
     def new_stalls(self, now_ns: int) -> list[alerts_pb2.Alert]:
         """Firing stall alerts for the jobs that went quiet since the last look."""
         stalled, found = self.state.stalled_jobs, []
-        for job, job_state in list(self.train_jobs.items()):
+        for job, job_state in {**dict(self.train_jobs.items()),
+                               **self.state.job_states}.items():
             if job_state and job not in stalled:
                 alert = training.stall_alert(job, job_state, now_ns, stalled=False)
                 if alert is not None:
@@ -605,6 +629,10 @@ class StreamApp:
         for windows in self.state.windows:
             windows.drop_partitions(partitions)
         self.state.ack_queues.drop(partitions)
+        for job in [j for j, p in self.state.job_partitions.items() if p in partitions]:
+            for table in (self.state.job_states, self.state.job_partitions,
+                          self.state.job_saved_ns):
+                table.pop(job, None)
 
     async def log_stats(self) -> None:
         """Every 10 s, the counters and the delay percentiles, to the log."""
@@ -651,8 +679,16 @@ class StreamApp:
             reason=reason, refused_by="stream", refused_at=refused_at)
         await self.dead_letters.send(key=message.topic.encode(), value=letter.SerializeToString())
         self.state.counters["dead_letters"] += 1
-        log.warning("dead letter: %s (topic %s, partition %d, offset %d)", reason,
-                    message.topic, message.partition, message.offset)
+        # A flood of bad messages must not become a flood of log lines: one a second,
+        # saying how many went unlogged (all are on the dead-letter topic).
+        now, (last, unlogged) = time.monotonic(), self.dead_letter_log
+        if now - last < 1.0:
+            self.dead_letter_log = (last, unlogged + 1)
+            return
+        self.dead_letter_log = (now, 0)
+        log.warning("dead letter: %s (topic %s, partition %d, offset %d)%s", reason,
+                    message.topic, message.partition, message.offset,
+                    f"; {unlogged} more since the last line" if unlogged else "")
 
 
 class _MetricsRebalance(ConsumerRebalanceListener):

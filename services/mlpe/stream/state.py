@@ -52,6 +52,9 @@ class StreamState:
     committable: dict[Partition, int] = field(default_factory=dict)  # metrics: acked to here
     clock_ahead: set[str] = field(default_factory=set)  # nodes whose clock alert is firing
     late_by_node: dict[str, int] = field(default_factory=dict)  # samples dropped late
+    job_states: dict[str, dict] = field(default_factory=dict)  # job -> newest detector state
+    job_saved_ns: dict[str, int] = field(default_factory=dict)  # job -> its last table write
+    job_partitions: dict[str, Partition] = field(default_factory=dict)  # job -> its events'
     # Set once mlpe.placement was read to its end (None: nobody reads it, as in unit tests).
     placements_loaded: asyncio.Event | None = None
 

@@ -19,6 +19,7 @@ a half-written window and the restarted worker, skipping the tail, never mend it
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import defaultdict
 from collections.abc import Hashable
@@ -212,27 +213,29 @@ class WindowSet:
                                   masked, counts)),
                 "last": _last_finite(masked),
             }
-        stats = {name: v.reshape(n_dev, n_fields).tolist() for name, v in stats.items()}
+        # (devices, fields, stats) as Python floats in one conversion; each line is one
+        # str.format of a template made once per field set (repr of each float in C).
+        table = np.stack([stats[name] for name in STATS], axis=-1).reshape(
+            n_dev, n_fields, len(STATS))
+        means_of = table[:, :, 1].tolist()
+        rows = table.tolist()
         counts = counts.reshape(n_dev, n_fields)
-        names = [f if isinstance(f, str) else batches.field_name(f) for f in window.fields]
+        complete = (counts > 0).all(axis=1).tolist()
+        names = tuple(f if isinstance(f, str) else batches.field_name(f) for f in window.fields)
         written_whole = final and window.written_parts == len(window.parts)
         lines, means = [], []
         label, measurement = self.label, MEASUREMENT.get(kind, "device")
         for d, device in enumerate(devices):
             job = window.jobs[d] if d < len(window.jobs) else ""
-            device_means = {}
-            parts = []
-            for j, name in enumerate(names):
-                if counts[d, j] == 0:
-                    continue
-                mean = stats["mean"][d][j]
-                parts.append(f"{name}_min={stats['min'][d][j]!r},{name}_mean={mean!r},"
-                             f"{name}_max={stats['max'][d][j]!r},{name}_p95="
-                             f"{stats['p95'][d][j]!r},{name}_last={stats['last'][d][j]!r}")
-                device_means[name] = mean
+            present = range(n_fields) if complete[d] else \
+                [j for j in range(n_fields) if counts[d, j]]
+            device_means = {names[j]: means_of[d][j] for j in present}
             means.append(DeviceMeans(device, job, device_means))
             if written_whole:
                 continue  # written whole already, while its source was silent
+            chosen = names if complete[d] else tuple(names[j] for j in present)
+            values = [x for j in present for x in rows[d][j]]
+            parts = [_template(chosen).format(*values)] if chosen else []
             parts.append(f"samples={n}i")
             if kind == TRAIN_KIND:
                 tags = f"job={escape_tag(node)},rank={device},window={label}"
@@ -246,6 +249,12 @@ class WindowSet:
         return Closed(lines=lines, tokens=window.tokens if final else [],
                       start_ns=window.start_ns, end_ns=window.start_ns + self.width_ns,
                       node=node, kind=kind, devices=means, final=final)
+
+
+@functools.lru_cache(maxsize=256)
+def _template(names: tuple[str, ...]) -> str:
+    """Line-protocol fields for every stat of these fields: util_min={!r},util_mean=..."""
+    return ",".join(f"{name}_{stat}={{!r}}" for name in names for stat in STATS)
 
 
 def _nan_safe(fn, values: np.ndarray, counts: np.ndarray) -> np.ndarray:

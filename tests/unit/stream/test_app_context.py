@@ -101,7 +101,7 @@ async def test_train_steps_nan_loss_alert_and_job_state(stream, alerts):
     assert [(a.rule, a.state) for a in alerts] == [
         ("training_loss_nonfinite", al.ALERT_FIRING), ("training_loss_nonfinite",
                                                        al.ALERT_RESOLVED)]
-    state = stream.train_jobs["job-t"]
+    state = stream.job_state("job-t")
     assert state["steps"] == 50 and state["ranks"] == {"0": 50, "1": 50}
 
 
@@ -115,10 +115,10 @@ async def test_a_completed_job_is_not_reported_stalled(stream, alerts):
             await agent.put(TrainStep(job_id="job-t", rank=rank, world_size=2, step=30,
                                       time_ns=HOUR_AGO_NS + 31 * 500_000_000,
                                       halt="completed").SerializeToString())
-    assert stream.train_jobs["job-t"]["halt"][0] == "completed"
+    assert stream.job_state("job-t")["halt"][0] == "completed"
     assert stream.new_stalls(time.time_ns()) == []  # an hour of silence, but it halted
     assert alerts == []
-    stream.train_jobs.data["job-t"] = {**stream.train_jobs["job-t"], "halt": None}
+    stream.state.job_states["job-t"] = {**stream.job_state("job-t"), "halt": None}
     assert [a.rule for a in stream.new_stalls(time.time_ns())] == ["training_stalled"]
 
 
@@ -299,4 +299,4 @@ async def test_a_step_whose_handling_raises_is_dead_lettered_and_the_agent_goes_
         for n in (1, 2, 3):
             await agent.put(step(n, 0))
     assert [reason for _, reason in refused] == ["could not be processed: KeyError: 'boom'"]
-    assert stream.train_jobs["job-t"]["steps"] == 3  # the step after the failure counted
+    assert stream.job_state("job-t")["steps"] == 3  # the step after the failure counted

@@ -125,7 +125,7 @@ class Notifier:
         self.group_by = group_by
         self.dead_letter = dead_letter  # None: refusals are logged and counted only
         self.counters = {"received": 0, "deduplicated": 0, "sent": 0, "failed_posts": 0,
-                         "invalid": 0, "refused_by_webhook": 0, "dead_letters": 0}
+                         "invalid": 0, "refused_posts": 0, "dead_letters": 0}
 
     async def refuse(self, source: Source, value: bytes, reason: str) -> None:
         """`value` to the dead-letter topic with the reason (raises if that fails, so the
@@ -279,7 +279,7 @@ class Notifier:
         try:
             await post(url, message)
         except WebhookRefused as err:
-            self.counters["refused_by_webhook"] += 1
+            self.counters["refused_posts"] += 1
             log.error("route %s: %s; %d alert(s) dead-lettered, not retried", route.name, err,
                       len(alerts))
             return "refused"

@@ -34,61 +34,92 @@ def register(sub: argparse._SubParsersAction) -> None:
     sink.register(sub)
 
 
-async def consume(settings: Settings, notifier, stop: asyncio.Event, log) -> None:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+async def _wait(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep `seconds` unless told to stop; True if stopping."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    return stop.is_set()
 
-    from mlpe.common.topics import DEAD_LETTER
-    from mlpe.v1 import deadletter_pb2
+
+async def handle(notifier, record, stop: asyncio.Event, log) -> bool:
+    """One record recorded in Redis or dead-lettered: True; False if stopping first (the
+    record is then not committed, the next start reads it again)."""
+    import redis.asyncio as aioredis
+
+    from mlpe.notify.notifier import Source, reason_of
+
+    source = Source(record.topic, record.partition, record.offset, record.key or b"")
+    while True:
+        try:
+            await notifier.receive(record.value, source)
+            return True
+        except aioredis.RedisError as err:  # not the message's fault: keep it, try again
+            log.warning("redis unavailable; retrying the alert", error=reason_of(err),
+                        offset=record.offset)
+        except Exception as err:  # noqa: BLE001 (one message must never stop the notifier)
+            try:
+                await notifier.refuse(source, record.value or b"", reason_of(err))
+                return True
+            except Exception as failed:  # noqa: BLE001 (Kafka down: keep it, try again)
+                log.warning("dead letter not sent; retrying", error=reason_of(failed),
+                            offset=record.offset)
+        if await _wait(stop, 1.0):
+            return False
+
+
+async def consume(settings: Settings, notifier, stop: asyncio.Event, log) -> None:
+    from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(ALERTS.name, bootstrap_servers=settings.kafka_bootstrap,
                                 group_id=settings.notify_group_id,
                                 enable_auto_commit=False,
                                 # A new group reads what is retained, unless told otherwise.
                                 auto_offset_reset=settings.notify_start)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
     await consumer.start()
-    await producer.start()
     try:
         while not stop.is_set():
             batch = await consumer.getmany(timeout_ms=200)
-            for records in batch.values():
+            done = {}
+            for tp, records in batch.items():
                 for r in records:
-                    try:
-                        await notifier.receive(r.value)
-                    except ValueError as err:
-                        letter = deadletter_pb2.DeadLetter(
-                            source_topic=r.topic, source_partition=r.partition,
-                            source_offset=r.offset, key=r.key or b"", value=r.value or b"",
-                            reason=str(err), refused_by="notify")
-                        await producer.send_and_wait(DEAD_LETTER.name, letter.SerializeToString(),
-                                                     key=r.topic.encode())
-                        log.warning("dead letter", reason=str(err), offset=r.offset)
-            if batch:
-                await consumer.commit()  # recorded in Redis: safe to move on
+                    if not await handle(notifier, r, stop, log):
+                        break
+                    done[tp] = r.offset + 1
+            if done:
+                await consumer.commit(done)  # recorded in Redis or dead-lettered
     finally:
-        for client in (consumer, producer):  # never hang a shutdown on a stuck client
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.stop(), timeout=10)
+        with contextlib.suppress(Exception):  # never hang a shutdown on a stuck client
+            await asyncio.wait_for(consumer.stop(), timeout=3)
 
 
 async def serve(settings: Settings, args, log) -> None:
     import redis.asyncio as aioredis
+    from aiokafka import AIOKafkaProducer
 
-    from mlpe.notify.notifier import Notifier, Timing
+    from mlpe.common.topics import DEAD_LETTER
+    from mlpe.notify.notifier import Notifier, Timing, dead_letter_bytes
     from mlpe.notify.routes import load
 
     routes = load(args.routes or settings.notify_routes)
     redis = aioredis.Redis.from_url(settings.redis_url)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+
     def webhook_url(name: str) -> str | None:
         """A route's webhook; the default route's falls back to $SLACK_WEBHOOK_URL."""
         if name == routes.default.webhook_env:
             return settings.secret(name) or settings.slack_webhook_url
         return settings.secret(name)
 
+    async def dead_letter(source, value: bytes, reason: str) -> None:
+        await asyncio.wait_for(producer.send_and_wait(
+            DEAD_LETTER.name, dead_letter_bytes(source, value, reason),
+            key=source.topic.encode()), timeout=10)
+
     notifier = Notifier(redis, routes, webhook_url,
                         Timing(group_wait_s=args.group_wait,
                                repeat_interval_s=args.repeat_interval),
-                        prefix=settings.notify_redis_prefix)
+                        prefix=settings.notify_redis_prefix, dead_letter=dead_letter)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -98,6 +129,8 @@ async def serve(settings: Settings, args, log) -> None:
         await asyncio.gather(consume(settings, notifier, stop, log),
                              notifier.deliver_forever(stop))
     finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(producer.stop(), timeout=3)
         await redis.aclose()
         log.info("notify stopped", **notifier.counters)
 

@@ -3,6 +3,8 @@
 POST anything to any path: the body is appended (one JSON line) to --record and
 kept in memory; GET /received returns what was accepted. --fail answers the
 first requests with given statuses (e.g. 500,429) to exercise retries.
+Slack's limits are enforced as Slack does (400 and the reason, nothing recorded): at
+most 50 blocks, every text object 1-3,000 characters, top-level text ≤ 40,000.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import time
 from pathlib import Path
 
 from aiohttp import web
+
+from mlpe.notify.slack import limits_broken
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,15 +40,19 @@ def make_app(record: Path | None, fail: list[int], retry_after: float | None) ->
     async def post(request: web.Request) -> web.Response:
         body = await request.text()
         entry = {"path": request.path, "received_at": time.time(), "body": body}
-        attempts.append({**entry, "status": failures[0] if failures else 200})
+        attempt = {**entry, "status": failures[0] if failures else 200}
+        attempts.append(attempt)
         if failures:
             status = failures.pop(0)
             headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
             return web.Response(status=status, text="failing on purpose", headers=headers)
         try:
-            json.loads(body)
+            broken = limits_broken(json.loads(body))
         except ValueError:
-            return web.Response(status=400, text="invalid_payload")
+            broken = "invalid_payload"
+        if broken:
+            attempt.update(status=400, refused=broken)
+            return web.Response(status=400, text=broken)
         received.append(entry)
         if record is not None:
             with record.open("a") as out:

@@ -231,10 +231,15 @@ async def dead_letters(bootstrap: str, group: str, prefix: bytes, wanted: set[by
     return found
 
 
+# Fields valid data makes: window stats and samples, alerts', kernel timings'.
 FIELD = re.compile(r"[a-z0-9_]+_(min|mean|max|p95|last)|samples|state|summary|explanation|"
-                   r"fingerprint|value|threshold")
-TAGS = {"node", "gpu", "job", "window", "rank", "rule", "severity", "reason", "op",
-        "direction", "_start", "_stop", "_field", "_measurement", "_value", "_time"}
+                   r"fingerprint|value|threshold|calls|(total|p50|p99|max)_ms|gbps|"
+                   r"(first|last)_step")
+# Tags valid data makes: windows', alerts' (their labels: node, gpu, job, field),
+# stream_dropped's, and kernel timings'.
+TAGS = {"node", "gpu", "job", "window", "rank", "rule", "severity", "field", "reason", "op",
+        "direction", "backend", "_start", "_stop", "_field", "_measurement", "_value",
+        "_time"}
 MEASUREMENTS = {"gpu", "host", "train", "alert", "stream_dropped", "kernel", "cost"}
 
 

@@ -34,7 +34,13 @@ INSTANT_KINDS = {"xid", "ecc_error"}
 TRAINING_ONLY_KINDS = {"nan_loss", "loss_spike", "slow_steps"}
 ONE_STEP_KINDS = {"nan_loss", "loss_spike"}  # without for_s they hit exactly one step
 TRAINING_KEYS = {"step_time_s", "compute_fraction", "warmup_s", "idle_gaps",
-                 "tokens_per_step", "loss_start", "job_id"}
+                 "tokens_per_step", "loss_start", "job_id", "step_jitter"}
+# What the job does during a pause (an idle_gaps entry's kind); no training step ends in any.
+GAP_KINDS = {
+    "idle": "between epochs or waiting: utilization 0, no traffic",
+    "checkpoint": "state copied to the host: utilization ~5 %, PCIe out busy, no NVLink",
+    "eval": "evaluation: forward passes only, steady ~70 % utilization, no all-reduce",
+}
 
 
 class ScenarioError(ValueError):
@@ -59,6 +65,7 @@ class Fault:
 class IdleGap:
     at_s: float
     for_s: float
+    kind: str = "idle"   # one of GAP_KINDS
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class Scenario:
     idle_gaps: tuple[IdleGap, ...] = ()
     tokens_per_step: int = 16384  # per rank
     loss_start: float = 10.0
+    step_jitter: float = 0.0     # each step's time varies by up to ± this fraction
     job_id: str | None = None     # None: the simulated job picks one from the node prefix
     faults: tuple[Fault, ...] = field(default_factory=tuple)
 
@@ -143,7 +151,16 @@ def parse(text: str, where: str = "scenario") -> Scenario:
             raise ScenarioError(f"{where}, line {gaps_line}: idle_gaps must be a list")
         for item in gaps_node.value:
             gap = _mapping(item, where)
-            gaps.append(IdleGap(get(gap, "at_s", float, 0.0, 0), get(gap, "for_s", float, 0.0, 0)))
+            for key, (_, line) in gap.items():
+                if key not in {"at_s", "for_s", "kind"}:
+                    raise ScenarioError(f"{where}, line {line}: unknown idle_gaps key {key!r} "
+                                        "(expected at_s, for_s, kind)")
+            kind = get(gap, "kind", str, "idle")
+            if kind not in GAP_KINDS:
+                raise ScenarioError(f"{where}, line {gap['kind'][1]}: unknown gap kind "
+                                    f"{kind!r} (expected one of {', '.join(sorted(GAP_KINDS))})")
+            gaps.append(IdleGap(get(gap, "at_s", float, 0.0, 0), get(gap, "for_s", float, 0.0, 0),
+                                kind))
     faults = []
     if "faults" in top:
         faults_node, faults_line = top["faults"]
@@ -163,9 +180,17 @@ def parse(text: str, where: str = "scenario") -> Scenario:
         idle_gaps=tuple(gaps),
         tokens_per_step=get(training, "tokens_per_step", int, 16384, 1),
         loss_start=get(training, "loss_start", float, 10.0, 0.01),
+        step_jitter=_jitter(get(training, "step_jitter", float, 0.0, 0.0), where,
+                            training.get("step_jitter", (None, 0))[1]),
         job_id=job_id,
         faults=tuple(faults),
     )
+
+
+def _jitter(value: float, where: str, line: int) -> float:
+    if value >= 0.5:  # a step may vary, never take (nearly) no time
+        raise ScenarioError(f"{where}, line {line}: step_jitter must be below 0.5, got {value}")
+    return value
 
 
 def _fault(item: yaml.Node, where: str, get, nodes: int, gpus: int) -> Fault:

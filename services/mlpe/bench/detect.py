@@ -8,7 +8,9 @@ faults (the ground truth):
 How alerts are matched to faults: mlpe.run.score.
 
 Scenario files without faults are the fault-free runs; put benign look-alikes in
-them (warm-up, idle gaps).
+them (warm-up, idle gaps, checkpoint and evaluation pauses, fast, slow and uneven
+steps). Recall and delays are reported per fault type and per grade (type,
+magnitude, scope), so graded faults (a straggler at -10/-15/-25 %) show apart.
 """
 
 from __future__ import annotations
@@ -176,7 +178,8 @@ def bench_detect(args, settings: Settings) -> dict:
         with open(args.details, "w") as out:
             for i in incidents:
                 out.write(json.dumps({"incident": i.kind, "scenario": i.scenario,
-                                      "node": i.node, "job": i.job, "onset": i.onset,
+                                      "grade": i.grade, "node": i.node, "job": i.job,
+                                      "onset": i.onset,
                                       "first_alert_after_s": None if i.first_alert is None
                                       else round(i.first_alert - i.onset, 2)}) + "\n")
             for r in received:
@@ -190,6 +193,11 @@ def bench_detect(args, settings: Settings) -> dict:
         print(f"  {kind:17s} recall {row['recall']:.2f} ({row['detected']}/{row['incidents']})"
               f"  precision {row['precision']}  delay p50 {row['delay_p50_s']} s / p99 "
               f"{row['delay_p99_s']} s  via {','.join(row['detectors'])}", flush=True)
+    print("  per grade (fault, magnitude, scope):", flush=True)
+    for grade, row in result["per_grade"].items():
+        print(f"    {grade:28s} recall {row['recall']:.2f} ({row['detected']}/"
+              f"{row['incidents']})  delay p50 {row['delay_p50_s']} s / max "
+              f"{row['delay_max_s']} s", flush=True)
     print(f"  overall: precision {result['precision']}, recall {result['recall']}, sudden-fault "
           f"delay p50 {result['delay_p50_s']} s / p99 {result['delay_p99_s']} s, false alarms "
           f"{result['false_alarms']} {result['false_alarm_rules']}", flush=True)

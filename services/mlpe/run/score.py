@@ -9,7 +9,9 @@
 - recall per fault type = incidents with at least one true alert / incidents;
   delay = first true alert received - onset;
 - precision = true alerts / all firing alerts; per fault type, the share of
-  alerts received during its incidents that name the right node or job.
+  alerts received during its incidents that name the right node or job;
+- recall and delays also per grade: fault type, magnitude and scope (one GPU, a whole
+  node, the job), e.g. "straggler 0.1 gpu", "link_degradation 0.3 node".
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from mlpe.agent.scenario import TRAINING_ONLY_KINDS, load
 # target is for the others.
 GRADUAL = {"memory_leak", "slow_steps"}
 INSTANT_S = 1.0      # how long an instantaneous fault (Xid, ECC, NaN loss) "lasts"
+UNGRADED = {"xid", "stall", "gpu_lost", "nan_loss"}  # magnitude is a code, or unused
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Incident:
     onset: float          # Unix seconds
     end: float
     first_alert: float | None = None
+    grade: str = ""       # "<kind> <magnitude> <gpu|node|job>"; the kind alone if ungraded
 
 
 @dataclass
@@ -56,8 +60,16 @@ def incidents_of(scenario_file: Path, prefix: str, started_s: float, grace: floa
         node = None if fault.kind in TRAINING_ONLY_KINDS else f"{prefix}-{fault.node:02d}"
         onset = started_s + fault.at_s
         out.append(Incident(scenario_file.stem, fault.kind, node, job, onset,
-                            onset + (fault.for_s or INSTANT_S) + grace))
+                            onset + (fault.for_s or INSTANT_S) + grace, grade=grade_of(fault)))
     return out
+
+
+def grade_of(fault) -> str:
+    if fault.kind in UNGRADED:
+        return fault.kind
+    scope = "job" if fault.kind in TRAINING_ONLY_KINDS else \
+        "gpu" if fault.gpu is not None else "node"
+    return f"{fault.kind} {fault.magnitude:g} {scope}"
 
 
 def score(incidents: list[Incident], received: list[Received]) -> dict:
@@ -91,6 +103,16 @@ def score(incidents: list[Incident], received: list[Received]) -> dict:
             "delay_p50_s": _pct(delays, 50), "delay_p99_s": _pct(delays, 99),
             "detectors": sorted({r.detector for r in right}),
         }
+    per_grade = {}
+    for grade in sorted({i.grade or i.kind for i in incidents}):
+        ours = [i for i in incidents if (i.grade or i.kind) == grade]
+        delays = [i.first_alert - i.onset for i in ours if i.first_alert is not None]
+        per_grade[grade] = {
+            "incidents": len(ours), "detected": len(delays),
+            "recall": round(len(delays) / len(ours), 3),
+            "delay_p50_s": _pct(delays, 50),
+            "delay_max_s": round(max(delays), 2) if delays else None,
+        }
     sudden = [i.first_alert - i.onset for i in incidents
               if i.first_alert is not None and i.kind not in GRADUAL]
     every = [i.first_alert - i.onset for i in incidents if i.first_alert is not None]
@@ -103,6 +125,7 @@ def score(incidents: list[Incident], received: list[Received]) -> dict:
         "false_alarms": len(false),
         "false_alarm_rules": sorted({f"{r.rule} ({r.scenario})" for r in false}),
         "alerts": len(received), "incidents": len(incidents), "per_fault": per_fault,
+        "per_grade": per_grade,
     }
 
 

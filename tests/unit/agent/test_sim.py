@@ -107,16 +107,33 @@ def test_starvation_stall_and_link_drop():
     assert util[:, 8:].max() < 35 and util[:, 2].max() > 90
     assert np.all(util[:, 0] == 0)
     nvlink = col(v, pb.GPU_NVLINK_TX)
-    assert nvlink[:, 1].max() == pytest.approx(0.2 * nvlink[:, 2].max())
+    assert nvlink[:, 1].mean() == pytest.approx(0.2 * nvlink[:, 2].mean(), rel=0.05)
 
 
-def test_straggler_slows_itself_and_idles_its_peers():
-    _, v, _ = run("training: {warmup_s: 0}\nfaults: [{kind: straggler, gpu: 2, at_s: 0, "
-                  "magnitude: 0.3}]", 2)
+def test_straggler_slows_itself_and_idles_its_peers_on_every_node():
+    _, v, _ = run("nodes: 2\ntraining: {warmup_s: 0}\nfaults: [{kind: straggler, gpu: 2, "
+                  "at_s: 0, magnitude: 0.1}]", 2)
     clock = col(v, pb.GPU_SM_CLOCK)
     util = col(v, pb.GPU_UTIL)
-    assert clock[:, 2].max() < 0.75 * 1980
-    assert util[:, 0].mean() < 0.8 * util[:, 2].mean()
+    assert clock[:, 2].mean() < 0.93 * clock[:, [0, 1, 3, 9]].mean(axis=0).min()
+    for peer in (0, 3, 8, 15):  # node-mates and the other node's GPUs wait alike
+        assert util[:, peer].mean() < 0.95 * util[:, 2].mean()
+
+
+def test_clocks_spread_and_wander_a_little():
+    _, v, _ = run("training: {warmup_s: 0}", 2)
+    clock = col(v, pb.GPU_SM_CLOCK)
+    assert clock.max() <= 1980 and clock.min() > 0.96 * 1980
+    assert np.ptp(clock.mean(axis=0)) > 5  # not every GPU at the same clock
+
+
+def test_checkpoint_and_eval_pauses():
+    _, v, _ = run("training: {warmup_s: 0, idle_gaps: [{at_s: 0.5, for_s: 0.5, kind: "
+                  "checkpoint}, {at_s: 1, for_s: 0.5, kind: eval}]}", 2)
+    util, pcie_tx, nvlink = (col(v, f) for f in (pb.GPU_UTIL, pb.GPU_PCIE_TX, pb.GPU_NVLINK_TX))
+    ckpt, ev = slice(55, 100), slice(105, 150)
+    assert util[ckpt].max() < 10 and pcie_tx[ckpt].min() > 10_000 and nvlink[ckpt].max() == 0
+    assert 60 < util[ev].mean() < 80 and nvlink[ev].max() < 10_000
 
 
 def test_gpu_lost_is_nan_with_events():

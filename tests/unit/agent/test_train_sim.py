@@ -312,3 +312,23 @@ def test_every_metric_batch_names_the_job_its_gpus_work_for(tmp_path):
     assert job_of(build_agent(tmp_path, "--job", "llama-70b")) == {"llama-70b"}
     assert job_of(build_agent(tmp_path, "--no-train-events",
                               env={"MLPE_JOB_ID": "from-env"})) == {"from-env"}
+
+
+def test_step_jitter_makes_fast_and_slow_steps_the_same_every_run():
+    text = PLAIN.replace("warmup_s: 0", "warmup_s: 0, step_jitter: 0.1")
+    a = [m.step_time_s for m in rank0(run(text, 20))]
+    assert a == [m.step_time_s for m in rank0(run(text, 20, block=37))]
+    assert 0.44 < min(a) < 0.48 and 0.52 < max(a) < 0.56  # within ±10 % of 0.5 s
+    plain = [m.step_time_s for m in rank0(run(PLAIN, 20))]
+    assert plain == pytest.approx([0.5] * len(plain), rel=0.01)  # without it: all alike
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "eval"])
+def test_no_step_ends_in_a_checkpoint_or_eval_pause(kind):
+    text = PLAIN.replace("warmup_s: 0", f"warmup_s: 0, idle_gaps: [{{at_s: 4, for_s: 3, "
+                                        f"kind: {kind}}}]")
+    steps = rank0(run(text, 10))
+    ends = [(m.time_ns - EPOCH_NS) / 1e9 for m in steps]
+    assert not any(4.01 < t < 7 for t in ends)
+    after = next(m for m in steps if (m.time_ns - EPOCH_NS) / 1e9 > 7)
+    assert after.step_time_s == pytest.approx(3.5, rel=0.01)  # the step carries the pause

@@ -39,3 +39,28 @@ def test_a_bad_scenario_file_is_named():
                               details=None)
     with pytest.raises(RuntimeError, match=r"no \*\.yaml scenario files"):
         bench_detect(args, None)
+
+
+def test_recall_and_delays_per_grade():
+    from dataclasses import replace
+
+    graded = [replace(incident(onset=100.0 * i, end=100.0 * i + 25), grade=g)
+              for i, g in enumerate(["straggler 0.1 gpu", "straggler 0.1 gpu",
+                                     "straggler 0.25 gpu"], start=1)]
+    result = score(graded, [alert(104.0, {"node": "fleet-00"}),
+                            alert(308.5, {"node": "fleet-00"})])
+    assert result["per_grade"]["straggler 0.1 gpu"] == {
+        "incidents": 2, "detected": 1, "recall": 0.5, "delay_p50_s": 4.0, "delay_max_s": 4.0}
+    assert result["per_grade"]["straggler 0.25 gpu"]["delay_max_s"] == 8.5
+    assert result["per_fault"]["straggler"]["recall"] == 0.667
+
+
+def test_grades_name_magnitude_and_scope():
+    from mlpe.agent.scenario import Fault
+    from mlpe.run.score import grade_of
+
+    assert grade_of(Fault("link_degradation", 1, None, 5.0, 15.0, 0.3)) == \
+        "link_degradation 0.3 node"
+    assert grade_of(Fault("straggler", 0, 2, 5.0, 15.0, 0.1)) == "straggler 0.1 gpu"
+    assert grade_of(Fault("slow_steps", 0, None, 5.0, 15.0, 1.18)) == "slow_steps 1.18 job"
+    assert grade_of(Fault("xid", 0, 2, 5.0, 0.0, 94.0)) == "xid"

@@ -12,12 +12,14 @@ HZ = 50
 T0_NS = 1_800_000_000 * 10**9
 
 
-def scenario(*faults: tuple, gaps: tuple = (), nodes: int = 2, seed: int = 3) -> Scenario:
-    """faults as (kind, node, gpu or None, at_s, for_s or None[, magnitude])."""
+def scenario(*faults: tuple, gaps: tuple = (), nodes: int = 2, seed: int = 3,
+             step_time_s: float = 0.5) -> Scenario:
+    """faults as (kind, node, gpu or None, at_s, for_s or None[, magnitude]); gaps as
+    (at_s, for_s[, kind])."""
     from mlpe.agent.scenario import FAULT_KINDS
 
-    return Scenario(seed=seed, nodes=nodes, warmup_s=10.0,
-                    idle_gaps=tuple(IdleGap(a, f) for a, f in gaps),
+    return Scenario(seed=seed, nodes=nodes, warmup_s=10.0, step_time_s=step_time_s,
+                    idle_gaps=tuple(IdleGap(*g) for g in gaps),
                     faults=tuple(Fault(kind, node, gpu, at, dur,
                                        rest[0] if rest else FAULT_KINDS[kind][0])
                                  for kind, node, gpu, at, dur, *rest in faults))

@@ -43,6 +43,48 @@ def test_fault_free_with_warmup_and_idle_gaps_is_quiet():
     assert fired == []
 
 
+@pytest.mark.parametrize("step_s", [0.1, 0.5, 2.0])
+def test_fault_free_with_checkpoint_and_eval_pauses_at_any_step_length_is_quiet(step_s):
+    gaps = ((30, 20), (65, 8, "checkpoint"), (85, 25, "eval"), (120, 3))
+    fired, _ = run(scenario(gaps=gaps, step_time_s=step_s), 140)
+    assert fired == []
+
+
+@pytest.mark.parametrize("kind, gpu, magnitude, rules", [
+    ("straggler", 2, 0.1, {"peer_low_sm_clock"}),
+    ("straggler", 2, 0.15, {"peer_low_sm_clock"}),
+    ("link_degradation", None, 0.3, {"peer_low_nvlink_tx", "peer_low_pcie_rx"}),
+    ("link_degradation", None, 0.5, {"peer_low_nvlink_tx", "peer_low_pcie_rx"}),
+])
+@pytest.mark.parametrize("step_s", [0.1, 0.5, 2.0])
+def test_subtle_faults_found_on_the_right_device_within_seconds(kind, gpu, magnitude, rules,
+                                                                step_s):
+    """Issue 17 point 6: within one second's noise of the peers, found on running means."""
+    fired, _ = run(scenario((kind, 1, gpu, 30, 15, magnitude), step_time_s=step_s), 50)
+    assert fired, fired
+    first = fired[0]
+    assert first[2] in rules and 30 <= first[0] <= 36, fired
+    assert first[3] == ({"node": "sim-node-01", "field": first[3]["field"]} |
+                        ({} if gpu is None else {"gpu": str(gpu)}))
+    assert all(f[3]["node"] == "sim-node-01" for f in fired), fired  # no peer is blamed
+
+
+def test_below_the_subtle_tolerance_stays_quiet():
+    fired, _ = run(scenario(("straggler", 1, 2, 30, 15, 0.03)), 50)
+    assert fired == []
+
+
+def test_peer_state_stays_json_plain():
+    import json
+
+    group: dict = {}
+    for start, nodes in seconds(scenario(("straggler", 1, 2, 5, 10, 0.1)), 12):
+        members = {f"{n}/{g}": v for n, gpus in nodes.items() for g, v in gpus.items()}
+        group, _ = peers.evaluate(group, start, members, start)
+    assert json.loads(json.dumps(group)) == group
+    assert set(group["smooth"]) == set(peers.SUSTAINED)
+
+
 @pytest.mark.parametrize("kind, node, gpu, rule, where", [
     ("straggler", 0, 2, "peer_low_sm_clock", {"node": "sim-node-00", "gpu": "2"}),
     ("thermal_throttle", 0, 3, "peer_low_sm_clock", {"node": "sim-node-00", "gpu": "3"}),

@@ -2,6 +2,9 @@
 
 import math
 
+import numpy as np
+import pytest
+
 from mlpe.stream.detectors import training
 from mlpe.v1 import alerts_pb2 as al
 from mlpe.v1.training_pb2 import TrainStep
@@ -131,3 +134,44 @@ def test_a_30_s_pause_between_epochs_is_no_stall_even_when_its_next_step_arrives
     state, _, _ = feed(steps(50))
     # The pause ends after 30 s; its next step reaches the stream a second later.
     assert training.stall_alert("job-1", state, state["t"] + 31 * 10**9, False) is None
+
+
+def uneven(spread: float, seed: int = 7, then=None):
+    """A step-time factor per step: batches of varying length (uniform ± spread), times
+    then(step) when given (a fault on top)."""
+    factors = 1.0 + spread * np.random.default_rng(seed).uniform(-1, 1, 100_000)
+    return lambda s: factors[s] * (then(s) if then else 1.0)
+
+
+@pytest.mark.parametrize("step_s", [0.1, 0.5, 2.0])
+def test_uneven_steps_with_checkpoint_and_eval_pauses_are_quiet(step_s):
+    n = int(600 / step_s)  # ten minutes of steps
+    pauses = {n // 5: 20.0, n // 3: 8.0, n // 2: 25.0, 2 * n // 3: 3.0}
+    _, fired, _ = feed(steps(n, step_s=step_s, slow=uneven(0.1), gap_after=pauses))
+    assert fired == []
+
+
+@pytest.mark.parametrize("factor", [1.18, 1.25, 1.43])  # 15, 20 and 30 % fewer tokens/s
+def test_a_graded_regression_on_uneven_steps_is_found_within_seconds(factor):
+    slow = uneven(0.05, then=lambda s: factor if 200 <= s < 230 else 1.0)
+    _, fired, alerts = feed(steps(300, slow=slow))
+    assert [r for _, r in fired] == ["training_throughput_regression"]
+    onset_s = 199 * 0.5  # step 200 starts after 199 steps of ~0.5 s
+    fired_s = (alerts[0].starts_at_ns - T0) / 1e9
+    assert onset_s < fired_s and (fired[0][0] - 200) * 0.5 * factor < 6.0
+    assert [a.state for a in alerts] == [al.ALERT_FIRING, al.ALERT_RESOLVED]
+
+
+def test_a_run_of_long_steps_is_a_slowdown_not_a_pause():
+    # The first step 3.5x longer could carry a pause; the next ones show it is the pace.
+    _, fired, _ = feed(steps(200, slow=lambda s: 3.5 if s >= 150 else 1.0))
+    assert [r for _, r in fired] == ["training_throughput_regression"]
+    assert fired[0][0] <= 158
+
+
+def test_regression_state_stays_json_plain_and_bounded():
+    import json
+
+    state, _, _ = feed(steps(400, step_s=0.02))
+    assert json.loads(json.dumps(state)) == state
+    assert len(state["tps"]["recent"]) <= 2.0 / 0.02 + 1

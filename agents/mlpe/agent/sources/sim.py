@@ -38,6 +38,11 @@ POWER_IDLE, POWER_MAX = 70.0, 700.0
 MEM_TOTAL, MEM_TRAINING = 81559.0, 62000.0
 NVLINK_COMM_MBPS, PCIE_LOAD_MBPS = 150_000.0, 3_000.0
 TEMP_AMBIENT, TEMP_PER_W, TEMP_TAU_S = 28.0, 0.06, 15.0
+CLOCK_SPREAD = 0.02     # GPUs of one model sustain 98-100 % of the max clock (silicon, cooling)
+CLOCK_JITTER = 0.005    # and wander around it sample to sample (power management)
+LINK_JITTER = 0.03      # link counters sampled every tick are noisy
+UTIL_COMPUTE, UTIL_COMM, UTIL_EVAL, UTIL_CHECKPOINT = 97.0, 30.0, 70.0, 5.0
+CHECKPOINT_PCIE_MBPS, EVAL_NVLINK_MBPS = 20_000.0, 2_000.0
 DEFAULT_NODE_PREFIX = "sim-node-"
 PROCESS_EVERY_S = 1.0   # process memory events this often, as NVML's source sends them
 DRIVER_MIB = 500.0      # of a GPU's used memory, what is not its process's (driver, context)
@@ -66,6 +71,7 @@ class SimulatedGpus:
         # Nodes drift slightly apart in phase, as real data-parallel ranks do.
         self.phase_offset = self.rng.uniform(0, 0.02, n_nodes)[self.node_of]
         self.mem_base = MEM_TRAINING + self.rng.uniform(-500, 500, self.n)
+        self.clock_base = 1.0 - self.rng.uniform(0, CLOCK_SPREAD, self.n)
         self.temp = np.full(self.n, TEMP_AMBIENT + 10.0)
         self.energy = self.rng.uniform(1e6, 5e6, self.n)
         self.ecc_uncorrected = np.zeros(self.n)
@@ -110,12 +116,18 @@ class SimulatedGpus:
         t = (k / self.hz)[:, None]                                  # (T, 1)
         phase = ((t / s.step_time_s) + self.phase_offset) % 1.0     # (T, n)
         computing = phase < s.compute_fraction
-        util = np.where(computing, 97.0, 30.0)
+        util = np.where(computing, UTIL_COMPUTE, UTIL_COMM)
         if t[0, 0] < s.warmup_s:
             util *= np.minimum(1.0, 0.2 + 0.8 * t / max(s.warmup_s, 1e-9))
+        evaluating, checkpointing = np.zeros(T, dtype=bool), np.zeros(T, dtype=bool)
         for gap in s.idle_gaps:
-            util[((t >= gap.at_s) & (t < gap.at_s + gap.for_s))[:, 0]] = 0.0
-        clock = np.ones((T, n))
+            during = ((t >= gap.at_s) & (t < gap.at_s + gap.for_s))[:, 0]
+            util[during] = {"eval": UTIL_EVAL, "checkpoint": UTIL_CHECKPOINT}.get(gap.kind, 0.0)
+            evaluating |= during & (gap.kind == "eval")
+            checkpointing |= during & (gap.kind == "checkpoint")
+        paused = evaluating | checkpointing
+        computing[paused] = evaluating[paused, None]  # no step rhythm in a pause
+        clock = np.repeat(self.clock_base[None, :], T, axis=0)
         limit = np.full((T, n), POWER_MAX)
         link = np.ones((T, n))
         heat = np.zeros((T, n))
@@ -171,9 +183,10 @@ class SimulatedGpus:
                 util[on] *= m
             elif fault.kind == "straggler":
                 clock[on] *= 1.0 - m
-                # Its peers finish first and wait for it in the collective.
-                peers = np.isin(self.node_of, self.node_of[mask]) & ~mask
-                util[active[:, None] & peers[None, :]] *= 1.0 - m
+                # Synchronous job: every other rank, on every node, finishes its compute
+                # first and waits in the collective for a share ~m of its compute phase.
+                waiting = active[:, None] & ~mask[None, :] & computing
+                util[waiting] *= 1.0 - m * (UTIL_COMPUTE - UTIL_COMM) / UTIL_COMPUTE
             elif fault.kind == "link_degradation":
                 link[on] *= 1.0 - m
             elif fault.kind == "stall":
@@ -183,8 +196,10 @@ class SimulatedGpus:
                 lost[on] = True
 
         # Drawn tick by tick, so any block size consumes the random stream identically.
-        noise = self.rng.standard_normal((T, 3, n)).transpose(1, 0, 2)
+        noise = self.rng.standard_normal((T, 5, n)).transpose(1, 0, 2)
         util = np.clip(util * (1.0 + 0.015 * noise[0]), 0.0, 100.0)
+        clock = clock * np.minimum(1.0, 1.0 + CLOCK_JITTER * noise[3])
+        link = link * np.maximum(0.0, 1.0 + LINK_JITTER * noise[4])
         wanted = POWER_IDLE + (POWER_MAX - POWER_IDLE) * util / 100.0 * (0.35 + 0.65 * clock)
         capped = wanted > limit
         clock = np.where(capped, clock * limit / wanted, clock)
@@ -205,7 +220,7 @@ class SimulatedGpus:
                 ecc[onset - k0:, mask] += added
                 self.ecc_uncorrected[mask] += added
         self.ecc_uncorrected_at.clear()
-        comm = (~computing) & ~idle
+        comm = (~computing) & ~idle & ~paused[:, None]
 
         out = np.empty((T, n, len(self.fields)))
         out[:, :, C_UTIL] = util
@@ -219,9 +234,11 @@ class SimulatedGpus:
         out[:, :, C_SM_CLOCK] = np.where(idle, SM_CLOCK_IDLE, SM_CLOCK_MAX * clock)
         out[:, :, C_MEM_CLOCK] = MEM_CLOCK
         out[:, :, C_THROTTLE] = throttle
-        out[:, :, C_PCIE_TX] = np.where(idle, 0.0, 400.0) * link
+        out[:, :, C_PCIE_TX] = np.where(idle, 0.0, np.where(
+            checkpointing[:, None], CHECKPOINT_PCIE_MBPS, 400.0)) * link
         out[:, :, C_PCIE_RX] = np.where(computing & ~idle, PCIE_LOAD_MBPS, 200.0) * link
-        out[:, :, C_NVLINK_TX] = np.where(comm, NVLINK_COMM_MBPS, 0.0) * link
+        out[:, :, C_NVLINK_TX] = np.where(comm, NVLINK_COMM_MBPS, np.where(
+            evaluating[:, None] & ~idle, EVAL_NVLINK_MBPS, 0.0)) * link
         out[:, :, C_NVLINK_RX] = out[:, :, C_NVLINK_TX]
         out[:, :, C_ECC_CORRECTED] = 0.0
         out[:, :, C_ECC_UNCORRECTED] = ecc

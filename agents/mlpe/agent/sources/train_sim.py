@@ -29,6 +29,7 @@ CHUNK_TICKS = 1 << 16        # ticks integrated at once: bounds memory when skip
 # Work is counted in integer units (1/2**24 of a full-speed tick): integer sums are exact,
 # so the same step ends come out however the ticks are grouped into blocks.
 WORK_UNITS_PER_TICK = 1 << 24
+JITTER_SLOTS = 1 << 16       # step_jitter: one speed factor per step-long slot of time, cycled
 
 # GPU faults that stop the synchronous job (the collective blocks every rank).
 BLOCKING_KINDS = {"stall", "gpu_lost"}
@@ -59,6 +60,9 @@ class SimulatedTraining:
         rng = np.random.default_rng([scenario.seed, TRAIN_STREAM])
         self.mem_reserved = (MEM_TRAINING - 1500 + rng.uniform(-500, 500, self.world_size)) * MIB
         self.work_per_step = round(scenario.step_time_s * hz * WORK_UNITS_PER_TICK)
+        # Batches of varying length: some steps fast, some slow, the same every run.
+        self.jitter = 1.0 + scenario.step_jitter * np.random.default_rng(
+            [scenario.seed, TRAIN_STREAM, 1 << 40]).uniform(-1.0, 1.0, JITTER_SLOTS)
         self.faults = [(f, round(f.at_s * hz),
                         None if f.for_s is None else round((f.at_s + f.for_s) * hz))
                        for f in scenario.faults]
@@ -76,6 +80,8 @@ class SimulatedTraining:
         """Work done per tick (1 = full speed) over each tick of `ticks`."""
         s, t = self.s, ticks / self.hz
         step_factor = np.ones(len(ticks))
+        if s.step_jitter:
+            step_factor *= self.jitter[(t / s.step_time_s).astype(np.int64) % JITTER_SLOTS]
         if s.warmup_s > 0:
             step_factor *= 1.0 + (WARMUP_SLOWDOWN - 1.0) * np.clip(1.0 - t / s.warmup_s, 0, 1)
         blocked = np.zeros(len(ticks), dtype=bool)

@@ -1,13 +1,19 @@
 """Cross-peer detector: one GPU, or one node, falling behind the rest of its group.
 
-Every second each GPU's 1 s means of utilization, SM clock and NVLink traffic are
-compared with its group (the GPUs that report together: one job's fleet). The
+Every second each GPU's 1 s means of utilization, SM clock, NVLink and PCIe traffic
+are compared with its group (the GPUs that report together: one job's fleet). The
 reference is the group's 75th percentile, so it stays healthy while up to a
 quarter of the group, or a whole node of two, is not. A member more than a
 tolerance below it is deviant; HOLD deviant seconds in a row fire, CLEAR normal
 ones resolve. When everyone slows down together (warm-up, a checkpoint or
 evaluation pause, idle between epochs) the reference falls with them and nothing
 fires; below an activity floor nothing is compared at all.
+
+Subtle faults need a second look: a straggler 10 % slower than its peers, or a node
+whose links lost 30 % of their bandwidth, are within the noise of one second (GPUs
+differ by ~2 % in sustained clock; a second holds a varying share of communication).
+For SUSTAINED fields each member's running mean over the last seconds is compared
+with the group's 75th percentile of the same running means, with a tight tolerance.
 
 Two refinements keep one incident one alert: if most GPUs of a node deviate on a
 field, that is a node-level alert instead of eight; and GPUs idling because a
@@ -34,9 +40,18 @@ FIELDS = {
     "sm_clock": (0.15, 150.0, 1000.0, "MHz", WARNING,
                  "it computes slower than its peers and the whole job runs at its pace"),
     "nvlink_tx": (0.5, 1000.0, 1000.0, "MB/s", WARNING,
-                  "its links carry far less than its peers': a degraded or failing link"),
+                  "its links carry less than its peers': a degraded or failing link"),
+    "pcie_rx": (0.5, 500.0, 500.0, "MB/s", WARNING,
+                "its PCIe link carries less than its peers': a degraded link or slot"),
 }
-LABELS = {"util": "utilization", "sm_clock": "SM clock", "nvlink_tx": "NVLink traffic"}
+LABELS = {"util": "utilization", "sm_clock": "SM clock", "nvlink_tx": "NVLink traffic",
+          "pcie_rx": "PCIe traffic"}
+# Fields also judged on running means: (relative, absolute tolerance). A straggler 10 %
+# slower, or a node whose links lost 30 %, is within one second's noise of its peers;
+# over a few seconds it is not. GPUs of one model differ by ~2 % in sustained clock.
+SUSTAINED = {"sm_clock": (0.06, 60.0), "nvlink_tx": (0.15, 500.0), "pcie_rx": (0.15, 200.0)}
+SMOOTH_ALPHA = 0.3    # per second: a step change shows in full within ~5 s
+SMOOTH_MIN = 3        # seconds of running mean before a member is judged on it
 MIN_MEMBERS = 4
 HOLD, CLEAR = 2, 3
 NODE_SHARE = 0.5      # this share of a node's GPUs (two at least) deviating = a node alert
@@ -81,33 +96,79 @@ class Buckets:
         return out
 
 
-def _deviants(members: dict[str, dict[str, float]]) -> dict[tuple[str, str], tuple]:
-    """{(member or node, field): (value, reference, threshold, group size)} for this second."""
-    out = {}
+def _flag(values: dict[str, float], reference: float, rel: float, absolute: float,
+          name: str, out: dict) -> None:
+    """Members below the reference by more than the tolerance into `out`, as one node
+    entry when most of a node's GPUs are at least half as far below: a node-wide fault
+    near the tolerance puts some of its GPUs past it and some not, and is one incident."""
+    threshold = min(reference * (1 - rel), reference - absolute)
+    near = min(reference * (1 - rel / 2), reference - absolute / 2)
+    low = {m: x for m, x in values.items() if x < threshold}
+    by_node: dict[str, list[str]] = {}
+    for m in values:
+        by_node.setdefault(m.split("/")[0], []).append(m)
+    for node, node_members in by_node.items():
+        flagged = [m for m in node_members if m in low]
+        if flagged and sum(values[m] < near for m in node_members) >= max(
+                2, NODE_SHARE * len(node_members)):
+            mean = float(np.mean([values[m] for m in node_members]))
+            out.setdefault((node, name), (mean, reference, threshold, len(values)))
+        else:
+            for m in flagged:
+                out.setdefault((m, name), (low[m], reference, threshold, len(values)))
+
+
+def _finite(members: dict[str, dict[str, float]], name: str) -> dict[str, float]:
+    return {m: v[name] for m, v in members.items()
+            if v.get(name) is not None and v[name] == v[name]}
+
+
+def _deviants(members: dict[str, dict[str, float]], smooth: dict | None = None,
+              start_ns: int = 0) -> dict[tuple[str, str], tuple]:
+    """{(member or node, field): (value, reference, threshold, group size)} for this second:
+    far below the group this second, or (fields of SUSTAINED) a little below it over the
+    last seconds. `smooth` (the group state's running means) is updated in place."""
+    out: dict[tuple[str, str], tuple] = {}
+    smooth = {} if smooth is None else smooth
     for name, (rel, absolute, floor, *_rest) in FIELDS.items():
-        values = {m: v[name] for m, v in members.items()
-                  if v.get(name) is not None and v[name] == v[name]}
+        values = _finite(members, name)
         if len(values) < MIN_MEMBERS:
             continue
         reference = float(np.percentile(list(values.values()), 75))
         if reference < floor:
             continue  # the whole group is idle: nothing to compare
-        threshold = min(reference * (1 - rel), reference - absolute)
-        low = {m: x for m, x in values.items() if x < threshold}
-        by_node: dict[str, list[str]] = {}
-        for m in values:
-            by_node.setdefault(m.split("/")[0], []).append(m)
-        for node, node_members in by_node.items():
-            flagged = [m for m in node_members if m in low]
-            if len(flagged) >= max(2, NODE_SHARE * len(node_members)):
-                mean = float(np.mean([values[m] for m in node_members]))
-                out[(node, name)] = (mean, reference, threshold, len(values))
-            else:
-                out.update({(m, name): (low[m], reference, threshold, len(values))
-                            for m in flagged})
+        _flag(values, reference, rel, absolute, name, out)
+        if name in SUSTAINED:
+            _sustained(values, smooth.setdefault(name, {}), start_ns, name, out)
     slow_nodes = {key[0].split("/")[0] for key in out if key[1] == "sm_clock" and "/" in key[0]}
     return {key: v for key, v in out.items()
             if not (key[1] == "util" and key[0].split("/")[0] in slow_nodes)}
+
+
+def _sustained(values: dict[str, float], field_state: dict, start_ns: int, name: str,
+               out: dict) -> None:
+    """Running means (EWMA, SMOOTH_ALPHA per active second) of each member, judged against
+    the group's 75th percentile of them: a few percent below, held over seconds, stands
+    out of the noise of one second (sampling phase, jitter) that a tight per-second
+    tolerance would alarm on. Every member is fed the same seconds, so the group moving
+    together (warm-up, eval, a pause) moves every running mean alike. A member that
+    missed the group's last update restarts from its value: behind, it would look low."""
+    last = field_state.get("_at", 0)
+    means = {m: v for m, v in field_state.items() if m != "_at"
+             and start_ns - v[2] <= FORGET_S * 1e9}
+    for m, x in values.items():
+        mean, n, at = means.get(m) or (x, 0, last)
+        if at != last:
+            mean, n = x, 0
+        mean = x if n == 0 else mean + SMOOTH_ALPHA * (x - mean)
+        means[m] = [mean, n + 1, start_ns]
+    field_state.clear()
+    field_state.update(means, _at=start_ns)
+    ready = {m: v[0] for m, v in means.items() if v[1] >= SMOOTH_MIN and v[2] == start_ns}
+    if len(ready) < MIN_MEMBERS:
+        return
+    rel, absolute = SUSTAINED[name]
+    _flag(ready, float(np.percentile(list(ready.values()), 75)), rel, absolute, name, out)
 
 
 def evaluate(state: dict | None, start_ns: int, members: dict[str, dict[str, float]],
@@ -117,7 +178,8 @@ def evaluate(state: dict | None, start_ns: int, members: dict[str, dict[str, flo
     state = {"last_start": 0, "conditions": {}, **(state or {})}
     conditions = {k: dict(v) for k, v in state["conditions"].items()}
     alerts = []
-    deviants = _deviants(members)
+    smooth = {f: dict(v) for f, v in (state.get("smooth") or {}).items()}
+    deviants = _deviants(members, smooth, start_ns)
     for (who, name), (value, reference, threshold, size) in deviants.items():
         key = f"{who}|{name}"
         c = conditions.setdefault(key, {"bad": 0, "good": 0, "since": start_ns,
@@ -153,7 +215,8 @@ def evaluate(state: dict | None, start_ns: int, members: dict[str, dict[str, flo
             del conditions[key]
         elif not c["firing"]:
             del conditions[key]
-    state.update(last_start=start_ns, conditions=conditions, usual=usual, usual_at=usual_at)
+    state.update(last_start=start_ns, conditions=conditions, usual=usual, usual_at=usual_at,
+                 smooth=smooth)
     return state, alerts
 
 

@@ -42,6 +42,7 @@ from mlpe.common.topics import (
     GPU_METRICS,
     GPU_SECONDS,
     HOST_METRICS,
+    KERNEL_EVENTS,
     PLACEMENT,
     TRAIN_EVENTS,
     of_app,
@@ -59,6 +60,7 @@ from mlpe.stream.decoding import (
 from mlpe.stream.detectors import baseline, peers, training, trend
 from mlpe.stream.detectors import events as events_detector
 from mlpe.stream.influx import InfluxWriter, alert_line
+from mlpe.stream.kernels import kernel_lines
 from mlpe.stream.state import StreamState
 from mlpe.v1 import alerts_pb2, deadletter_pb2
 
@@ -169,6 +171,7 @@ class StreamApp:
                                       internal=True, partitions=GPU_SECONDS.partitions,
                                       retention=GPU_SECONDS.retention_ms / 1000)
         self.train_topic = _raw_topic(app, TRAIN_EVENTS.name)
+        self.kernel_topic = _raw_topic(app, KERNEL_EVENTS.name)
 
         # Tables: detector state, co-partitioned with the topic that feeds it.
         self.gpu_series = app.Table(  # node/gpu -> baseline and trend state
@@ -184,6 +187,7 @@ class StreamApp:
         self.aggregate = app.agent(self.metric_topics)(self.aggregate)
         self.detect_gpus = app.agent(self.gpu_seconds)(self.detect_gpus)
         self.train_steps = app.agent(self.train_topic)(self.train_steps)
+        self.kernel_timings = app.agent(self.kernel_topic)(self.kernel_timings)
         app.timer(interval=1.0)(self.watch_stalls)
         app.task(self.write_closed_windows)
         app.task(self.follow_placements)
@@ -291,6 +295,19 @@ class StreamApp:
                 hold.refs += windows.add(partition, StepRow(msg), hold)
             state.counters["steps"] += 1
             hold.ack_if_unheld()
+
+    async def kernel_timings(self, stream) -> None:
+        """KernelSummary events into the `kernel` measurement (kernels.py), written before
+        the event is acknowledged (a replay rewrites the same points)."""
+        async for event in stream.events():
+            try:
+                lines = kernel_lines(event.value)
+            except ValueError as err:
+                await self.dead_letter(event, str(err))
+                continue
+            await self.writer.write(lines)
+            counters = self.state.counters
+            counters["kernel_summaries"] = counters.get("kernel_summaries", 0) + 1
 
     # Timers and tasks.
 

@@ -104,6 +104,35 @@ def series(rows: list[dict], *labels: str) -> dict[tuple, list[dict]]:
     return out
 
 
+KERNEL_RANKS, KERNEL_SUMMARIES = 2, 3
+
+
+def publish_kernel_summaries(bootstrap: str, spool, job: str) -> None:
+    """What a training rank with MLPE_KERNEL_PROFILE=1 sends: mlpe.kernels' ops run and
+    timed for real (on the CPU, their reference implementations), summarised by the SDK's
+    kernel_summary and published through its Publisher."""
+    import torch
+
+    from mlpe.kernels import profile
+    from mlpe.kernels.rmsnorm import rmsnorm
+    from mlpe.kernels.swiglu import swiglu
+    from mlpe.sdk.publish import Publisher
+    from mlpe.sdk.run import kernel_summary
+
+    x, w = torch.randn(256, 512), torch.ones(512)
+    for rank in range(KERNEL_RANKS):
+        publisher = Publisher(bootstrap, spool / str(rank))
+        try:
+            for i in range(KERNEL_SUMMARIES):
+                with profile.profiling():
+                    for _ in range(10):
+                        swiglu(rmsnorm(x, w), x)
+                publisher.kernels(kernel_summary(job, rank, 10 * i + 1, 10 * i + 10,
+                                                 torch.device("cpu")))
+        finally:
+            publisher.close()
+
+
 # Session scope: its pytest worker may run other modules between this one's tests, and a
 # module fixture would then fill InfluxDB again.
 @pytest.fixture(scope="session")
@@ -129,11 +158,12 @@ def filled(stack_endpoints, tmp_path_factory) -> Filled:
                       Shipper(e.kafka_bootstrap, Spool(tmp / "spool")), hz=100,
                       training=training, job_id=training.job_id)
         asyncio.run(agent.run(duration_s=SECONDS))
+        publish_kernel_summaries(e.kafka_bootstrap, tmp / "kernel-spool", job)
         data = Filled(e.influx_url, e.influx_token, e.influx_org, e.influx_bucket, prefix,
                       job, start, start)
         # Ready when the last seconds of every kind are written (the stream closes a window
         # after its lateness allowance) and the Xid alert is stored.
-        wanted = {"gpu": GPUS * 2, "host": 1, "train": 8, "alert": 1}
+        wanted = {"gpu": GPUS * 2, "host": 1, "train": 8, "alert": 1, "kernel": KERNEL_RANKS}
         deadline = time.monotonic() + 90
         while True:
             assert stream.poll() is None, (tmp / "stream.log").read_text()[-3000:]
@@ -142,7 +172,8 @@ def filled(stack_endpoints, tmp_path_factory) -> Filled:
                 from(bucket: "{e.influx_bucket}")
                   |> range(start: {render("v.timeRangeStart", {}, start, data.stop)})
                   |> filter(fn: (r) => (r.node =~ /^{prefix}-/ or r.job == "{job}") and
-                                       (r._field == "samples" or r._field == "summary"))
+                                       (r._field == "samples" or r._field == "summary" or
+                                        r._field == "calls"))
                   |> group(columns: ["_measurement", "node", "gpu", "rank"])
                   |> last()''')
             have = {m: len([r for r in rows if r["_measurement"] == m]) for m in wanted}
@@ -314,6 +345,26 @@ def test_job_view(filled):
         assert all(r["vs_job_median_pct"] < -5 for r in rows[:2])
         assert all(abs(r["vs_job_median_pct"]) < 5 for r in rows[2:])
 
+    ops = {("rmsnorm", "forward"), ("swiglu", "forward")}
+
+    def kernel_calls(rows):
+        by_op = series(rows, "op", "direction")
+        assert set(by_op) == ops
+        # 10 calls per op per summary, from each rank, all in the range
+        assert all(sum(numbers(r)) == 10 * KERNEL_RANKS * KERNEL_SUMMARIES
+                   for r in by_op.values()), {k: numbers(v) for k, v in by_op.items()}
+
+    def kernel_times(rows):
+        by_op = series(rows, "op", "direction", "_field")
+        assert set(by_op) == {(*op, f) for op in ops for f in ("p50_ms", "p99_ms")}
+        for op, direction in ops:
+            p50s, p99s = (numbers(by_op[(op, direction, f)]) for f in ("p50_ms", "p99_ms"))
+            assert all(0 < v < 1000 for v in p50s + p99s) and max(p50s) <= max(p99s)
+
+    def kernel_bandwidth(rows):
+        assert set(series(rows, "op", "direction")) == ops  # both ops' bytes are known
+        assert all(math.isfinite(v) and v > 0 for v in numbers(rows))
+
     def alerts(rows, text="summary"):
         texts = [r[text] for r in rows]
         assert any("Xid 79" in t for t in texts) and any("hw thermal" in t for t in texts)
@@ -333,6 +384,9 @@ def test_job_view(filled):
             stragglers,
         "Alerts on the job and its nodes": alerts,
         "annotation": lambda rows: alerts(rows, "text"),
+        "Kernel calls by op (sum over ranks)": kernel_calls,
+        "Kernel time per call by op: p50 and p99 (ms, slowest rank)": kernel_times,
+        "Kernel bandwidth by op (GB/s, mean over ranks)": kernel_bandwidth,
     })
 
 

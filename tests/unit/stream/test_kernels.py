@@ -65,7 +65,7 @@ def test_identifiers_that_could_change_line_protocol_are_refused(hostile):
 def test_a_timing_that_is_not_a_finite_non_negative_number_refuses_the_summary(field, value):
     msg = summary()
     setattr(msg.kernels[1], field, value)
-    with pytest.raises(ValueError, match="swiglu.backward .* must be finite and >= 0"):
+    with pytest.raises(ValueError, match=r"swiglu\.backward .* must be finite and >= 0"):
         kernel_lines(msg.SerializeToString())
 
 
@@ -93,7 +93,7 @@ def test_counts_and_repeats_are_bounded():
         kernel_lines(many.SerializeToString())
     twice = summary()
     twice.kernels.add().CopyFrom(twice.kernels[0])
-    with pytest.raises(ValueError, match="rmsnorm.forward appears twice"):
+    with pytest.raises(ValueError, match=r"rmsnorm\.forward appears twice"):
         kernel_lines(twice.SerializeToString())
     zero = summary()
     zero.kernels[0].calls = 0

@@ -256,7 +256,7 @@ def test_script_steps_reach_influxdb_and_kernel_timings_kafka(stream_env, unique
             with InfluxDBClient(url=e.influx_url, token=e.influx_token,
                                 org=e.influx_org) as client:
                 tables = client.query_api().query(f'''
-                    from(bucket: "{e.influx_bucket}") |> range(start: -1h)
+                    from(bucket: "{e.bucket_of('1s')}") |> range(start: -1h)
                       |> filter(fn: (r) => r._measurement == "train" and
                                            r.job == "{job.job_id}")''')
             return sum(len(t.records) for t in tables)

@@ -91,7 +91,7 @@ def windows(e, prefix: str) -> dict[tuple[str, str, int], int]:
     """{(node, gpu, window start s): samples} of the 1 s GPU windows of nodes `prefix…`."""
     with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
         tables = client.query_api().query(f'''
-            from(bucket: "{e.influx_bucket}") |> range(start: -1h)
+            from(bucket: "{e.bucket_of('1s')}") |> range(start: -1h)
               |> filter(fn: (r) => r._measurement == "gpu" and r.window == "1s"
                                    and strings.hasPrefix(v: r.node, prefix: "{prefix}")
                                    and r._field == "samples")
@@ -297,7 +297,7 @@ async def test_training_steps_become_windows_per_job_and_rank(stream_env, unique
             with InfluxDBClient(url=e.influx_url, token=e.influx_token,
                                 org=e.influx_org) as client:
                 tables = client.query_api().query(f'''
-                    from(bucket: "{e.influx_bucket}") |> range(start: -1h)
+                    from(bucket: "{e.bucket_of('1s')}") |> range(start: -1h)
                       |> filter(fn: (r) => r._measurement == "train" and r.job == "{job}"
                                            and r.window == "1s" and r._field == "samples")
                       |> group(columns: ["rank"]) |> sum()''')

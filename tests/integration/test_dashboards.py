@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from influxdb_client import InfluxDBClient
@@ -168,9 +168,11 @@ def filled(stack_endpoints, tmp_path_factory) -> Filled:
         while True:
             assert stream.poll() is None, (tmp / "stream.log").read_text()[-3000:]
             data.stop = datetime.now(UTC)
+            since = render("v.timeRangeStart", {}, start, data.stop)
             rows = data.query(f'''
-                from(bucket: "{e.influx_bucket}")
-                  |> range(start: {render("v.timeRangeStart", {}, start, data.stop)})
+                union(tables: [
+                    from(bucket: "{e.bucket_of("1s")}") |> range(start: {since}),
+                    from(bucket: "{e.influx_bucket}") |> range(start: {since})])
                   |> filter(fn: (r) => (r.node =~ /^{prefix}-/ or r.job == "{job}") and
                                        (r._field == "samples" or r._field == "summary" or
                                         r._field == "calls"))
@@ -401,3 +403,24 @@ def test_render_substitutes_like_grafana():
     assert "/^.*$/" in render("/^${gpu:regex}$/", {"gpu": ".*"}, start, start)
     with pytest.raises(KeyError):
         render("${nope}", {}, start, start)
+
+
+@pytest.mark.parametrize(("ago", "span", "chosen", "wanted"), [
+    (timedelta(0), timedelta(minutes=30), "auto", "1s"),
+    (timedelta(days=2), timedelta(minutes=30), "auto", "10s"),   # 1 s is kept a day
+    (timedelta(0), timedelta(hours=6), "auto", "10s"),
+    (timedelta(days=40), timedelta(hours=1), "auto", "1m"),     # 10 s is kept 30 days
+    (timedelta(0), timedelta(days=30), "auto", "1m"),
+    (timedelta(0), timedelta(days=30), "10s", "10s"),           # chosen by hand
+])
+def test_the_resolution_follows_the_time_range(stack_endpoints, ago, span, chosen, wanted):
+    e = stack_endpoints
+    [panel] = [p for p in dashboard("job")["panels"] if p["title"] == "Step time by rank"]
+    query = panel["targets"][0]["query"]
+    prelude = query[:query.index("from(bucket: bucket)")]
+    stop = datetime.now(UTC) - ago
+    flux = render('import "array"\n' + prelude + 'array.from(rows: [{res: res, b: bucket}])',
+                  {"resolution": chosen, "bucket": e.influx_bucket}, stop - span, stop)
+    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+        [row] = [r.values for t in client.query_api().query(flux) for r in t.records]
+    assert (row["res"], row["b"]) == (wanted, e.bucket_of(wanted))

@@ -60,6 +60,7 @@ def test_the_task_is_active_and_its_flux_makes_1_min_windows(stack_endpoints, un
     settings = load({"MLPE_INFLUX_BUCKET": e.influx_bucket})
     code, body = http_json("GET", f"{e.influx_url}/api/v2/tasks?name={retention.TASK_NAME}",
                            token=e.influx_token)
+    assert code == 200, body
     [task] = body["tasks"]
     assert task["status"] == "active" and task["flux"] == retention.task_flux(settings)
     # Two minutes of 10 s windows of one GPU, an hour ago (the task's own runs only look

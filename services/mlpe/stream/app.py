@@ -10,6 +10,7 @@ then its agents and timers, whose bodies are the methods below:
 - `train_steps`: TrainStep events -> 1 s / 10 s windows per job and rank, and the
   training detectors, state in the table `train-jobs`; `watch_stalls` notices jobs
   that stopped stepping.
+- `kernel_timings`: KernelSummary events -> the `kernel` measurement (kernels.py).
 - `write_closed_windows`: writes the windows that closed and releases their events,
   which are acknowledged only then (acks.py: why a kill -9 loses no window).
 - `follow_placements`: all of mlpe.placement, in every worker, so `aggregate` can give

@@ -21,7 +21,8 @@ import pytest
 from mlpe import stack
 from mlpe.common import settings as settings_module
 from mlpe.common.kafka import create_topics
-from mlpe.stack.influxdb import InfluxDB
+from mlpe.stack import retention
+from mlpe.stack.influxdb import InfluxDB, http_json
 
 
 def pytest_collection_modifyitems(items):
@@ -39,6 +40,11 @@ class Endpoints:
     influx_org: str
     influx_bucket: str
     redis_url: str
+
+    def bucket_of(self, window: str) -> str:
+        """The bucket of a resolution ("1s", "10s", "1m"), as the stream writes it."""
+        return settings_module.load({"MLPE_INFLUX_BUCKET": self.influx_bucket}) \
+            .influx_bucket_of(window)
 
 
 def _local_stack() -> Iterator[Endpoints]:
@@ -79,6 +85,7 @@ def _docker_stack() -> Iterator[Endpoints]:
     try:
         with kafka, influx, redis:
             asyncio.run(create_topics(kafka.get_bootstrap_server()))
+            retention.ensure(settings_module.load({}), http_json, influx.get_url(), token)
             yield Endpoints(
                 kafka_bootstrap=kafka.get_bootstrap_server(),
                 influx_url=influx.get_url(),

@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from influxdb_client import InfluxDBClient
@@ -104,6 +104,35 @@ def series(rows: list[dict], *labels: str) -> dict[tuple, list[dict]]:
     return out
 
 
+KERNEL_RANKS, KERNEL_SUMMARIES = 2, 3
+
+
+def publish_kernel_summaries(bootstrap: str, spool, job: str) -> None:
+    """What a training rank with MLPE_KERNEL_PROFILE=1 sends: mlpe.kernels' ops run and
+    timed for real (on the CPU, their reference implementations), summarised by the SDK's
+    kernel_summary and published through its Publisher."""
+    import torch
+
+    from mlpe.kernels import profile
+    from mlpe.kernels.rmsnorm import rmsnorm
+    from mlpe.kernels.swiglu import swiglu
+    from mlpe.sdk.publish import Publisher
+    from mlpe.sdk.run import kernel_summary
+
+    x, w = torch.randn(256, 512), torch.ones(512)
+    for rank in range(KERNEL_RANKS):
+        publisher = Publisher(bootstrap, spool / str(rank))
+        try:
+            for i in range(KERNEL_SUMMARIES):
+                with profile.profiling():
+                    for _ in range(10):
+                        swiglu(rmsnorm(x, w), x)
+                publisher.kernels(kernel_summary(job, rank, 10 * i + 1, 10 * i + 10,
+                                                 torch.device("cpu")))
+        finally:
+            publisher.close()
+
+
 # Session scope: its pytest worker may run other modules between this one's tests, and a
 # module fixture would then fill InfluxDB again.
 @pytest.fixture(scope="session")
@@ -129,20 +158,24 @@ def filled(stack_endpoints, tmp_path_factory) -> Filled:
                       Shipper(e.kafka_bootstrap, Spool(tmp / "spool")), hz=100,
                       training=training, job_id=training.job_id)
         asyncio.run(agent.run(duration_s=SECONDS))
+        publish_kernel_summaries(e.kafka_bootstrap, tmp / "kernel-spool", job)
         data = Filled(e.influx_url, e.influx_token, e.influx_org, e.influx_bucket, prefix,
                       job, start, start)
         # Ready when the last seconds of every kind are written (the stream closes a window
         # after its lateness allowance) and the Xid alert is stored.
-        wanted = {"gpu": GPUS * 2, "host": 1, "train": 8, "alert": 1}
+        wanted = {"gpu": GPUS * 2, "host": 1, "train": 8, "alert": 1, "kernel": KERNEL_RANKS}
         deadline = time.monotonic() + 90
         while True:
             assert stream.poll() is None, (tmp / "stream.log").read_text()[-3000:]
             data.stop = datetime.now(UTC)
+            since = render("v.timeRangeStart", {}, start, data.stop)
             rows = data.query(f'''
-                from(bucket: "{e.influx_bucket}")
-                  |> range(start: {render("v.timeRangeStart", {}, start, data.stop)})
+                union(tables: [
+                    from(bucket: "{e.bucket_of("1s")}") |> range(start: {since}),
+                    from(bucket: "{e.influx_bucket}") |> range(start: {since})])
                   |> filter(fn: (r) => (r.node =~ /^{prefix}-/ or r.job == "{job}") and
-                                       (r._field == "samples" or r._field == "summary"))
+                                       (r._field == "samples" or r._field == "summary" or
+                                        r._field == "calls"))
                   |> group(columns: ["_measurement", "node", "gpu", "rank"])
                   |> last()''')
             have = {m: len([r for r in rows if r["_measurement"] == m]) for m in wanted}
@@ -314,6 +347,26 @@ def test_job_view(filled):
         assert all(r["vs_job_median_pct"] < -5 for r in rows[:2])
         assert all(abs(r["vs_job_median_pct"]) < 5 for r in rows[2:])
 
+    ops = {("rmsnorm", "forward"), ("swiglu", "forward")}
+
+    def kernel_calls(rows):
+        by_op = series(rows, "op", "direction")
+        assert set(by_op) == ops
+        # 10 calls per op per summary, from each rank, all in the range
+        assert all(sum(numbers(r)) == 10 * KERNEL_RANKS * KERNEL_SUMMARIES
+                   for r in by_op.values()), {k: numbers(v) for k, v in by_op.items()}
+
+    def kernel_times(rows):
+        by_op = series(rows, "op", "direction", "_field")
+        assert set(by_op) == {(*op, f) for op in ops for f in ("p50_ms", "p99_ms")}
+        for op, direction in ops:
+            p50s, p99s = (numbers(by_op[(op, direction, f)]) for f in ("p50_ms", "p99_ms"))
+            assert all(0 < v < 1000 for v in p50s + p99s) and max(p50s) <= max(p99s)
+
+    def kernel_bandwidth(rows):
+        assert set(series(rows, "op", "direction")) == ops  # both ops' bytes are known
+        assert all(math.isfinite(v) and v > 0 for v in numbers(rows))
+
     def alerts(rows, text="summary"):
         texts = [r[text] for r in rows]
         assert any("Xid 79" in t for t in texts) and any("hw thermal" in t for t in texts)
@@ -333,6 +386,9 @@ def test_job_view(filled):
             stragglers,
         "Alerts on the job and its nodes": alerts,
         "annotation": lambda rows: alerts(rows, "text"),
+        "Kernel calls by op (sum over ranks)": kernel_calls,
+        "Kernel time per call by op: p50 and p99 (ms, slowest rank)": kernel_times,
+        "Kernel bandwidth by op (GB/s, mean over ranks)": kernel_bandwidth,
     })
 
 
@@ -347,3 +403,24 @@ def test_render_substitutes_like_grafana():
     assert "/^.*$/" in render("/^${gpu:regex}$/", {"gpu": ".*"}, start, start)
     with pytest.raises(KeyError):
         render("${nope}", {}, start, start)
+
+
+@pytest.mark.parametrize(("ago", "span", "chosen", "wanted"), [
+    (timedelta(0), timedelta(minutes=30), "auto", "1s"),
+    (timedelta(days=2), timedelta(minutes=30), "auto", "10s"),   # 1 s is kept a day
+    (timedelta(0), timedelta(hours=6), "auto", "10s"),
+    (timedelta(days=40), timedelta(hours=1), "auto", "1m"),     # 10 s is kept 30 days
+    (timedelta(0), timedelta(days=30), "auto", "1m"),
+    (timedelta(0), timedelta(days=30), "10s", "10s"),           # chosen by hand
+])
+def test_the_resolution_follows_the_time_range(stack_endpoints, ago, span, chosen, wanted):
+    e = stack_endpoints
+    [panel] = [p for p in dashboard("job")["panels"] if p["title"] == "Step time by rank"]
+    query = panel["targets"][0]["query"]
+    prelude = query[:query.index("from(bucket: bucket)")]
+    stop = datetime.now(UTC) - ago
+    flux = render('import "array"\n' + prelude + 'array.from(rows: [{res: res, b: bucket}])',
+                  {"resolution": chosen, "bucket": e.influx_bucket}, stop - span, stop)
+    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+        [row] = [r.values for t in client.query_api().query(flux) for r in t.records]
+    assert (row["res"], row["b"]) == (wanted, e.bucket_of(wanted))

@@ -244,7 +244,8 @@ MEASUREMENTS = {"gpu", "host", "train", "alert", "stream_dropped", "kernel", "co
 
 
 def influx_schema(e) -> tuple[set[str], set[str], set[str], set[str]]:
-    """(measurements, tag keys, field keys, node tag values) of the last 10 minutes."""
+    """(measurements, tag keys, field keys, node tag values) of the last 10 minutes, in
+    every bucket mlpe writes."""
     with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
         query = client.query_api()
 
@@ -252,11 +253,16 @@ def influx_schema(e) -> tuple[set[str], set[str], set[str], set[str]]:
             return {str(r.get_value()) for t in query.query(
                 'import "influxdata/influxdb/schema"\n' + flux) for r in t.records}
 
-        bucket = e.influx_bucket
-        return (column(f'schema.measurements(bucket: "{bucket}", start: -10m)'),
-                column(f'schema.tagKeys(bucket: "{bucket}", start: -10m)'),
-                column(f'schema.fieldKeys(bucket: "{bucket}", start: -10m)'),
-                column(f'schema.tagValues(bucket: "{bucket}", tag: "node", start: -10m)'))
+        found: tuple[set[str], ...] = (set(), set(), set(), set())
+        for bucket in (e.influx_bucket, *(e.bucket_of(w) for w in ("1s", "10s", "1m"))):
+            for into, flux in zip(found, (
+                    f'schema.measurements(bucket: "{bucket}", start: -10m)',
+                    f'schema.tagKeys(bucket: "{bucket}", start: -10m)',
+                    f'schema.fieldKeys(bucket: "{bucket}", start: -10m)',
+                    f'schema.tagValues(bucket: "{bucket}", tag: "node", start: -10m)'),
+                    strict=True):
+                into |= column(flux)
+        return found
 
 
 async def test_hostile_messages_cost_no_service_and_no_valid_data(stream_env, unique,  # noqa: F811

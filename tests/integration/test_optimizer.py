@@ -114,7 +114,7 @@ def test_advise_job_reads_its_telemetry(control_and_optimizer, stack_endpoints):
     with InfluxDBClient(url=stack_endpoints.influx_url, token=stack_endpoints.influx_token,
                         org=stack_endpoints.influx_org) as client:
         client.write_api(write_options=SYNCHRONOUS).write(
-            stack_endpoints.influx_bucket, record="\n".join(lines))
+            stack_endpoints.bucket_of("10s"), record="\n".join(lines))
     answer = optimizer.AdviseJob(o.AdviseJobRequest(job_id=job, window_s=300))
     titles = [r.title for r in answer.recommendations]
     assert titles[0].startswith("Input-bound"), titles

@@ -41,7 +41,7 @@ def jobs_of_windows(e, prefix: str) -> dict[tuple[str, str], list[str]]:
     with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
         tables = client.query_api().query(f'''
             import "strings"
-            from(bucket: "{e.influx_bucket}") |> range(start: -1h)
+            from(bucket: "{e.bucket_of('1s')}") |> range(start: -1h)
               |> filter(fn: (r) => r._measurement == "gpu" and r.window == "1s"
                                    and strings.hasPrefix(v: r.node, prefix: "{prefix}")
                                    and r._field == "samples")''')

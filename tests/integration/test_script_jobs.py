@@ -256,14 +256,29 @@ def test_script_steps_reach_influxdb_and_kernel_timings_kafka(stream_env, unique
             with InfluxDBClient(url=e.influx_url, token=e.influx_token,
                                 org=e.influx_org) as client:
                 tables = client.query_api().query(f'''
-                    from(bucket: "{e.influx_bucket}") |> range(start: -1h)
+                    from(bucket: "{e.bucket_of('1s')}") |> range(start: -1h)
                       |> filter(fn: (r) => r._measurement == "train" and
                                            r.job == "{job.job_id}")''')
             return sum(len(t.records) for t in tables)
 
+        def kernel_ops() -> set[tuple[str, str]]:
+            """(rank, op) of the job's `kernel` points with a bandwidth (bytes known)."""
+            with InfluxDBClient(url=e.influx_url, token=e.influx_token,
+                                org=e.influx_org) as client:
+                tables = client.query_api().query(f'''
+                    from(bucket: "{e.influx_bucket}") |> range(start: -1h)
+                      |> filter(fn: (r) => r._measurement == "kernel" and
+                                           r.job == "{job.job_id}" and r._field == "gbps")''')
+            return {(r["rank"], r["op"]) for t in tables for r in t.records}
+
         async def wait():
-            return await wait_for(train_points, 90, "the job's train points", stream)
-        assert asyncio.run(wait()) > 0
+            return (await wait_for(train_points, 90, "the job's train points", stream),
+                    await wait_for(lambda: (lambda o: o if {(r, op) for r in ("0", "1") for
+                                                            op in ("rmsnorm", "swiglu")} <= o
+                                            else None)(kernel_ops()),
+                                   90, "the job's kernel points", stream))
+        trains, _ = asyncio.run(wait())
+        assert trains > 0
     finally:
         control.stop()
         stop(stream)

@@ -24,11 +24,18 @@ from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.spool import Spool
 from mlpe.common import batches
 from mlpe.common.kafka import wait_stream_ready
-from mlpe.common.topics import ALERTS, DEAD_LETTER, GPU_METRICS, TRAIN_EVENTS, metrics_group
+from mlpe.common.topics import (
+    ALERTS,
+    DEAD_LETTER,
+    GPU_METRICS,
+    KERNEL_EVENTS,
+    TRAIN_EVENTS,
+    metrics_group,
+)
 from mlpe.v1 import deadletter_pb2
 from mlpe.v1 import metrics_pb2 as pb
 from mlpe.v1.alerts_pb2 import ALERT_FIRING, Alert
-from mlpe.v1.training_pb2 import TrainStep
+from mlpe.v1.training_pb2 import KernelSummary, TrainStep
 from tests.helpers import mlpe_env, start_mlpe, stop_child, stop_gracefully
 
 # Tests that start `mlpe stream` go in two groups, each on one pytest worker: every
@@ -95,7 +102,7 @@ def windows(e, prefix: str) -> dict[tuple[str, str, int], int]:
     """{(node, gpu, window start s): samples} of the 1 s GPU windows of nodes `prefix…`."""
     with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
         tables = client.query_api().query(f'''
-            from(bucket: "{e.influx_bucket}") |> range(start: -1h)
+            from(bucket: "{e.bucket_of('1s')}") |> range(start: -1h)
               |> filter(fn: (r) => r._measurement == "gpu" and r.window == "1s"
                                    and strings.hasPrefix(v: r.node, prefix: "{prefix}")
                                    and r._field == "samples")
@@ -222,6 +229,67 @@ async def test_garbage_goes_to_dead_letters_and_processing_goes_on(stream_env, u
         stop(stream)
 
 
+def kernel_points(e, job: str) -> dict[tuple[str, str, str], dict]:
+    """{(rank, op, direction): {field: value}} of the `kernel` points of `job`."""
+    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+        tables = client.query_api().query(f'''
+            from(bucket: "{e.influx_bucket}") |> range(start: -1h)
+              |> filter(fn: (r) => r._measurement == "kernel" and r.job == "{job}")''')
+    points: dict = {}
+    for t in tables:
+        for r in t.records:
+            points.setdefault((r["rank"], r["op"], r["direction"]), {})[r.get_field()] = \
+                r.get_value()
+    return points
+
+
+async def test_kernel_summaries_become_kernel_points_and_bad_ones_dead_letters(
+        stream_env, unique, tmp_path):
+    job = f"k{unique}-job"
+    stream = start_stream(unique, tmp_path / "stream.log")
+    consumer = AIOKafkaConsumer(DEAD_LETTER.name, bootstrap_servers=stream_env.kafka_bootstrap,
+                                auto_offset_reset="latest", group_id=f"t-{unique}")
+    await consumer.start()
+    await consumer.getmany(timeout_ms=1000)  # position at the end before sending
+    producer = AIOKafkaProducer(bootstrap_servers=stream_env.kafka_bootstrap)
+    await producer.start()
+
+    def summary(job_id: str, rank: int, p99: float = 0.4) -> bytes:
+        msg = KernelSummary(job_id=job_id, rank=rank, first_step=1, last_step=10,
+                            time_ns=time.time_ns(), backend="reference")
+        msg.kernels.add(op="rmsnorm", direction="forward", calls=20, total_ms=4.0,
+                        p50_ms=0.2, p99_ms=p99, max_ms=0.5, bytes_moved=1e6)
+        msg.kernels.add(op="swiglu", direction="backward", calls=10, total_ms=3.0,
+                        p50_ms=0.3, p99_ms=0.35, max_ms=0.4)
+        return msg.SerializeToString()
+
+    bad = {b"\xff\x00 not a summary": "not a KernelSummary",
+           summary(f"{job}\nkernel,job=x calls=1i", 0): "job_id",
+           summary(job, 2, p99=float("nan")): "must be finite"}
+    try:
+        for raw in bad:
+            await producer.send_and_wait(KERNEL_EVENTS.name, raw, key=job.encode())
+        for rank in (0, 1):
+            await producer.send_and_wait(KERNEL_EVENTS.name, summary(job, rank),
+                                         key=job.encode())
+        for raw, reason in bad.items():
+            letter = await next_dead_letter(consumer, lambda d, raw=raw: d.value == raw)
+            assert letter.source_topic == KERNEL_EVENTS.name and reason in letter.reason
+        points = await wait_for(lambda: (lambda p: p if len(p) == 4 else None)(
+            kernel_points(stream_env, job)), 60, "the kernel points", stream)
+        assert set(points) == {(r, op, d) for r in ("0", "1") for op, d in
+                               (("rmsnorm", "forward"), ("swiglu", "backward"))}
+        norm = points[("0", "rmsnorm", "forward")]
+        assert norm["calls"] == 20 and norm["p50_ms"] == 0.2 and norm["p99_ms"] == 0.4
+        assert norm["gbps"] == pytest.approx(5.0)  # 1 MB x 20 calls in 4 ms
+        assert "gbps" not in points[("1", "swiglu", "backward")]
+        assert stream.poll() is None
+    finally:
+        await producer.stop()
+        await consumer.stop()
+        stop(stream)
+
+
 async def test_training_steps_become_windows_per_job_and_rank(stream_env, unique, tmp_path):
     from mlpe.agent.sources.train_sim import SimulatedTraining
 
@@ -240,7 +308,7 @@ async def test_training_steps_become_windows_per_job_and_rank(stream_env, unique
             with InfluxDBClient(url=e.influx_url, token=e.influx_token,
                                 org=e.influx_org) as client:
                 tables = client.query_api().query(f'''
-                    from(bucket: "{e.influx_bucket}") |> range(start: -1h)
+                    from(bucket: "{e.bucket_of('1s')}") |> range(start: -1h)
                       |> filter(fn: (r) => r._measurement == "train" and r.job == "{job}"
                                            and r.window == "1s" and r._field == "samples")
                       |> group(columns: ["rank"]) |> sum()''')

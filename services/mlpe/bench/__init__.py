@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from mlpe.bench import detect as bench_detect
     from mlpe.bench import plan as plan_bench
     from mlpe.bench import recovery as recovery_bench
+    from mlpe.bench import storage as storage_bench
     from mlpe.bench import stream as stream_bench
     from mlpe.kernels import bench as kernels_bench
 
@@ -32,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     kernels_bench.register(which)
     recovery_bench.register(which)
     plan_bench.register(which)
+    storage_bench.register(which)
     p.set_defaults(func=run)
 
 

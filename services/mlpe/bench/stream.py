@@ -56,7 +56,7 @@ def _cpu(pid: int | None) -> float | None:
 
 def _visible_windows(client, settings: Settings, node: str) -> list[tuple[str, int]]:
     tables = client.query_api().query(f'''
-        from(bucket: "{settings.influx_bucket}") |> range(start: -2m)
+        from(bucket: "{settings.influx_bucket_of('1s')}") |> range(start: -2m)
           |> filter(fn: (r) => r._measurement == "gpu" and r.window == "1s"
                                and r.node == "{node}" and r._field == "samples")''')
     return [(r["gpu"], int(r.get_time().timestamp() * 1e9), int(r.get_value()))

@@ -64,6 +64,20 @@ def cmd_stack(args, settings) -> int:
         created = stack.ensure_topics(settings)
         print(f"kafka: created {', '.join(created)}" if created else "kafka: all topics exist")
         return 0
+    if args.action == "buckets":
+        from mlpe.common.tokens import influx_token
+        from mlpe.stack import retention
+        from mlpe.stack.influxdb import http_json
+
+        token = influx_token(settings)
+        if not token:
+            print("mlpe stack buckets: no InfluxDB token (MLPE_INFLUX_TOKEN)", file=sys.stderr)
+            return 1
+        retention.ensure(settings, http_json, settings.influx_url.rstrip("/"), token)
+        print("influxdb: " + ", ".join(f"{name} ({seconds // 86_400 or 'for ever'} d)"
+                                       for name, seconds in settings.influx_buckets.items())
+              + f", task {retention.TASK_NAME}")
+        return 0
     if args.action == "down":
         for name, outcome in stack.down(settings, only):
             print(f"{name}: {outcome}")
@@ -94,11 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stack.add_argument(
         "action",
-        choices=("install", "up", "down", "status", "topics"),
+        choices=("install", "up", "down", "status", "topics", "buckets"),
         help="install: fetch/build what is missing; up: install, start and wait until "
         "ready, create topics (harmless if running); down: stop what up started; "
         "status: state, version and address of each (exit 3 if any is down); "
-        "topics: create the mlpe topics on the configured Kafka (e.g. docker-compose's)",
+        "topics: create the mlpe topics on the configured Kafka (e.g. docker-compose's); "
+        "buckets: the InfluxDB buckets per resolution with their retention and the 1 min "
+        "downsampling task on the configured InfluxDB (up does this too)",
     )
     stack.add_argument("--only", metavar="NAMES",
                        help="comma-separated subset of kafka,influxdb,redis")

@@ -133,6 +133,27 @@ def _size(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+_DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+
+
+def _duration(env: Mapping[str, str], name: str, default: str) -> int:
+    """A retention like 1d, 30d or 365d, in seconds; 0 keeps for ever."""
+    value = env.get(name, default).strip().lower()
+    number, unit = value[:-1], value[-1:]
+    if value == "0":
+        return 0
+    if not number.isdigit() or unit not in _DURATION_UNITS_S or \
+            int(number) * _DURATION_UNITS_S[unit] < 3600:
+        raise SettingsError(f"{name}={value!r}: expected a duration of at least 1h like 1d, "
+                            "30d or 365d (a whole number, then s, m, h, d or w), or 0 for "
+                            "ever")
+    return int(number) * _DURATION_UNITS_S[unit]
+
+
+# The stream's resolutions (the window tag of its points) and where each is kept.
+RESOLUTIONS = ("1s", "10s", "1m")
+
+
 @dataclass(frozen=True)
 class Settings:
     state_dir: Path
@@ -151,6 +172,9 @@ class Settings:
     influx_org: str
     influx_bucket: str
     influx_token: str | None = field(repr=False)
+    # Seconds each resolution's bucket keeps its points (0: for ever); the base bucket
+    # (alerts, kernel timings) keeps them as long as the 1 min one.
+    influx_retention_s: dict[str, int]
 
     redis_port: int
     redis_url: str
@@ -192,6 +216,17 @@ class Settings:
     worker_fault: str         # worker: fault injection for tests, hang@STEP[:RANK]
     # Variables a routes file names for its webhooks; read through `secret()`.
     environment: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
+
+    def influx_bucket_of(self, window: str) -> str:
+        """The bucket of a resolution ("1s", "10s", "1m"): <base>-<window>; anything else
+        (alerts, kernel timings: no window) is in the base bucket."""
+        return f"{self.influx_bucket}-{window}" if window in RESOLUTIONS else self.influx_bucket
+
+    @property
+    def influx_buckets(self) -> dict[str, int]:
+        """Every bucket mlpe writes, with its retention in seconds."""
+        return {self.influx_bucket: self.influx_retention_s["1m"],
+                **{self.influx_bucket_of(r): self.influx_retention_s[r] for r in RESOLUTIONS}}
 
     @property
     def logs_dir(self) -> Path:
@@ -274,6 +309,9 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         influx_org=_text(env, "MLPE_INFLUX_ORG", "mlpe"),
         influx_bucket=_text(env, "MLPE_INFLUX_BUCKET", "mlpe"),
         influx_token=token,
+        influx_retention_s={
+            res: _duration(env, f"MLPE_INFLUX_RETENTION_{res.upper()}", default)
+            for res, default in zip(RESOLUTIONS, ("1d", "30d", "365d"), strict=True)},
         redis_port=redis_port,
         redis_url=_url(
             env, "MLPE_REDIS_URL", f"redis://127.0.0.1:{redis_port}/0", ("redis", "rediss")

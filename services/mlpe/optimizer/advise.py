@@ -41,7 +41,7 @@ def gather(settings, token: str, job_id: str, window_s: int) -> Evidence:
     from influxdb_client import InfluxDBClient
 
     ev = Evidence(job_id, window_s)
-    bucket, job = settings.influx_bucket, job_id.replace('"', '\\"')
+    bucket, job = settings.influx_bucket_of("10s"), job_id.replace('"', '\\"')
     head = f'from(bucket: "{bucket}") |> range(start: -{window_s}s)'
     with InfluxDBClient(url=settings.influx_url, token=token, org=settings.influx_org,
                         timeout=10_000) as client:

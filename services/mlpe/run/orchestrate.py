@@ -220,7 +220,7 @@ class MainJob:
         stopped = json.loads((self.work / "agent.json").read_text())["stopped_at"]
         s = self.settings
         flux = f'''import "strings"
-            from(bucket: "{s.influx_bucket}") |> range(start: -10m)
+            from(bucket: "{s.influx_bucket_of('1s')}") |> range(start: -10m)
               |> filter(fn: (r) => r._measurement == "gpu" and r.window == "1s" and
                   r._field == "samples" and strings.hasPrefix(v: r.node, prefix: "{self.fleet}"))
               |> group() |> max(column: "_time")'''

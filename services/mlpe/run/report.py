@@ -57,13 +57,13 @@ def read_series(settings: Settings, fleet: str, job_id: str,
 
     from mlpe.common.tokens import influx_token
 
-    bucket = settings.influx_bucket
+    bucket = settings.influx_bucket_of("1s")
     gpu_flux = f'''import "strings"
         from(bucket: "{bucket}") |> range(start: -30m)
           |> filter(fn: (r) => r._measurement == "gpu" and r.window == "1s" and
               (r._field == "util_mean" or r._field == "power_mean" or r._field == "temp_mean"))
           |> filter(fn: (r) => strings.hasPrefix(v: r.node, prefix: "{fleet}"))'''
-    alert_flux = f'''from(bucket: "{bucket}") |> range(start: -30m)
+    alert_flux = f'''from(bucket: "{settings.influx_bucket}") |> range(start: -30m)
           |> filter(fn: (r) => r._measurement == "alert" and r._field == "state" and
               r._value == "firing")'''
     train_flux = f'''from(bucket: "{bucket}") |> range(start: -30m)

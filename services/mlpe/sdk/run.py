@@ -418,5 +418,5 @@ def kernel_summary(job_id: str, rank: int, first: int, last: int, device: torch.
         op, _, direction = name.rpartition(".")
         summary.kernels.add(op=op, direction=direction, calls=t["calls"],
                             total_ms=t["total_ms"], p50_ms=t["p50_ms"], p99_ms=t["p99_ms"],
-                            max_ms=t["max_ms"])
+                            max_ms=t["max_ms"], bytes_moved=t.get("bytes_per_call", 0.0))
     return summary

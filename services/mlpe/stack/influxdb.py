@@ -16,6 +16,7 @@ import urllib.request
 from mlpe.common.process import ManagedProcess, port_open
 from mlpe.common.settings import Settings, environment, packaged
 from mlpe.common.tokens import influx_token, influx_token_file, write_private
+from mlpe.stack import retention
 from mlpe.stack.component import StackError, Status, wait_until
 
 BUILD_SCRIPT = packaged("influxdb", "build-influxd.sh")
@@ -109,7 +110,11 @@ class InfluxDB:
         return influx_token(self.s)
 
     def setup(self) -> None:
-        """Create org, bucket and token on a fresh server; check the token otherwise."""
+        """Create org, bucket and token on a fresh server; check the token otherwise.
+        Then the buckets per resolution and the downsampling task (retention.py)."""
+        retention.ensure(self.s, http_json, self.url, self._set_up())
+
+    def _set_up(self) -> str:
         code, body = http_json("GET", f"{self.url}/api/v2/setup")
         if code == 200 and body.get("allowed"):
             token = self.s.influx_token or secrets.token_urlsafe(32)
@@ -119,13 +124,13 @@ class InfluxDB:
                 "org": self.s.influx_org,
                 "bucket": self.s.influx_bucket,
                 "token": token,
-                "retentionPeriodSeconds": 0,
+                "retentionPeriodSeconds": self.s.influx_buckets[self.s.influx_bucket],
             })
             if code != 201:
                 raise StackError(f"influxdb: setup refused ({code}: {body.get('message')})")
             write_private(self.secret_file, json.dumps(
                 {"token": token, "org": self.s.influx_org, "bucket": self.s.influx_bucket}))
-            return
+            return token
         token = self.token()
         if token is None:
             raise StackError(
@@ -137,6 +142,7 @@ class InfluxDB:
         if code != 200:
             raise StackError(f"influxdb: the stored token is refused (HTTP {code}); "
                              f"remove {self.data} and {self.secret_file} to start afresh")
+        return token
 
     def stop(self) -> bool:
         return self.proc.stop()

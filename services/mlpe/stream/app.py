@@ -10,6 +10,7 @@ then its agents and timers, whose bodies are the methods below:
 - `train_steps`: TrainStep events -> 1 s / 10 s windows per job and rank, and the
   training detectors, state in the table `train-jobs`; `watch_stalls` notices jobs
   that stopped stepping.
+- `kernel_timings`: KernelSummary events -> the `kernel` measurement (kernels.py).
 - `write_closed_windows`: writes the windows that closed and releases their events,
   which are acknowledged only then (acks.py: why a kill -9 loses no window).
 - `follow_placements`: all of mlpe.placement, in every worker, so `aggregate` can give
@@ -43,6 +44,7 @@ from mlpe.common.topics import (
     GPU_METRICS,
     GPU_SECONDS,
     HOST_METRICS,
+    KERNEL_EVENTS,
     PLACEMENT,
     TRAIN_EVENTS,
     metrics_group,
@@ -63,6 +65,7 @@ from mlpe.stream.decoding import (
 from mlpe.stream.detectors import baseline, peers, training, trend
 from mlpe.stream.detectors import events as events_detector
 from mlpe.stream.influx import InfluxWriter, alert_line
+from mlpe.stream.kernels import kernel_lines
 from mlpe.stream.state import StreamState
 from mlpe.stream.windows import escape_tag
 from mlpe.v1 import alerts_pb2, deadletter_pb2
@@ -176,6 +179,7 @@ class StreamApp:
                                       internal=True, partitions=GPU_SECONDS.partitions,
                                       retention=GPU_SECONDS.retention_ms / 1000)
         self.train_topic = _raw_topic(app, TRAIN_EVENTS.name)
+        self.kernel_topic = _raw_topic(app, KERNEL_EVENTS.name)
 
         # Tables: detector state, co-partitioned with the topic that feeds it.
         self.gpu_series = app.Table(  # node/gpu -> baseline and trend state
@@ -191,6 +195,7 @@ class StreamApp:
         app.task(self.consume_metrics)
         self.detect_gpus = app.agent(self.gpu_seconds)(self.detect_gpus)
         self.train_steps = app.agent(self.train_topic)(self.train_steps)
+        self.kernel_timings = app.agent(self.kernel_topic)(self.kernel_timings)
         app.timer(interval=1.0)(self.watch_stalls)
         app.task(self.write_closed_windows)
         app.task(self.follow_placements)
@@ -483,6 +488,19 @@ class StreamApp:
         if at_once or now_ns - last >= 10**9:
             self.train_jobs[job] = job_state
             self.state.job_saved_ns[job] = now_ns
+
+    async def kernel_timings(self, stream) -> None:
+        """KernelSummary events into the `kernel` measurement (kernels.py), written before
+        the event is acknowledged (a replay rewrites the same points)."""
+        async for event in stream.events():
+            try:
+                lines = kernel_lines(event.value)
+            except ValueError as err:
+                await self.dead_letter(event, str(err))
+                continue
+            await self.writer.write(lines)
+            counters = self.state.counters
+            counters["kernel_summaries"] = counters.get("kernel_summaries", 0) + 1
 
     # Timers and tasks.
 

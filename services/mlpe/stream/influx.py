@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 
 from influxdb_client import WritePrecision
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
@@ -16,6 +17,15 @@ from mlpe.stream.windows import escape_tag
 
 log = logging.getLogger("mlpe.stream.influx")
 CHUNK = 5_000  # lines per HTTP request
+# The window tag of a line's series key (before its first unescaped space).
+_WINDOW = re.compile(r"^(?:[^ \\]|\\.)*?,window=([^ ,]+)[ ,]")
+
+
+def bucket_of(settings: Settings, line: str) -> str:
+    """Where a line goes: its resolution's bucket by its window tag, the base bucket for
+    a line without one (alerts, kernel timings)."""
+    match = _WINDOW.match(line)
+    return settings.influx_bucket_of(match.group(1) if match else "")
 
 
 def _text(value: str) -> str:
@@ -63,18 +73,23 @@ class InfluxWriter:
         return self.client.write_api()
 
     async def write(self, lines: list[str]) -> None:
-        """Write every line; on failure retry with backoff (up to 5 s) until it succeeds.
-        Lines InfluxDB refuses as malformed (HTTP 400) are found by halving the chunk,
-        logged and dropped: one bad line must not hold back every window behind it."""
-        for start in range(0, len(lines), CHUNK):
-            await self._write_chunk(lines[start:start + CHUNK])
+        """Write every line, each to its resolution's bucket (bucket_of); on failure retry
+        with backoff (up to 5 s) until it succeeds. Lines InfluxDB refuses as malformed
+        (HTTP 400) are found by halving the chunk, logged and dropped: one bad line must
+        not hold back every window behind it."""
+        by_bucket: dict[str, list[str]] = {}
+        for line in lines:
+            by_bucket.setdefault(bucket_of(self.settings, line), []).append(line)
+        for bucket, routed in by_bucket.items():
+            for start in range(0, len(routed), CHUNK):
+                await self._write_chunk(routed[start:start + CHUNK], bucket)
 
-    async def _write_chunk(self, chunk: list[str]) -> None:
+    async def _write_chunk(self, chunk: list[str], bucket: str) -> None:
         delay = 0.2
         while True:
             try:
                 api = await self._api()
-                await api.write(bucket=self.settings.influx_bucket, record=chunk,
+                await api.write(bucket=bucket, record=chunk,
                                 write_precision=WritePrecision.NS)
                 return
             except ApiException as err:
@@ -87,8 +102,8 @@ class InfluxWriter:
                     return
                 else:
                     half = len(chunk) // 2
-                    await self._write_chunk(chunk[:half])
-                    await self._write_chunk(chunk[half:])
+                    await self._write_chunk(chunk[:half], bucket)
+                    await self._write_chunk(chunk[half:], bucket)
                     return
             except Exception as err:  # noqa: BLE001 - connection errors and timeouts
                 self._retrying(err, delay)

@@ -40,6 +40,11 @@ def test_ports_flow_into_addresses():
         ("MLPE_OPTIMIZER_PORT", "0", "an integer from 1 to 65535"),
         ("MLPE_NOTIFY_START", "middle", "earliest, latest"),
         ("MLPE_CONTROL_NAMESPACE", " ", "is empty"),
+        ("MLPE_INFLUX_RETENTION_1S", "1 day", "like 1d, 30d or 365d"),
+        ("MLPE_INFLUX_RETENTION_10S", "30", "like 1d, 30d or 365d"),
+        ("MLPE_INFLUX_RETENTION_1M", "-1d", "like 1d, 30d or 365d"),
+        ("MLPE_INFLUX_RETENTION_1S", "30m", "at least 1h"),  # InfluxDB's shortest
+        ("MLPE_INFLUX_RETENTION_10S", "1.5d", "like 1d, 30d or 365d"),
     ],
 )
 def test_malformed_variable_is_named_with_expected_form(name, value, expected):
@@ -75,3 +80,14 @@ def test_tls_certificate_and_key_go_together():
 
 def test_state_dir_expands_user():
     assert load({"MLPE_STATE_DIR": "~/x"}).state_dir == Path.home() / "x"
+
+
+def test_each_resolution_has_its_bucket_and_retention():
+    s = load({})
+    assert s.influx_buckets == {"mlpe": 365 * 86_400, "mlpe-1s": 86_400,
+                                "mlpe-10s": 30 * 86_400, "mlpe-1m": 365 * 86_400}
+    assert [s.influx_bucket_of(w) for w in ("1s", "10s", "1m", "")] == \
+        ["mlpe-1s", "mlpe-10s", "mlpe-1m", "mlpe"]
+    s = load({"MLPE_INFLUX_BUCKET": "b", "MLPE_INFLUX_RETENTION_1S": "12h",
+              "MLPE_INFLUX_RETENTION_10S": "2w", "MLPE_INFLUX_RETENTION_1M": "0"})
+    assert s.influx_buckets == {"b": 0, "b-1s": 12 * 3600, "b-10s": 14 * 86_400, "b-1m": 0}

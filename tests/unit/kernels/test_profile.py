@@ -27,6 +27,8 @@ def test_each_op_reports_its_calls_and_times_then_resets():
     assert norm["calls"] == 3 and got["swiglu.forward"]["calls"] == 1
     assert 0 < norm["p50_ms"] <= norm["max_ms"] <= norm["total_ms"]
     assert abs(norm["mean_ms"] * 3 - norm["total_ms"]) < 1e-9
+    # x and w read, the output (x's shape) written: the bytes for GB/s
+    assert norm["bytes_per_call"] == (64 * 256 * 2 + 256) * 4
     assert profile.report() == {}
 
 
@@ -44,4 +46,5 @@ def test_the_optimizer_step_is_timed():
     p.grad = torch.randn(10)
     with profile.profiling():
         FusedAdamW([p]).step()
-    assert profile.report()["adamw.step"]["calls"] == 1
+    step = profile.report()["adamw.step"]
+    assert step["calls"] == 1 and step["bytes_per_call"] == 0  # no tensors in its arguments

@@ -1,6 +1,6 @@
 """Hostile input on the real topics while valid data flows: thousands of generated and
 mutated messages (random bytes, truncations, bit flips, fields at their edges, hostile
-strings) to the metric, training and GPU-seconds topics of `mlpe stream` and to the
+strings) to the metric, training, kernel and GPU-seconds topics of `mlpe stream` and to the
 alerts `mlpe notify` reads. Afterwards every service still runs and still processes,
 every message that cannot be valid is in mlpe.deadletter with a reason, the valid
 fleet's windows are all in InfluxDB, and InfluxDB holds no measurement, tag or field
@@ -26,11 +26,19 @@ from mlpe.agent.shipper import Shipper
 from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.spool import Spool
 from mlpe.common import batches
-from mlpe.common.topics import ALERTS, DEAD_LETTER, GPU_METRICS, GPU_SECONDS, TRAIN_EVENTS, of_app
+from mlpe.common.topics import (
+    ALERTS,
+    DEAD_LETTER,
+    GPU_METRICS,
+    GPU_SECONDS,
+    KERNEL_EVENTS,
+    TRAIN_EVENTS,
+    of_app,
+)
 from mlpe.stream.decoding import IDENTIFIER
 from mlpe.v1 import alerts_pb2, deadletter_pb2
 from mlpe.v1 import metrics_pb2 as pb
-from mlpe.v1.training_pb2 import TrainStep
+from mlpe.v1.training_pb2 import KernelSummary, KernelTiming, TrainStep
 
 from .test_alert_path import notify_to_sink
 from .test_stream import (  # noqa: F401 - stream_env is a fixture
@@ -176,6 +184,25 @@ def hostile_reports(now_ns: int) -> list[bytes]:
     return out
 
 
+def hostile_kernels(now_ns: int) -> list[bytes]:
+    def summary(**changes) -> bytes:
+        timing = dict(op="rmsnorm", direction="forward", calls=10, total_ms=1.0, p50_ms=0.1,
+                      p99_ms=0.2, max_ms=0.3)
+        timing.update({k: v for k, v in changes.items() if k in timing})
+        top = dict(job_id="fuzz-job", rank=0, first_step=1, last_step=2, time_ns=now_ns,
+                   backend="triton")
+        top.update({k: v for k, v in changes.items() if k in top})
+        return KernelSummary(kernels=[KernelTiming(**timing)], **top).SerializeToString()
+
+    out = [summary(job_id=t) for t in HOSTILE if t] + [summary(op=t) for t in HOSTILE]
+    out += [summary(backend=t) for t in HOSTILE if t]
+    out += [summary(p50_ms=v) for v in (math.nan, math.inf, -1.0)]
+    out += [summary(calls=c) for c in (0, -1)] + [summary(rank=r) for r in (-1, 2**31 - 1)]
+    out += [summary(first_step=5, last_step=1), summary(time_ns=0)]
+    out.append(KernelSummary(job_id="fuzz-job", time_ns=now_ns).SerializeToString())  # none
+    return out
+
+
 def generate(fuzz: Fuzz, app_id: str, count: int) -> None:
     now_ns = time.time_ns()
     seconds_topic = of_app(GPU_SECONDS, app_id).name
@@ -192,6 +219,8 @@ def generate(fuzz: Fuzz, app_id: str, count: int) -> None:
         fuzz.add(TRAIN_EVENTS.name, raw, True)
     for raw in hostile_reports(now_ns):
         fuzz.add(seconds_topic, raw, True)
+    for raw in hostile_kernels(now_ns):
+        fuzz.add(KERNEL_EVENTS.name, raw, True)
     for text in HOSTILE:  # alerts that parse: delivered escaped, or refused, never a crash
         fuzz.add(ALERTS.name, alerts_pb2.Alert(
             fingerprint=f"fz-{text[:20]}", rule=text, summary=text * 50, explanation=text,
@@ -199,7 +228,13 @@ def generate(fuzz: Fuzz, app_id: str, count: int) -> None:
             starts_at_ns=now_ns, detected_at_ns=now_ns).SerializeToString(), False)
     mutate = [fuzz.random_bytes, lambda: fuzz.truncated(valid_batch),
               lambda: fuzz.flipped(valid_batch)]
+    valid_kernels = KernelSummary(job_id="fuzz-job", rank=0, first_step=1, last_step=2,
+                                  time_ns=now_ns, backend="triton", kernels=[KernelTiming(
+                                      op="rmsnorm", direction="forward", calls=3,
+                                      total_ms=1.0, p50_ms=0.3, p99_ms=0.4, max_ms=0.4)]
+                                  ).SerializeToString()
     topics = [(GPU_METRICS.name, valid_batch, pb.MetricBatch),
+              (KERNEL_EVENTS.name, valid_kernels, KernelSummary),
               (TRAIN_EVENTS.name, valid_step, TrainStep),
               (ALERTS.name, valid_alert, alerts_pb2.Alert)]
     while len(fuzz.sent) < count:

@@ -69,3 +69,31 @@ async def test_stream_writer_drops_only_the_malformed_line(stack_endpoints, uniq
             from(bucket: "{e.influx_bucket}") |> range(start: -10m)
               |> filter(fn: (r) => r._measurement == "probe" and r.run == "{unique}")''')
     assert sorted(r.get_value() for t in tables for r in t.records) == [0, 1, 2, 4, 5, 6]
+
+
+async def test_points_beyond_retention_are_dropped_not_retried(stack_endpoints, unique):
+    """InfluxDB answers 422 for points older than a bucket's retention (a replay of old
+    data): the writer must return, keep the rest, and count it (it used to retry for
+    ever, and every consumer behind the write stalled)."""
+    import time
+
+    from mlpe.common.settings import load
+    from mlpe.stream.influx import InfluxWriter
+
+    e = stack_endpoints
+    writer = InfluxWriter(load({"MLPE_INFLUX_URL": e.influx_url, "MLPE_INFLUX_TOKEN":
+                                e.influx_token, "MLPE_INFLUX_ORG": e.influx_org,
+                                "MLPE_INFLUX_BUCKET": e.influx_bucket}))
+    now_ns = time.time_ns()
+    old_ns = now_ns - 3 * 86_400 * 10**9  # the 1 s bucket keeps a day
+    try:
+        await writer.write([f"gpu,node=old-{unique},window=1s,gpu=0 util_mean=1.0 {old_ns}",
+                            f"gpu,node=new-{unique},window=1s,gpu=0 util_mean=2.0 {now_ns}"])
+    finally:
+        await writer.close()
+    assert writer.beyond_retention == 1 and writer.failures == 0
+    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+        tables = client.query_api().query(f'''
+            from(bucket: "{e.bucket_of('1s')}") |> range(start: -5m)
+              |> filter(fn: (r) => r.node == "new-{unique}")''')
+    assert [r.get_value() for t in tables for r in t.records] == [2.0]

@@ -494,13 +494,19 @@ class StreamApp:
         the event is acknowledged (a replay rewrites the same points)."""
         async for event in stream.events():
             try:
-                lines = kernel_lines(event.value)
-            except ValueError as err:
-                await self.dead_letter(event, str(err))
-                continue
-            await self.writer.write(lines)
-            counters = self.state.counters
-            counters["kernel_summaries"] = counters.get("kernel_summaries", 0) + 1
+                await self.take_kernels(event)
+            except Exception as err:  # noqa: BLE001 - one bad message must not stop the agent
+                await self.failed(event.message, err)
+
+    async def take_kernels(self, event) -> None:
+        try:
+            lines = kernel_lines(event.value)
+        except ValueError as err:
+            await self.dead_letter(event, str(err))
+            return
+        await self.writer.write(lines)
+        counters = self.state.counters
+        counters["kernel_summaries"] = counters.get("kernel_summaries", 0) + 1
 
     # Timers and tasks.
 

@@ -62,6 +62,7 @@ class InfluxWriter:
         self.client: InfluxDBClientAsync | None = None
         self.failures = 0
         self.rejected = 0   # malformed lines InfluxDB refused (dropped)
+        self.beyond_retention = 0  # writes whose points were partly outside retention
 
     async def _api(self):
         if self.client is None:
@@ -93,6 +94,15 @@ class InfluxWriter:
                                 write_precision=WritePrecision.NS)
                 return
             except ApiException as err:
+                if err.status == 422:
+                    # "Partial write": InfluxDB wrote the rest and dropped the points
+                    # outside the bucket's retention (a replay of old data, a clock far
+                    # behind). Sending them again can never succeed: retrying for ever
+                    # stalled every consumer behind this write.
+                    self.beyond_retention += 1
+                    log.warning("influxdb dropped points outside the retention of %s: %s",
+                                bucket, str(err.body or err.reason)[:300])
+                    return
                 if err.status != 400:
                     self._retrying(err, delay)
                 elif len(chunk) == 1:

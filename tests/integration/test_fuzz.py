@@ -269,13 +269,15 @@ async def dead_letters(bootstrap: str, group: str, prefix: bytes, wanted: set[by
 # Fields valid data makes: window stats and samples, alerts', kernel timings'.
 FIELD = re.compile(r"[a-z0-9_]+_(min|mean|max|p95|last)|samples|state|summary|explanation|"
                    r"fingerprint|value|threshold|calls|(total|p50|p99|max)_ms|gbps|"
-                   r"(first|last)_step")
+                   r"(first|last)_step|v")
 # Tags valid data makes: windows', alerts' (their labels: node, gpu, job, field),
 # stream_dropped's, and kernel timings'.
 TAGS = {"node", "gpu", "job", "window", "rank", "rule", "severity", "field", "reason", "op",
-        "direction", "backend", "_start", "_stop", "_field", "_measurement", "_value",
+        "direction", "backend", "run", "_start", "_stop", "_field", "_measurement", "_value",
         "_time"}
-MEASUREMENTS = {"gpu", "host", "train", "alert", "stream_dropped", "kernel", "cost"}
+# What mlpe writes, and "probe": tests/integration/test_influxdb.py writes that one
+# straight to the bucket, maybe at the same time (pytest workers side by side).
+MEASUREMENTS = {"gpu", "host", "train", "alert", "stream_dropped", "kernel", "probe"}
 
 
 def influx_schema(e) -> tuple[set[str], set[str], set[str], set[str]]:

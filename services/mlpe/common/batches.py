@@ -104,9 +104,11 @@ class NodeBatch:
         cached = self.__dict__.get("_matrix")
         if cached is None:
             fields = tuple(sorted(self.columns))
-            out = np.empty((self.samples, self.devices, len(fields)))
-            for j, f in enumerate(fields):
-                out[:, :, j] = self.columns[f].T
+            if fields:  # one stack and one transpose, not a copy per field
+                out = np.stack([self.columns[f] for f in fields], axis=-1,
+                               dtype=np.float64).transpose(1, 0, 2)
+            else:
+                out = np.empty((self.samples, self.devices, 0))
             cached = self.__dict__["_matrix"] = (fields, out)
         return cached
 

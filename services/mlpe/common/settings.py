@@ -316,7 +316,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         redis_url=_url(
             env, "MLPE_REDIS_URL", f"redis://127.0.0.1:{redis_port}/0", ("redis", "rediss")
         ),
-        stream_lateness_s=_float(env, "MLPE_STREAM_LATENESS_S", 0.3, 0.0, 60.0),
+        stream_lateness_s=_float(env, "MLPE_STREAM_LATENESS_S", 0.0, 0.0, 60.0),
         stream_clock_tolerance_s=_float(env, "MLPE_STREAM_CLOCK_TOLERANCE_S", 10.0, 0.0,
                                         3600.0),
         stream_max_devices=_int(env, "MLPE_STREAM_MAX_DEVICES", 64, 1, 4096),

@@ -32,18 +32,19 @@ def downsample_flux(settings: Settings, start: str, stop: str) -> str:
     """Flux that writes the 1 min windows of [start, stop) (Flux time expressions, aligned
     to the minute) from the 10 s bucket into the 1 min bucket, tagged window=1m."""
     src, dst = settings.influx_bucket_of("10s"), settings.influx_bucket_of("1m")
-    parts = [f'one(suffix: "{suffix}", fn: {fn})' for suffix, fn in DOWNSAMPLE]
+    parts = [f'one(field: /{suffix}$/, fn: {fn})' for suffix, fn in DOWNSAMPLE]
+    # Each part is from |> range |> filter |> aggregateWindow with a field regex: a shape
+    # InfluxDB pushes down into its storage engine. The first version filtered one shared
+    # source with strings.hasSuffix, which is not pushed down: every run read every field
+    # of every series six times in Flux, 35 s to 2 min of both cores for each minute of a
+    # 384-GPU fleet, and runs overlapped.
     return f'''import "strings"
 
-src = from(bucket: "{src}")
+one = (field, fn) => from(bucket: "{src}")
   |> range(start: {start}, stop: {stop})
-  |> filter(fn: (r) => r.window == "10s")
-one = (suffix, fn) => src
-  |> filter(fn: (r) => strings.hasSuffix(v: r._field, suffix: suffix))
+  |> filter(fn: (r) => r.window == "10s" and r._field =~ field)
   |> aggregateWindow(every: 1m, fn: fn, timeSrc: "_start", createEmpty: false)
-samples = src
-  |> filter(fn: (r) => r._field == "samples")
-  |> aggregateWindow(every: 1m, fn: sum, timeSrc: "_start", createEmpty: false)
+samples = one(field: /^samples$/, fn: sum)
 
 union(tables: [{", ".join(parts)}, samples])
   |> set(key: "window", value: "1m")

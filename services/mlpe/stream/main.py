@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "state in Faust tables; sends alerts to mlpe.alerts (and InfluxDB, for Grafana) and "
         "undecodable or invalid input to mlpe.deadletter. GPU batches without a job get "
         "the job whose pids (mlpe.placement, read whole by every worker) run on the GPU. "
-        "Start several to share the partitions. MLPE_STREAM_LATENESS_S (default 0.3) is "
+        "Start several to share the partitions. MLPE_STREAM_LATENESS_S (default 0) is "
         "how long a window waits for late samples.",
     )
     p.set_defaults(func=run)

@@ -202,17 +202,21 @@ class WindowSet:
         flat = values[np.argsort(times, kind="stable")].reshape(n, n_dev * n_fields)
         with np.errstate(all="ignore"):
             finite = np.isfinite(flat)
-            counts = finite.sum(axis=0)
-            masked = np.where(finite, flat, np.nan)  # inf is no reading either
-            stats = {
-                "min": _nan_safe(np.nanmin, masked, counts),
-                "mean": _nan_safe(np.nanmean, masked, counts),
-                "max": _nan_safe(np.nanmax, masked, counts),
-                "p95": (np.percentile(flat, 95, axis=0) if finite.all() else
-                        _nan_safe(lambda a, axis: np.nanpercentile(a, 95, axis=axis),
-                                  masked, counts)),
-                "last": _last_finite(masked),
-            }
+            if finite.all():  # the common case: plain reductions, no masks
+                counts = np.full(flat.shape[1], n)
+                stats = {"min": flat.min(axis=0), "mean": flat.mean(axis=0),
+                         "max": flat.max(axis=0), "p95": _p95(flat), "last": flat[-1]}
+            else:
+                counts = finite.sum(axis=0)
+                masked = np.where(finite, flat, np.nan)  # inf is no reading either
+                stats = {
+                    "min": _nan_safe(np.nanmin, masked, counts),
+                    "mean": _nan_safe(np.nanmean, masked, counts),
+                    "max": _nan_safe(np.nanmax, masked, counts),
+                    "p95": _nan_safe(lambda a, axis: np.nanpercentile(a, 95, axis=axis),
+                                     masked, counts),
+                    "last": _last_finite(masked),
+                }
         # (devices, fields, stats) as Python floats in one conversion; each line is one
         # str.format of a template made once per field set (repr of each float in C).
         table = np.stack([stats[name] for name in STATS], axis=-1).reshape(
@@ -255,6 +259,16 @@ class WindowSet:
 def _template(names: tuple[str, ...]) -> str:
     """Line-protocol fields for every stat of these fields: util_min={!r},util_mean=..."""
     return ",".join(f"{name}_{stat}={{!r}}" for name in names for stat in STATS)
+
+
+def _p95(values: np.ndarray) -> np.ndarray:
+    """np.percentile(values, 95, axis=0) (linear interpolation) with one partition: the
+    generic function's overhead was most of its cost on 100-sample windows."""
+    rank = 0.95 * (len(values) - 1)
+    lo = int(rank)
+    hi = min(lo + 1, len(values) - 1)
+    part = np.partition(values, (lo, hi), axis=0)
+    return part[lo] + (part[hi] - part[lo]) * (rank - lo)
 
 
 def _nan_safe(fn, values: np.ndarray, counts: np.ndarray) -> np.ndarray:

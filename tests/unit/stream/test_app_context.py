@@ -231,7 +231,7 @@ async def test_a_node_whose_clock_runs_ahead_is_refused_alerted_and_forgiven(
     ahead = await stream.take_metrics(metrics(node_batch(0, 0, ahead_s=3600 + 1000), 0))
     await stream.take_metrics(metrics(node_batch(0, 1, ahead_s=3600 + 1000), 1))
     assert [offset for offset, _ in refused] == [0, 1] and ahead.acked
-    assert re.search(r"n1's samples are 9\d\d\.\d s ahead .* its clock is off", refused[0][1])
+    assert re.search(r"n1's samples are \d+\.\d s ahead .* its clock is off", refused[0][1])
     assert [(a.rule, a.state, dict(a.labels)) for a in alerts] == [
         ("node_clock_ahead", al.ALERT_FIRING, {"node": "n1"})]  # once, not per batch
     await stream.take_metrics(metrics(node_batch(0.2, 2), 2))  # its clock is right again

@@ -55,14 +55,15 @@ def test_stack_makes_each_bucket_with_its_retention_idempotently(stack_endpoints
                          e.influx_url, e.influx_token)
 
 
-def test_the_task_is_active_and_its_flux_makes_1_min_windows(stack_endpoints, unique):
+def test_the_task_is_made_off_by_default_and_its_flux_makes_1_min_windows(stack_endpoints,
+                                                                          unique):
     e = stack_endpoints
     settings = load({"MLPE_INFLUX_BUCKET": e.influx_bucket})
     code, body = http_json("GET", f"{e.influx_url}/api/v2/tasks?name={retention.TASK_NAME}",
                            token=e.influx_token)
     assert code == 200, body
     [task] = body["tasks"]
-    assert task["status"] == "active" and task["flux"] == retention.task_flux(settings)
+    assert task["status"] == "inactive" and task["flux"] == retention.task_flux(settings)
     # Two minutes of 10 s windows of one GPU, an hour ago (the task's own runs only look
     # at the last minutes), then the task's Flux run on demand over those minutes.
     minute = (time.time_ns() // 60_000_000_000 - 60) * 60_000_000_000

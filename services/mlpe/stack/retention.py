@@ -73,7 +73,8 @@ def _expect(code: int, body: dict, ok: tuple[int, ...], what: str) -> dict:
 
 
 def ensure(settings: Settings, http: Http, url: str, token: str) -> None:
-    """Every bucket with its retention, then the downsampling task, created or updated."""
+    """Every bucket with its retention, then the downsampling task, created or updated:
+    active with MLPE_INFLUX_DOWNSAMPLE=on, else there but inactive."""
     orgs = _expect(*http("GET", f"{url}/api/v2/orgs?org={settings.influx_org}", token=token),
                    (200,), f"finding org {settings.influx_org}")["orgs"]
     org_id = orgs[0]["id"]
@@ -91,14 +92,14 @@ def ensure(settings: Settings, http: Http, url: str, token: str) -> None:
             _expect(*http("PATCH", f"{url}/api/v2/buckets/{buckets[0]['id']}",
                           {"retentionRules": rules or [{"type": "expire", "everySeconds": 0}]},
                           token=token), (200,), f"setting the retention of bucket {name}")
-    flux = task_flux(settings)
+    flux, status = task_flux(settings), "active" if settings.influx_downsample else "inactive"
     tasks = _expect(*http("GET", f"{url}/api/v2/tasks?orgID={org_id}&name={TASK_NAME}",
                           token=token), (200,), f"finding task {TASK_NAME}")["tasks"]
     if not tasks:
         _expect(*http("POST", f"{url}/api/v2/tasks",
-                      {"orgID": org_id, "flux": flux, "status": "active"}, token=token),
+                      {"orgID": org_id, "flux": flux, "status": status}, token=token),
                 (201,), f"creating task {TASK_NAME}")
-    elif tasks[0].get("flux") != flux or tasks[0].get("status") != "active":
+    elif tasks[0].get("flux") != flux or tasks[0].get("status") != status:
         _expect(*http("PATCH", f"{url}/api/v2/tasks/{tasks[0]['id']}",
-                      {"flux": flux, "status": "active"}, token=token),
+                      {"flux": flux, "status": status}, token=token),
                 (200,), f"updating task {TASK_NAME}")

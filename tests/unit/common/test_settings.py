@@ -98,5 +98,6 @@ def test_the_downsampling_task_is_off_unless_asked():
 
     assert load({}).influx_downsample is False
     assert load({"MLPE_INFLUX_DOWNSAMPLE": "on"}).influx_downsample is True
-    with pytest.raises(SettingsError, match="MLPE_INFLUX_DOWNSAMPLE='yes': expected one of on, off"):
+    with pytest.raises(SettingsError,
+                       match="MLPE_INFLUX_DOWNSAMPLE='yes': expected one of on, off"):
         load({"MLPE_INFLUX_DOWNSAMPLE": "yes"})

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from influxdb_client import InfluxDBClient
 from influxdb_client.client.write_api import SYNCHRONOUS
 
 from mlpe.common.settings import load
 from mlpe.stack import retention
 from mlpe.stack.influxdb import http_json
+
+# One pytest worker for both: the first points the stack's one task at a bucket family of
+# its own for a moment, and the second checks the task's Flux.
+pytestmark = pytest.mark.xdist_group("retention")
 
 
 def buckets(e) -> dict[str, int]:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from influxdb_client import InfluxDBClient
 
 from mlpe import stack
 from mlpe.common import settings as settings_module
@@ -40,6 +41,13 @@ class Endpoints:
     influx_org: str
     influx_bucket: str
     redis_url: str
+
+    def influx(self) -> InfluxDBClient:
+        """A client of the stack's InfluxDB. Its read timeout is a minute, not the client's
+        10 s: with the whole suite on two cores a query can take longer, and a timeout
+        there failed tests whose data was all in place."""
+        return InfluxDBClient(url=self.influx_url, token=self.influx_token,
+                              org=self.influx_org, timeout=60_000)
 
     def bucket_of(self, window: str) -> str:
         """The bucket of a resolution ("1s", "10s", "1m"), as the stream writes it."""

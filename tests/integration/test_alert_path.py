@@ -13,7 +13,6 @@ import time
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import DecodeError
-from influxdb_client import InfluxDBClient
 
 from mlpe.agent.agent import Agent
 from mlpe.agent.scenario import parse
@@ -95,7 +94,7 @@ async def test_xid_reaches_the_webhook_once(stream_env, unique, tmp_path):  # no
     assert texts == [f"[FIRING] Xid 79 on GPU 1 on {node}-00"]
     # ... and it is an annotation for Grafana in InfluxDB.
     e = stream_env
-    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+    with e.influx() as client:
         tables = client.query_api().query(f'''
             from(bucket: "{e.influx_bucket}") |> range(start: -1h)
               |> filter(fn: (r) => r._measurement == "alert" and r.node == "{node}-00"
@@ -144,7 +143,7 @@ async def test_kill_9_of_the_stream_sends_no_notification_twice(stream_env, uniq
                 assert time.monotonic() < deadline and stream.poll() is None, \
                     log.read_text()[-2000:]
                 await asyncio.sleep(0.05)
-            # Its data's partitions have commits (not of the alert's batch: a 10 s window
+            # Its data's partitions have commits (not of the alert's batch: a window
             # holds it), so the restart resumes there rather than at the topic's start.
             await wait_committed(stream_env.kafka_bootstrap, metrics_group(f"test-stream-{unique}"),
                                  partitions_of([f"{node}-00", f"{node}-01"]))

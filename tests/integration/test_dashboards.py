@@ -421,6 +421,6 @@ def test_the_resolution_follows_the_time_range(stack_endpoints, ago, span, chose
     stop = datetime.now(UTC) - ago
     flux = render('import "array"\n' + prelude + 'array.from(rows: [{res: res, b: bucket}])',
                   {"resolution": chosen, "bucket": e.influx_bucket}, stop - span, stop)
-    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+    with e.influx() as client:
         [row] = [r.values for t in client.query_api().query(flux) for r in t.records]
     assert (row["res"], row["b"]) == (wanted, e.bucket_of(wanted))

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from google.protobuf.message import DecodeError
-from influxdb_client import InfluxDBClient
 
 from mlpe.agent.agent import Agent
 from mlpe.agent.scenario import Scenario
@@ -283,7 +282,7 @@ MEASUREMENTS = {"gpu", "host", "train", "alert", "stream_dropped", "kernel", "pr
 def influx_schema(e) -> tuple[set[str], set[str], set[str], set[str]]:
     """(measurements, tag keys, field keys, node tag values) of the last 10 minutes, in
     every bucket mlpe writes."""
-    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+    with e.influx() as client:
         query = client.query_api()
 
         def column(flux: str) -> set[str]:

@@ -13,7 +13,7 @@ from influxdb_client.rest import ApiException
 def test_write_then_flux_query(stack_endpoints, unique):
     e = stack_endpoints
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
-    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+    with e.influx() as client:
         points = [
             Point("gpu").tag("node", f"n-{unique}").tag("gpu", str(i % 2))
             .field("util_mean", 50.0 + i).time(start + timedelta(seconds=i), WritePrecision.S)
@@ -64,7 +64,7 @@ async def test_stream_writer_drops_only_the_malformed_line(stack_endpoints, uniq
     await writer.write(lines)
     await writer.close()
     assert writer.rejected == 1
-    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+    with e.influx() as client:
         tables = client.query_api().query(f'''
             from(bucket: "{e.influx_bucket}") |> range(start: -10m)
               |> filter(fn: (r) => r._measurement == "probe" and r.run == "{unique}")''')
@@ -92,7 +92,7 @@ async def test_points_beyond_retention_are_dropped_not_retried(stack_endpoints, 
     finally:
         await writer.close()
     assert writer.beyond_retention == 1 and writer.failures == 0
-    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+    with e.influx() as client:
         tables = client.query_api().query(f'''
             from(bucket: "{e.bucket_of('1s')}") |> range(start: -5m)
               |> filter(fn: (r) => r.node == "new-{unique}")''')

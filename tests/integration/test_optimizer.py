@@ -91,7 +91,6 @@ def test_impossible_and_infeasible_requests(optimizer):
 
 
 def test_advise_job_reads_its_telemetry(control_and_optimizer, stack_endpoints):
-    from influxdb_client import InfluxDBClient
     from influxdb_client.client.write_api import SYNCHRONOUS
 
     control, optimizer = control_and_optimizer
@@ -111,8 +110,7 @@ def test_advise_job_reads_its_telemetry(control_and_optimizer, stack_endpoints):
         lines.append(f"host,node={job}-n3,window=10s cpu_util_mean=97.0 {t}")
         lines.append(f"train,job={job},rank=0,window=10s tokens_per_s_mean=9000.0,"
                      f"step_time_s_mean=1.0,step_time_s_max=1.1 {t}")
-    with InfluxDBClient(url=stack_endpoints.influx_url, token=stack_endpoints.influx_token,
-                        org=stack_endpoints.influx_org) as client:
+    with stack_endpoints.influx() as client:
         client.write_api(write_options=SYNCHRONOUS).write(
             stack_endpoints.bucket_of("10s"), record="\n".join(lines))
     answer = optimizer.AdviseJob(o.AdviseJobRequest(job_id=job, window_s=300))

@@ -9,7 +9,6 @@ import time
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from influxdb_client import InfluxDBClient
 
 from mlpe.common.topics import PLACEMENT
 from mlpe.v1.training_pb2 import JobPlacement, RankProcess
@@ -38,7 +37,7 @@ async def publish(producer, node: str, job: str, pids=(), ended=False) -> None:
 
 def jobs_of_windows(e, prefix: str) -> dict[tuple[str, str], list[str]]:
     """{(node, gpu): the job tag of each of its 1 s windows ("" if none)}, nodes `prefix…`."""
-    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+    with e.influx() as client:
         tables = client.query_api().query(f'''
             import "strings"
             from(bucket: "{e.bucket_of('1s')}") |> range(start: -1h)

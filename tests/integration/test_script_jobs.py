@@ -20,7 +20,6 @@ import grpc
 import pytest
 import torch
 from aiokafka import AIOKafkaConsumer
-from influxdb_client import InfluxDBClient
 
 from mlpe.common.topics import PLACEMENT
 from mlpe.control.local import LocalController
@@ -253,8 +252,7 @@ def test_script_steps_reach_influxdb_and_kernel_timings_kafka(stream_env, unique
                                                               "linear_cross_entropy"}
 
         def train_points() -> int:
-            with InfluxDBClient(url=e.influx_url, token=e.influx_token,
-                                org=e.influx_org) as client:
+            with e.influx() as client:
                 tables = client.query_api().query(f'''
                     from(bucket: "{e.bucket_of('1s')}") |> range(start: -1h)
                       |> filter(fn: (r) => r._measurement == "train" and
@@ -263,8 +261,7 @@ def test_script_steps_reach_influxdb_and_kernel_timings_kafka(stream_env, unique
 
         def kernel_ops() -> set[tuple[str, str]]:
             """(rank, op) of the job's `kernel` points with a bandwidth (bytes known)."""
-            with InfluxDBClient(url=e.influx_url, token=e.influx_token,
-                                org=e.influx_org) as client:
+            with e.influx() as client:
                 tables = client.query_api().query(f'''
                     from(bucket: "{e.influx_bucket}") |> range(start: -1h)
                       |> filter(fn: (r) => r._measurement == "kernel" and

@@ -15,7 +15,6 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import murmur2
-from influxdb_client import InfluxDBClient
 
 from mlpe.agent.agent import Agent
 from mlpe.agent.scenario import Scenario
@@ -71,9 +70,10 @@ def partitions_of(keys: list[str], topic=GPU_METRICS) -> set[int]:
     return {(murmur2(k.encode()) & 0x7FFFFFFF) % topic.partitions for k in keys}
 
 
-async def wait_committed(bootstrap: str, group: str, partitions: set[int], timeout=60.0,
+async def wait_committed(bootstrap: str, group: str, partitions: set[int], timeout=120.0,
                          topic=GPU_METRICS) -> None:
-    """Until the stream app has committed an offset on each of these partitions."""
+    """Until the stream app has committed an offset on each of these partitions (which
+    can take a minute and more: events are held until their 1 min window is written)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -100,7 +100,7 @@ def stream_env(stack_endpoints, monkeypatch):
 
 def windows(e, prefix: str) -> dict[tuple[str, str, int], int]:
     """{(node, gpu, window start s): samples} of the 1 s GPU windows of nodes `prefix…`."""
-    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+    with e.influx() as client:
         tables = client.query_api().query(f'''
             from(bucket: "{e.bucket_of('1s')}") |> range(start: -1h)
               |> filter(fn: (r) => r._measurement == "gpu" and r.window == "1s"
@@ -231,7 +231,7 @@ async def test_garbage_goes_to_dead_letters_and_processing_goes_on(stream_env, u
 
 def kernel_points(e, job: str) -> dict[tuple[str, str, str], dict]:
     """{(rank, op, direction): {field: value}} of the `kernel` points of `job`."""
-    with InfluxDBClient(url=e.influx_url, token=e.influx_token, org=e.influx_org) as client:
+    with e.influx() as client:
         tables = client.query_api().query(f'''
             from(bucket: "{e.influx_bucket}") |> range(start: -1h)
               |> filter(fn: (r) => r._measurement == "kernel" and r.job == "{job}")''')
@@ -305,8 +305,7 @@ async def test_training_steps_become_windows_per_job_and_rank(stream_env, unique
 
         def steps_per_rank() -> dict[str, float]:
             e = stream_env
-            with InfluxDBClient(url=e.influx_url, token=e.influx_token,
-                                org=e.influx_org) as client:
+            with e.influx() as client:
                 tables = client.query_api().query(f'''
                     from(bucket: "{e.bucket_of('1s')}") |> range(start: -1h)
                       |> filter(fn: (r) => r._measurement == "train" and r.job == "{job}"
@@ -401,4 +400,48 @@ async def test_a_node_whose_clock_jumped_ahead_costs_no_other_node_its_data(stre
         await producer.stop()
         for consumer in (letters, alerts):
             await consumer.stop()
+        stop(stream)
+
+
+async def test_a_minute_of_data_becomes_exact_1_min_windows(stream_env, unique, tmp_path):
+    """Seventy seconds of two GPUs, stamped from a whole minute a few minutes ago, sent
+    as fast as Kafka takes them: the 1 min bucket gets that minute with its samples'
+    min, mean, max and last (p95: the largest 10 s p95, a bound from above)."""
+    node = f"m{unique}-00"
+    minute_ns = (time.time_ns() // 60_000_000_000 - 3) * 60_000_000_000
+    rng = np.random.default_rng(7)
+    values = rng.normal(250, 30, size=(70 * 100, 2))  # (samples at 100 Hz, GPUs): power
+    stream = start_stream(unique, tmp_path / "stream.log")
+    producer = AIOKafkaProducer(bootstrap_servers=stream_env.kafka_bootstrap)
+    await producer.start()
+    try:
+        for seq, first in enumerate(range(0, len(values), 10)):
+            times = minute_ns + (first + np.arange(10, dtype=np.int64)) * 10**7
+            raw = batches.encode(batches.join([
+                batches.Batch(node, pb.DEVICE_KIND_GPU, gpu, "", 1, seq, first, times,
+                              {pb.GPU_POWER: values[first:first + 10, gpu]})
+                for gpu in range(2)]))
+            await producer.send(GPU_METRICS.name, raw, key=node.encode())
+        await producer.flush()
+
+        def one_minute() -> dict | None:
+            with stream_env.influx() as client:
+                tables = client.query_api().query(f'''
+                    from(bucket: "{stream_env.bucket_of('1m')}") |> range(start: -1h)
+                      |> filter(fn: (r) => r._measurement == "gpu" and r.node == "{node}")''')
+            got = {(r["gpu"], r.get_field()): r.get_value()
+                   for t in tables for r in t.records
+                   if r["window"] == "1m" and r.get_time().timestamp() * 1e9 == minute_ns}
+            return got if len(got) == 2 * 6 else None
+
+        got = await wait_for(one_minute, 60, "the 1 min windows", stream)
+        for gpu in range(2):
+            x = values[:60 * 100, gpu]
+            assert (got[(str(gpu), "power_min")], got[(str(gpu), "power_max")],
+                    got[(str(gpu), "power_last")], got[(str(gpu), "samples")]) == \
+                (x.min(), x.max(), x[-1], 6000)
+            assert got[(str(gpu), "power_mean")] == pytest.approx(x.mean(), rel=1e-12)
+            assert np.percentile(x, 95) <= got[(str(gpu), "power_p95")] <= x.max()
+    finally:
+        await producer.stop()
         stop(stream)

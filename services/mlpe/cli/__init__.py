@@ -75,8 +75,7 @@ def cmd_stack(args, settings) -> int:
             return 1
         retention.ensure(settings, http_json, settings.influx_url.rstrip("/"), token)
         print("influxdb: " + ", ".join(f"{name} ({seconds // 86_400 or 'for ever'} d)"
-                                       for name, seconds in settings.influx_buckets.items())
-              + f", task {retention.TASK_NAME}")
+                                       for name, seconds in settings.influx_buckets.items()))
         return 0
     if args.action == "down":
         for name, outcome in stack.down(settings, only):

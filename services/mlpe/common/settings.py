@@ -175,9 +175,6 @@ class Settings:
     # Seconds each resolution's bucket keeps its points (0: for ever); the base bucket
     # (alerts, kernel timings) keeps them as long as the 1 min one.
     influx_retention_s: dict[str, int]
-    # The 1 min downsampling task: off by default (README "Storage": on a 2-core machine it
-    # took 10 s to 3 min of InfluxDB CPU a minute and starved everything else).
-    influx_downsample: bool
 
     redis_port: int
     redis_url: str
@@ -312,7 +309,6 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         influx_org=_text(env, "MLPE_INFLUX_ORG", "mlpe"),
         influx_bucket=_text(env, "MLPE_INFLUX_BUCKET", "mlpe"),
         influx_token=token,
-        influx_downsample=_choice(env, "MLPE_INFLUX_DOWNSAMPLE", "off", ("on", "off")) == "on",
         influx_retention_s={
             res: _duration(env, f"MLPE_INFLUX_RETENTION_{res.upper()}", default)
             for res, default in zip(RESOLUTIONS, ("1d", "30d", "365d"), strict=True)},

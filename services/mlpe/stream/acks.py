@@ -16,6 +16,7 @@ partition are released. No Faust here: an event is anything with `.message.topic
 from __future__ import annotations
 
 from collections import deque
+from typing import NamedTuple
 
 Partition = tuple[str, int]  # (topic, partition number)
 
@@ -71,15 +72,23 @@ class AckQueues:
             self.queues.pop(partition, None)
 
 
+class Offset(NamedTuple):
+    topic: str
+    partition: int
+    offset: int
+
+
 class Consumed:
-    """A record of a plain Kafka consumer (topic, partition, offset, key, value) as an
-    event for AckQueues: acknowledging it makes its partition committable up to it.
-    Acks come in offset order (AckQueues), so `committable` only moves forward."""
+    """A record of a plain Kafka consumer as an event for AckQueues: acknowledging it
+    makes its partition committable up to it. Acks come in offset order (AckQueues), so
+    `committable` only moves forward. Only the record's place is kept, not its value:
+    events are held until their minute is written (rollup.py), a minute of messages."""
 
     __slots__ = ("acked", "committable", "message")
 
     def __init__(self, record, committable: dict[Partition, int]):
-        self.message, self.acked, self.committable = record, False, committable
+        self.message = Offset(record.topic, record.partition, record.offset)
+        self.acked, self.committable = False, committable
 
     def ack(self) -> None:
         self.acked = True

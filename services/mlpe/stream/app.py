@@ -2,12 +2,13 @@
 
 `StreamApp(settings)` declares, in order, the Faust app, its topics, its tables and
 then its agents and timers, whose bodies are the methods below:
-- `aggregate`: metric batches -> 1 s / 10 s windows in InfluxDB; Xid/ECC/throttle
+- `aggregate`: metric batches -> 1 s / 10 s windows in InfluxDB, and 1 min ones
+  made of the 10 s ones (rollup.py); Xid/ECC/throttle
   events and threshold rules -> alerts at once. Each closed 1 s GPU window's means
   go to the app's own topic <app id>-gpu-seconds, keyed by job.
 - `detect_gpus`: those means -> statistical baseline, memory-leak trend and
   cross-peer detectors, their state in the tables `gpu-series` and `peer-groups`.
-- `train_steps`: TrainStep events -> 1 s / 10 s windows per job and rank, and the
+- `train_steps`: TrainStep events -> 1 s / 10 s / 1 min windows per job and rank, and the
   training detectors, state in the table `train-jobs`; `watch_stalls` notices jobs
   that stopped stepping.
 - `kernel_timings`: KernelSummary events -> the `kernel` measurement (kernels.py).
@@ -287,7 +288,7 @@ class StreamApp:
             return event
         held: list = []
         try:
-            await self.aggregate(partition, batch, event, held)
+            await self.aggregate(record, batch, event, held)
         except Exception as err:  # noqa: BLE001 - one bad message must not stop the rest
             await self.failed(record, err)
             if held:
@@ -296,11 +297,11 @@ class StreamApp:
                 state.ack_queues.ack_in_order(event)
         return event
 
-    async def aggregate(self, partition: Partition, batch: batches.NodeBatch,
-                        event: Consumed, held: list) -> None:
-        """A checked batch into windows and alerts; the hold on it, once made, goes
-        into `held`."""
-        state = self.state
+    async def aggregate(self, record, batch: batches.NodeBatch, event: Consumed,
+                        held: list) -> None:
+        """A checked batch (of `record`) into windows and alerts; the hold on its event,
+        once made, goes into `held`."""
+        state, partition = self.state, (record.topic, record.partition)
         if batch.node_id in state.clock_ahead:
             await self.clock_ahead(None, batch.node_id)
         fresh = state.seqs.fresh(batch)
@@ -326,7 +327,7 @@ class StreamApp:
             if windows.last_late:
                 late.append((windows.label, windows.last_late))
         if late:
-            await self.report_late(event.message, batch, late, dropped=hold.refs == 0)
+            await self.report_late(record, batch, late, dropped=hold.refs == 0)
         state.counters["batches"] += 1
         state.arrival_delays.append(
             time.time() - batch.timestamps_ns[-1] / 1e9 if batch.samples else 0)
@@ -539,8 +540,9 @@ class StreamApp:
     async def write_once(self) -> None:
         """One pass of the write loop: windows out, then their events released."""
         state = self.state
-        closed = [c for windows in state.windows
-                  for c in windows.close_ready(backlog=self.backlog)]
+        closed = state.minutes.roll([c for windows in state.windows
+                                     for c in windows.close_ready(backlog=self.backlog)],
+                                    backlog=self.backlog)
         notes, state.annotations[:] = list(state.annotations), []
         if not closed and not notes:
             return
@@ -652,6 +654,7 @@ class StreamApp:
         partitions = {(tp.topic, tp.partition) for tp in revoked}
         for windows in self.state.windows:
             windows.drop_partitions(partitions)
+        self.state.minutes.drop_partitions(partitions)
         self.state.ack_queues.drop(partitions)
         for job in [j for j, p in self.state.job_partitions.items() if p in partitions]:
             for table in (self.state.job_states, self.state.job_partitions,

@@ -17,6 +17,7 @@ from mlpe.stream.acks import AckQueues, Partition
 from mlpe.stream.dedup import SeqFilter
 from mlpe.stream.detectors import peers
 from mlpe.stream.placement import Placements
+from mlpe.stream.rollup import Rollup
 from mlpe.stream.windows import WindowSet
 
 WINDOW_WIDTHS_S = (1.0, 10.0)
@@ -37,6 +38,7 @@ def _delays() -> deque[float]:
 @dataclass
 class StreamState:
     windows: list[WindowSet]  # open windows, one set per width
+    minutes: Rollup = field(default_factory=Rollup)  # 1 min windows of the 10 s ones
     ack_queues: AckQueues = field(default_factory=AckQueues)  # events held until written
     last_offsets: dict[Partition, int] = field(default_factory=dict)  # last one processed
     rule_states: dict[str, dict] = field(default_factory=dict)  # rule|node|gpu -> hold state
@@ -61,5 +63,5 @@ class StreamState:
     @classmethod
     def create(cls, lateness_s: float) -> StreamState:
         """A fresh state with empty 1 s and 10 s windows waiting `lateness_s` for late
-        samples."""
+        samples (and 1 min ones made of the 10 s ones)."""
         return cls(windows=[WindowSet(width, lateness_s, IDLE_S) for width in WINDOW_WIDTHS_S])

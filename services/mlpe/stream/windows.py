@@ -68,6 +68,14 @@ class Closed:
     kind: int = 0
     devices: list[DeviceMeans] = field(default_factory=list)
     final: bool = True  # False: written while its source is silent; may grow yet
+    source: tuple = ()  # its WindowSet key: (partition, node, kind, device indices)
+    # What a longer window is made of (Rollup): the (devices, fields, STATS) table, the
+    # finite samples of each (devices, fields), the field names, the samples and jobs.
+    stats: np.ndarray | None = None
+    counts: np.ndarray | None = None
+    names: tuple[str, ...] = ()
+    samples: int = 0
+    jobs: tuple[str, ...] = ()
 
 
 _TAG_ESCAPES = str.maketrans({"\\": "\\\\", ",": "\\,", "=": "\\=", " ": "\\ ",
@@ -195,7 +203,7 @@ class WindowSet:
         return out
 
     def _close(self, key: tuple, window: _Window, final: bool = True) -> Closed:
-        _, node, kind, devices = key
+        _, node, kind, _ = key
         times = np.concatenate([t for t, _ in window.parts])
         values = np.concatenate([v for _, v in window.parts])  # (N, D, F)
         n, n_dev, n_fields = values.shape
@@ -217,42 +225,56 @@ class WindowSet:
                                      masked, counts),
                     "last": _last_finite(masked),
                 }
-        # (devices, fields, stats) as Python floats in one conversion; each line is one
-        # str.format of a template made once per field set (repr of each float in C).
         table = np.stack([stats[name] for name in STATS], axis=-1).reshape(
             n_dev, n_fields, len(STATS))
-        means_of = table[:, :, 1].tolist()
-        rows = table.tolist()
         counts = counts.reshape(n_dev, n_fields)
-        complete = (counts > 0).all(axis=1).tolist()
         names = tuple(f if isinstance(f, str) else batches.field_name(f) for f in window.fields)
+        jobs = tuple(window.jobs[d] if d < len(window.jobs) else "" for d in range(n_dev))
         written_whole = final and window.written_parts == len(window.parts)
-        lines, means = [], []
-        label, measurement = self.label, MEASUREMENT.get(kind, "device")
-        for d, device in enumerate(devices):
-            job = window.jobs[d] if d < len(window.jobs) else ""
-            present = range(n_fields) if complete[d] else \
-                [j for j in range(n_fields) if counts[d, j]]
-            device_means = {names[j]: means_of[d][j] for j in present}
-            means.append(DeviceMeans(device, job, device_means))
-            if written_whole:
-                continue  # written whole already, while its source was silent
-            chosen = names if complete[d] else tuple(names[j] for j in present)
-            values = [x for j in present for x in rows[d][j]]
-            parts = [_template(chosen).format(*values)] if chosen else []
-            parts.append(f"samples={n}i")
-            if kind == TRAIN_KIND:
-                tags = f"job={escape_tag(node)},rank={device},window={label}"
-            else:
-                tags = f"node={escape_tag(node)},window={label}"
-            if kind == pb.DEVICE_KIND_GPU:
-                tags += f",gpu={device}"
-                if job:  # the job view and AdviseJob select a job's GPUs by this tag
-                    tags += f",job={escape_tag(job)}"
-            lines.append(f"{measurement},{tags} {','.join(parts)} {window.start_ns}")
+        lines, means = window_lines(self.label, key, names, table, counts, n, jobs,
+                              window.start_ns, with_lines=not written_whole)
         return Closed(lines=lines, tokens=window.tokens if final else [],
                       start_ns=window.start_ns, end_ns=window.start_ns + self.width_ns,
-                      node=node, kind=kind, devices=means, final=final)
+                      node=node, kind=kind, devices=means, final=final, source=key,
+                      stats=table, counts=counts, names=names, samples=n, jobs=jobs)
+
+
+def window_lines(label: str, key: tuple, names: tuple[str, ...], table: np.ndarray,
+           counts: np.ndarray, samples: int, jobs: tuple[str, ...], start_ns: int,
+           with_lines: bool = True) -> tuple[list[str], list[DeviceMeans]]:
+    """A window's InfluxDB lines (one per device; none without with_lines) and each
+    device's means, from its (devices, fields, STATS) table. A field with no finite
+    sample on a device is left out of that device's line."""
+    _, node, kind, devices = key
+    n_fields = len(names)
+    # Python floats in one conversion; each line is one str.format of a template made
+    # once per field set (repr of each float in C).
+    means_of = table[:, :, 1].tolist()
+    rows = table.tolist()
+    complete = (counts > 0).all(axis=1).tolist()
+    lines, means = [], []
+    measurement = MEASUREMENT.get(kind, "device")
+    for d, device in enumerate(devices):
+        job = jobs[d]
+        present = range(n_fields) if complete[d] else \
+            [j for j in range(n_fields) if counts[d, j]]
+        means.append(DeviceMeans(device, job, {names[j]: means_of[d][j] for j in present}))
+        if not with_lines:
+            continue
+        chosen = names if complete[d] else tuple(names[j] for j in present)
+        values = [x for j in present for x in rows[d][j]]
+        parts = [_template(chosen).format(*values)] if chosen else []
+        parts.append(f"samples={samples}i")
+        if kind == TRAIN_KIND:
+            tags = f"job={escape_tag(node)},rank={device},window={label}"
+        else:
+            tags = f"node={escape_tag(node)},window={label}"
+        if kind == pb.DEVICE_KIND_GPU:
+            tags += f",gpu={device}"
+            if job:  # the job view and AdviseJob select a job's GPUs by this tag
+                tags += f",job={escape_tag(job)}"
+        lines.append(f"{measurement},{tags} {','.join(parts)} {start_ns}")
+    return lines, means
 
 
 @functools.lru_cache(maxsize=256)

@@ -91,13 +91,3 @@ def test_each_resolution_has_its_bucket_and_retention():
     s = load({"MLPE_INFLUX_BUCKET": "b", "MLPE_INFLUX_RETENTION_1S": "12h",
               "MLPE_INFLUX_RETENTION_10S": "2w", "MLPE_INFLUX_RETENTION_1M": "0"})
     assert s.influx_buckets == {"b": 0, "b-1s": 12 * 3600, "b-10s": 14 * 86_400, "b-1m": 0}
-
-
-def test_the_downsampling_task_is_off_unless_asked():
-    from mlpe.common.settings import SettingsError, load
-
-    assert load({}).influx_downsample is False
-    assert load({"MLPE_INFLUX_DOWNSAMPLE": "on"}).influx_downsample is True
-    with pytest.raises(SettingsError,
-                       match="MLPE_INFLUX_DOWNSAMPLE='yes': expected one of on, off"):
-        load({"MLPE_INFLUX_DOWNSAMPLE": "yes"})

@@ -410,7 +410,8 @@ async def test_a_minute_of_data_becomes_exact_1_min_windows(stream_env, unique, 
     node = f"m{unique}-00"
     minute_ns = (time.time_ns() // 60_000_000_000 - 3) * 60_000_000_000
     rng = np.random.default_rng(7)
-    values = rng.normal(250, 30, size=(70 * 100, 2))  # (samples at 100 Hz, GPUs): power
+    # (samples at 100 Hz, GPUs): power, as float32 (what a MetricBatch carries)
+    values = rng.normal(250, 30, size=(70 * 100, 2)).astype(np.float32).astype(np.float64)
     stream = start_stream(unique, tmp_path / "stream.log")
     producer = AIOKafkaProducer(bootstrap_servers=stream_env.kafka_bootstrap)
     await producer.start()

@@ -4,6 +4,7 @@ stay quiet. Pure functions; the Faust wiring is tested in test_stream_app_contex
 
 import math
 
+import numpy as np
 import pytest
 from sim_seconds import T0_NS, scenario, seconds
 
@@ -219,3 +220,18 @@ def test_a_thin_second_with_the_straggler_and_few_peers_is_not_a_recovery():
         assert alerts == [], second
     state, alerts = peers.evaluate(state, 12 * 10**9, members, 0)  # everyone back: still slow
     assert alerts == []
+
+
+def test_the_trend_fit_is_the_least_squares_line():
+    rng = np.random.default_rng(1)
+    for n in (2, 5, 15):
+        t = np.sort(rng.uniform(1e9, 1e9 + 15, n))
+        y = 4000 + 20 * (t - t[0]) + rng.normal(0, 30, n)
+        slope, r2, up, growth = trend.fit(np.stack([t, y], axis=1).tolist())
+        want_slope, intercept = np.polyfit(t - t[0], y, 1)
+        residual = y - (want_slope * (t - t[0]) + intercept)
+        want_r2 = 1 - (residual ** 2).sum() / ((y - y.mean()) ** 2).sum()
+        assert slope == pytest.approx(want_slope, rel=1e-6)
+        assert r2 == pytest.approx(want_r2, abs=1e-9)
+        assert (up, growth) == (float((np.diff(y) > 0).mean()), y[-1] - y[0])
+    assert trend.fit([[0.0, 5.0], [1.0, 5.0], [2.0, 5.0]])[:2] == (0.0, 0.0)  # flat: no fit

@@ -79,9 +79,9 @@ class InfluxWriter:
 
     async def write(self, lines: list[str]) -> None:
         """Write every line, each to its resolution's bucket (bucket_of), IN_FLIGHT requests
-        at a time; on failure retry with backoff (up to 5 s) until it succeeds. Lines InfluxDB refuses as malformed
-        (HTTP 400) are found by halving the chunk, logged and dropped: one bad line must
-        not hold back every window behind it."""
+        at a time; on failure retry with backoff (up to 5 s) until it succeeds. Lines
+        InfluxDB refuses as malformed (HTTP 400) are found by halving the chunk, logged and
+        dropped: one bad line must not hold back every window behind it."""
         by_bucket: dict[str, list[str]] = {}
         for line in lines:
             by_bucket.setdefault(bucket_of(self.settings, line), []).append(line)

@@ -102,3 +102,25 @@ def kafka_record(topic: str, value: bytes | None, *, partition: int = 0, offset:
 
     return SimpleNamespace(topic=topic, partition=partition, offset=offset, key=key,
                            value=value)
+
+
+async def tail(bootstrap: str, *topics):
+    """A started consumer of every partition of these topics (mlpe.common.topics.Topic),
+    positioned at their ends now: it reads what is sent after this returns. No group, so
+    nothing to join before reading (a joining group's "latest" could be decided after
+    the test sent) and nothing to commit on stop (a commit to a coordinator lost under
+    load kept a test waiting until pytest's timeout)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = [TopicPartition(t.name, p) for t in topics for p in range(t.partitions)]
+        consumer.assign(parts)
+        await consumer.seek_to_end(*parts)
+        for tp in parts:
+            await consumer.position(tp)  # resolved now, not at the first fetch
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer

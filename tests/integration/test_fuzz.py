@@ -248,8 +248,9 @@ def generate(fuzz: Fuzz, app_id: str, count: int) -> None:
 async def dead_letters(bootstrap: str, group: str, prefix: bytes, wanted: set[bytes],
                        timeout: float) -> dict[bytes, deadletter_pb2.DeadLetter]:
     """The dead letters of keys `prefix…`, read until every one of `wanted` is there."""
+    # Nothing committed: a commit on stop to a coordinator lost under load can hang.
     consumer = AIOKafkaConsumer(DEAD_LETTER.name, bootstrap_servers=bootstrap, group_id=group,
-                                auto_offset_reset="earliest")
+                                auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     found: dict[bytes, deadletter_pb2.DeadLetter] = {}
     deadline = time.monotonic() + timeout

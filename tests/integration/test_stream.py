@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import murmur2
 
@@ -35,7 +35,7 @@ from mlpe.v1 import deadletter_pb2
 from mlpe.v1 import metrics_pb2 as pb
 from mlpe.v1.alerts_pb2 import ALERT_FIRING, Alert
 from mlpe.v1.training_pb2 import KernelSummary, TrainStep
-from tests.helpers import mlpe_env, start_mlpe, stop_child, stop_gracefully
+from tests.helpers import mlpe_env, start_mlpe, stop_child, stop_gracefully, tail
 
 # Tests that start `mlpe stream` go in two groups, each on one pytest worker: every
 # stream worker reads all of mlpe.metrics.*, so many at once would each do the work of
@@ -200,10 +200,7 @@ async def test_garbage_goes_to_dead_letters_and_processing_goes_on(stream_env, u
                                                                    tmp_path):
     prefix = f"d{unique}-"
     stream = start_stream(unique, tmp_path / "stream.log")
-    consumer = AIOKafkaConsumer(DEAD_LETTER.name, bootstrap_servers=stream_env.kafka_bootstrap,
-                                auto_offset_reset="latest", group_id=f"t-{unique}")
-    await consumer.start()
-    await consumer.getmany(timeout_ms=1000)  # position at the end before sending
+    consumer = await tail(stream_env.kafka_bootstrap, DEAD_LETTER)
     producer = AIOKafkaProducer(bootstrap_servers=stream_env.kafka_bootstrap)
     await producer.start()
     try:
@@ -247,10 +244,7 @@ async def test_kernel_summaries_become_kernel_points_and_bad_ones_dead_letters(
         stream_env, unique, tmp_path):
     job = f"k{unique}-job"
     stream = start_stream(unique, tmp_path / "stream.log")
-    consumer = AIOKafkaConsumer(DEAD_LETTER.name, bootstrap_servers=stream_env.kafka_bootstrap,
-                                auto_offset_reset="latest", group_id=f"t-{unique}")
-    await consumer.start()
-    await consumer.getmany(timeout_ms=1000)  # position at the end before sending
+    consumer = await tail(stream_env.kafka_bootstrap, DEAD_LETTER)
     producer = AIOKafkaProducer(bootstrap_servers=stream_env.kafka_bootstrap)
     await producer.start()
 
@@ -364,13 +358,8 @@ async def test_a_node_whose_clock_jumped_ahead_costs_no_other_node_its_data(stre
     ahead = next(f"{prefix}ahead{i}" for i in range(1000)
                  if partitions_of([f"{prefix}ahead{i}"]) == partitions_of([fine]))
     stream = start_stream(unique, tmp_path / "stream.log")
-    letters = AIOKafkaConsumer(DEAD_LETTER.name, bootstrap_servers=stream_env.kafka_bootstrap,
-                               auto_offset_reset="latest", group_id=f"t-{unique}")
-    alerts = AIOKafkaConsumer(ALERTS.name, bootstrap_servers=stream_env.kafka_bootstrap,
-                              auto_offset_reset="latest", group_id=f"t-{unique}-a")
-    for consumer in (letters, alerts):
-        await consumer.start()
-        await consumer.getmany(timeout_ms=1000)  # positioned at the end before sending
+    letters = await tail(stream_env.kafka_bootstrap, DEAD_LETTER)
+    alerts = await tail(stream_env.kafka_bootstrap, ALERTS)
     producer = AIOKafkaProducer(bootstrap_servers=stream_env.kafka_bootstrap)
     await producer.start()
     try:

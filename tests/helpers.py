@@ -18,7 +18,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = REPO_ROOT / "deploy"
 
 __all__ = ["DEPLOY", "REPO_ROOT", "free_port", "isolated_stack_env", "mlpe", "mlpe_env",
-           "start_mlpe", "stop_child", "stop_children", "stop_gracefully", "uv"]
+           "start_mlpe", "stop_child", "stop_children", "stop_gracefully", "stop_leftovers",
+           "tail", "uv"]
 
 
 def uv() -> Path:
@@ -48,12 +49,25 @@ def mlpe(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
     return done
 
 
+STARTED: list[subprocess.Popen] = []  # by start_mlpe: stopped at the session's end
+
+
 def start_mlpe(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
-    """`mlpe ARGS` in the background, its output in `log`; stop it with stop_child."""
+    """`mlpe ARGS` in the background, its output in `log`; stop it with stop_child (and
+    if a test cannot, say after pytest's timeout, stop_leftovers does at the end)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "mlpe.cli", *args], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+        child = subprocess.Popen([sys.executable, "-m", "mlpe.cli", *args], env=env,
+                                 stdout=out, stderr=subprocess.STDOUT)
+    STARTED.append(child)
+    return child
+
+
+def stop_leftovers() -> None:
+    """Stop whatever start_mlpe started that still runs: a test whose `finally` never ran
+    (pytest-timeout's signal ends an asyncio test without it) left a stream worker
+    publishing alerts for the rest of the machine's life."""
+    stop_children([child for child in STARTED if child.poll() is None], timeout=10)
 
 
 def stop_gracefully(proc: subprocess.Popen, what: str, timeout: float = 30) -> None:

@@ -284,10 +284,20 @@ async def test_alerts_from_kafka_to_the_sink(stack_endpoints, unique, tmp_path):
         for letter in found.values():
             assert letter.refused_by == "notify" and letter.source_topic == "mlpe.alerts"
             assert letter.source_offset >= 0
-        mine = await posts_about(base, unique, 1 + 3 + 1, proc, log)
-        assert len(mine) == 5, log.read_text()[-2000:]
+        # The 60 of one group go out 24 per message: 3 messages when all arrive within
+        # one group wait, more when a loaded machine spreads their sending over several.
+        deadline = time.monotonic() + 60
+        while True:
+            mine = await posts_about(base, unique, 1 + 3 + 1, proc, log)
+            wide = [a for a in sent_alerts(mine) if a[2].get("node") == node]
+            if len(wide) >= 60 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        wide_posts = [p for p in mine if any(a[2].get("node") == node
+                                             for a in parse_message(p["body"]))]
+        assert len(wide_posts) >= 3 and len(mine) == 2 + len(wide_posts), \
+            log.read_text()[-2000:]
         assert_within_slack_limits(mine)
-        wide = [a for a in sent_alerts(mine) if a[2].get("node") == node]
         assert sorted(t for t, *_ in wide) == sorted(f"rule{i} on {node}" for i in range(60))
         assert "<!" not in "".join(p["body"] for p in mine)
         assert [a["status"] for a in (await received(base))["attempts"]

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -185,15 +186,21 @@ async def test_kill_9_mid_run_leaves_no_window_missing(stream_env, unique, tmp_p
         stop(stream)
 
 
+# Per consumer, the dead letters read but not returned yet: one fetch often holds several,
+# and returning the first used to drop the rest (the next wait for one of them timed out).
+_UNREAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 async def next_dead_letter(consumer, wanted, timeout: float = 60.0):
     """The first dead letter `wanted(letter)` accepts, read from `consumer`."""
+    unread = _UNREAD.setdefault(consumer, [])
     async with asyncio.timeout(timeout):
         while True:
+            for i, letter in enumerate(unread):
+                if wanted(letter):
+                    return unread.pop(i)
             for records in (await consumer.getmany(timeout_ms=1000)).values():
-                for r in records:
-                    letter = deadletter_pb2.DeadLetter.FromString(r.value)
-                    if wanted(letter):
-                        return letter
+                unread += [deadletter_pb2.DeadLetter.FromString(r.value) for r in records]
 
 
 async def test_garbage_goes_to_dead_letters_and_processing_goes_on(stream_env, unique,

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -23,6 +23,7 @@ from mlpe.common.topics import ALERTS, KERNEL_EVENTS, TRAIN_EVENTS
 from mlpe.control.local import LocalController
 from mlpe.v1 import alerts_pb2, control_pb2_grpc, training_pb2
 from mlpe.v1 import control_pb2 as c
+from tests.helpers import tail
 
 TINY = c.ModelSpec(preset="tiny")
 
@@ -48,13 +49,9 @@ class Controller(LocalController):
 def end_offsets(bootstrap: str, topics=(TRAIN_EVENTS, KERNEL_EVENTS)) -> dict:
     """Where the topics end now, per partition (read from here later)."""
     async def go():
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-        await consumer.start()
+        consumer = await tail(bootstrap, *topics)
         try:
-            parts = [TopicPartition(t.name, p) for t in topics for p in range(t.partitions)]
-            consumer.assign(parts)
-            await consumer.seek_to_end(*parts)
-            return {tp: await consumer.position(tp) for tp in parts}
+            return {tp: await consumer.position(tp) for tp in consumer.assignment()}
         finally:
             await consumer.stop()
     return asyncio.run(go())

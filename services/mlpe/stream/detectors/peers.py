@@ -151,17 +151,29 @@ def _sustained(values: dict[str, float], field_state: dict, start_ns: int, name:
     the group's 75th percentile of them: a few percent below, held over seconds, stands
     out of the noise of one second (sampling phase, jitter) that a tight per-second
     tolerance would alarm on. Every member is fed the same seconds, so the group moving
-    together (warm-up, eval, a pause) moves every running mean alike. A member that
-    missed the group's last update restarts from its value: behind, it would look low."""
-    last = field_state.get("_at", 0)
+    together (warm-up, eval, a pause) moves every running mean alike.
+
+    A second a member did not report (its node's report came too late under load) is
+    filled with the group's median of that second: left out, or restarted from its next
+    value, its mean would be out of step with the others' (2 s steps: a mean restarted
+    in a compute second is half its peers' NVLink) and a healthy node was called 28 %
+    low. A member new to the group (or back after FORGET_S) joins it in step: from the
+    group's median running mean and count, not from one second's value (which would
+    take ~10 s to settle, and set it apart from peers that started with a warm-up
+    second); a faulty one still shows half its deviation after two seconds."""
     means = {m: v for m, v in field_state.items() if m != "_at"
              and start_ns - v[2] <= FORGET_S * 1e9}
+    joined = None
+    if means:
+        joined = (float(np.median([v[0] for v in means.values()])),
+                  max(v[1] for v in means.values()))
+    median = float(np.median(list(values.values())))
+    for m in means.keys() - values.keys():
+        mean, n, seen = means[m]
+        means[m] = [mean + SMOOTH_ALPHA * (median - mean), n + 1, seen]
     for m, x in values.items():
-        mean, n, at = means.get(m) or (x, 0, last)
-        if at != last:
-            mean, n = x, 0
-        mean = x if n == 0 else mean + SMOOTH_ALPHA * (x - mean)
-        means[m] = [mean, n + 1, start_ns]
+        mean, n = means[m][:2] if m in means else joined or (x, 0)
+        means[m] = [x if n == 0 else mean + SMOOTH_ALPHA * (x - mean), n + 1, start_ns]
     field_state.clear()
     field_state.update(means, _at=start_ns)
     ready = {m: v[0] for m, v in means.items() if v[1] >= SMOOTH_MIN and v[2] == start_ns}

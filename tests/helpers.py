@@ -138,3 +138,18 @@ async def tail(bootstrap: str, *topics):
         await consumer.stop()
         raise
     return consumer
+
+
+def parsed(message_type, records) -> list:
+    """The records' values that are a `message_type` (a protobuf class), the others
+    skipped: the stack's topics are shared, and the fuzz and notify tests write bytes
+    that are no message on purpose, maybe at this very moment."""
+    from google.protobuf.message import DecodeError
+
+    out = []
+    for record in records:
+        try:
+            out.append(message_type.FromString(record.value))
+        except DecodeError:
+            continue
+    return out

@@ -12,7 +12,6 @@ import time
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from google.protobuf.message import DecodeError
 
 from mlpe.agent.agent import Agent
 from mlpe.agent.scenario import parse
@@ -23,7 +22,7 @@ from mlpe.common.kafka import wait_group_stable
 from mlpe.common.topics import ALERTS, GPU_METRICS, metrics_group
 from mlpe.notify.slack import parse_message
 from mlpe.v1 import alerts_pb2
-from tests.helpers import mlpe_env, start_mlpe, stop_gracefully
+from tests.helpers import mlpe_env, parsed, start_mlpe, stop_gracefully
 
 from .test_notify import received, start_sink
 from .test_stream import (  # noqa: F401 - stream_env is a fixture
@@ -203,11 +202,7 @@ async def alerts_since(bootstrap: str, since_ms: int) -> list[alerts_pb2.Alert]:
             consumer.seek(tp, starts[tp].offset)
             while await consumer.position(tp) < ends[tp]:
                 batch = await consumer.getmany(tp, timeout_ms=1000)
-                for m in batch.get(tp, []):
-                    # the topic is shared: test_notify writes bytes that are no alert on
-                    # purpose (its dead-letter check), maybe at this very moment
-                    with contextlib.suppress(DecodeError):
-                        out.append(alerts_pb2.Alert.FromString(m.value))
+                out += parsed(alerts_pb2.Alert, batch.get(tp, []))
         return out
     finally:
         await consumer.stop()

@@ -23,7 +23,7 @@ from mlpe.common.topics import ALERTS, KERNEL_EVENTS, TRAIN_EVENTS
 from mlpe.control.local import LocalController
 from mlpe.v1 import alerts_pb2, control_pb2_grpc, training_pb2
 from mlpe.v1 import control_pb2 as c
-from tests.helpers import tail
+from tests.helpers import parsed, tail
 
 TINY = c.ModelSpec(preset="tiny")
 
@@ -70,13 +70,11 @@ def read_job_events(bootstrap: str, mark: dict, job_id: str, n_steps: int, n_ker
             async with asyncio.timeout(60):
                 while len(steps) < n_steps or len(kernels) < n_kernels:
                     for tp, records in (await consumer.getmany(timeout_ms=500)).items():
-                        for r in records:
-                            if r.key != job_id.encode():
-                                continue
-                            if tp.topic == TRAIN_EVENTS.name:
-                                steps.append(training_pb2.TrainStep.FromString(r.value))
-                            else:
-                                kernels.append(training_pb2.KernelSummary.FromString(r.value))
+                        mine = [r for r in records if r.key == job_id.encode()]
+                        if tp.topic == TRAIN_EVENTS.name:
+                            steps += parsed(training_pb2.TrainStep, mine)
+                        else:
+                            kernels += parsed(training_pb2.KernelSummary, mine)
         finally:
             await consumer.stop()
         return steps, kernels
@@ -96,8 +94,8 @@ def read_alerts(bootstrap: str, mark: dict, job_id: str) -> list[alerts_pb2.Aler
             async with asyncio.timeout(30):
                 while not found:
                     for records in (await consumer.getmany(timeout_ms=500)).values():
-                        alerts = (alerts_pb2.Alert.FromString(r.value) for r in records)
-                        found += [a for a in alerts if a.labels.get("job") == job_id]
+                        found += [a for a in parsed(alerts_pb2.Alert, records)
+                                  if a.labels.get("job") == job_id]
         finally:
             await consumer.stop()
         return found

@@ -36,7 +36,7 @@ from mlpe.v1 import deadletter_pb2
 from mlpe.v1 import metrics_pb2 as pb
 from mlpe.v1.alerts_pb2 import ALERT_FIRING, Alert
 from mlpe.v1.training_pb2 import KernelSummary, TrainStep
-from tests.helpers import mlpe_env, start_mlpe, stop_child, stop_gracefully, tail
+from tests.helpers import mlpe_env, parsed, start_mlpe, stop_child, stop_gracefully, tail
 
 # Tests that start `mlpe stream` go in two groups, each on one pytest worker: every
 # stream worker reads all of mlpe.metrics.*, so many at once would each do the work of
@@ -389,7 +389,7 @@ async def test_a_node_whose_clock_jumped_ahead_costs_no_other_node_its_data(stre
             named = []
             while not named:
                 for records in (await alerts.getmany(timeout_ms=1000)).values():
-                    named += [a for a in map(Alert.FromString, (r.value for r in records))
+                    named += [a for a in parsed(Alert, records)
                               if a.rule == "node_clock_ahead" and a.labels["node"] == ahead]
         assert named[0].state == ALERT_FIRING and "ahead" in named[0].summary
     finally:

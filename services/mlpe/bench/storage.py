@@ -1,14 +1,14 @@
 """Bytes on disk per stored value on this machine's InfluxDB, and what a 1,000-GPU fleet
 keeps per day at each resolution.
 
-Writes windows shaped as the stream's `gpu` lines (one line per GPU per window: 19 fields
-x min/mean/max/p95/last + samples = 96 values, the ~95 values per GPU per second of the
-real lines) for `--gpus` GPUs over `--seconds` seconds of 1 s windows, dated two weeks ago,
-into a scratch bucket; waits until InfluxDB has snapshotted them from its write-ahead log
-into TSM files (it does once a shard is cold for 10 min, storage-cache-snapshot-write-cold-
-duration), measures its TSM files (bytes per value) and series index apart, and
-deletes the bucket. Values are random walks at full float precision like the stream's
-means (the hard case for InfluxDB's float compression); timestamps are regular.
+Writes windows shaped as the stream's 10 s `gpu` lines (one per GPU per window: 19
+fields x min/mean/max/p95/last + samples = 96 values; the 1 s lines leave out p95: 77)
+for `--gpus` GPUs over `--seconds` seconds, dated two weeks ago, into a scratch bucket;
+waits until InfluxDB has snapshotted them from its write-ahead log into TSM files (it
+does once a shard is cold for 10 min, storage-cache-snapshot-write-cold-duration),
+measures its TSM files (bytes per value) and series index apart, and deletes the bucket.
+Values are random walks at full float precision like the stream's means (the hard case
+for InfluxDB's float compression); timestamps are regular.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import time
 import numpy as np
 
 from mlpe.common.settings import Settings
+from mlpe.stream.windows import SECOND_STATS, STATS
 
 FIELDS = 19
-STATS = ("min", "mean", "max", "p95", "last")
 VALUES_PER_LINE = FIELDS * len(STATS) + 1
 GPUS_FLEET, DAY_S = 1_000, 86_400
 RESOLUTION_S = {"1s": 1, "10s": 10, "1m": 60}
+VALUES_PER_WINDOW = {"1s": FIELDS * len(SECOND_STATS) + 1, "10s": VALUES_PER_LINE,
+                     "1m": VALUES_PER_LINE}
 
 
 def register(sub) -> None:
@@ -108,7 +110,8 @@ def run(args, settings: Settings) -> dict:
     values = len(lines) * VALUES_PER_LINE
     # The index grows with series (GPUs x fields), not with time: per value, the TSM bytes.
     per_value = sizes["tsm"] / values
-    per_day = {res: GPUS_FLEET * DAY_S // s * VALUES_PER_LINE for res, s in RESOLUTION_S.items()}
+    per_day = {res: GPUS_FLEET * DAY_S // s * VALUES_PER_WINDOW[res]
+               for res, s in RESOLUTION_S.items()}
     retention_days = {res: settings.influx_retention_s[res] / DAY_S for res in RESOLUTION_S}
     gb_day = {res: per_day[res] * per_value / 1e9 for res in RESOLUTION_S}
     print(f"{values:,} values ({args.gpus} GPUs x {args.seconds} s x {VALUES_PER_LINE}) "

@@ -13,9 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "stream",
         help="aggregate telemetry into InfluxDB and detect anomalies (Faust worker)",
         description="A Faust worker of the stream processor: consumes mlpe.metrics.gpu, "
-        "mlpe.metrics.host and mlpe.events.train; writes 1 s and 10 s min/mean/max/p95/last "
-        "per field (GPU, host, and training per job and rank) to InfluxDB; runs the event, "
-        "rule ($MLPE_RULES), statistical, trend, cross-peer and training detectors, their "
+        "mlpe.metrics.host and mlpe.events.train; writes 1 s and 10 s min/mean/max/last (p95 "
+        "at 10 s) per field (GPU, host, and training per job and rank) to InfluxDB; runs the "
+        "event, rule ($MLPE_RULES), statistical, trend, cross-peer and training detectors, their "
         "state in Faust tables; sends alerts to mlpe.alerts (and InfluxDB, for Grafana) and "
         "undecodable or invalid input to mlpe.deadletter. GPU batches without a job get "
         "the job whose pids (mlpe.placement, read whole by every worker) run on the GPU. "

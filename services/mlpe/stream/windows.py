@@ -31,6 +31,10 @@ from mlpe.common import batches
 from mlpe.v1 import metrics_pb2 as pb
 
 STATS = ("min", "mean", "max", "p95", "last")
+# 1 s windows leave out p95: of 100 samples it is the 6th largest, next to max, and it
+# was a fifth of every GPU's values per second (the InfluxDB write cost of the fleet).
+# 10 s windows (1,000 samples) keep it, and the 1 min ones are made of those.
+SECOND_STATS = ("min", "mean", "max", "last")
 TRAIN_KIND = -1  # a "device" that is one rank of a training job (see decoding.StepRow)
 MEASUREMENT = {pb.DEVICE_KIND_GPU: "gpu", pb.DEVICE_KIND_HOST: "host", TRAIN_KIND: "train"}
 
@@ -95,8 +99,9 @@ class WindowSet:
     source, so one source's clock never decides when another's windows close."""
 
     def __init__(self, width_s: float, lateness_s: float, idle_s: float,
-                 final_idle_s: float | None = None):
+                 final_idle_s: float | None = None, stats: tuple[str, ...] | None = None):
         self.width_ns = int(width_s * 1e9)
+        self.stats = stats or (SECOND_STATS if width_s == 1.0 else STATS)
         self.label = f"{width_s:g}s"
         self.lateness_ns = int(lateness_s * 1e9)
         self.idle_s = idle_s
@@ -212,27 +217,29 @@ class WindowSet:
             finite = np.isfinite(flat)
             if finite.all():  # the common case: plain reductions, no masks
                 counts = np.full(flat.shape[1], n)
-                stats = {"min": flat.min(axis=0), "mean": flat.mean(axis=0),
-                         "max": flat.max(axis=0), "p95": _p95(flat), "last": flat[-1]}
+                stats = {"min": lambda: flat.min(axis=0), "mean": lambda: flat.mean(axis=0),
+                         "max": lambda: flat.max(axis=0), "p95": lambda: _p95(flat),
+                         "last": lambda: flat[-1]}
             else:
                 counts = finite.sum(axis=0)
                 masked = np.where(finite, flat, np.nan)  # inf is no reading either
                 stats = {
-                    "min": _nan_safe(np.nanmin, masked, counts),
-                    "mean": _nan_safe(np.nanmean, masked, counts),
-                    "max": _nan_safe(np.nanmax, masked, counts),
-                    "p95": _nan_safe(lambda a, axis: np.nanpercentile(a, 95, axis=axis),
-                                     masked, counts),
-                    "last": _last_finite(masked),
+                    "min": lambda: _nan_safe(np.nanmin, masked, counts),
+                    "mean": lambda: _nan_safe(np.nanmean, masked, counts),
+                    "max": lambda: _nan_safe(np.nanmax, masked, counts),
+                    "p95": lambda: _nan_safe(
+                        lambda a, axis: np.nanpercentile(a, 95, axis=axis), masked, counts),
+                    "last": lambda: _last_finite(masked),
                 }
-        table = np.stack([stats[name] for name in STATS], axis=-1).reshape(
-            n_dev, n_fields, len(STATS))
+            table = np.stack([stats[name]() for name in self.stats], axis=-1).reshape(
+                n_dev, n_fields, len(self.stats))
         counts = counts.reshape(n_dev, n_fields)
         names = tuple(f if isinstance(f, str) else batches.field_name(f) for f in window.fields)
         jobs = tuple(window.jobs[d] if d < len(window.jobs) else "" for d in range(n_dev))
         written_whole = final and window.written_parts == len(window.parts)
         lines, means = window_lines(self.label, key, names, table, counts, n, jobs,
-                              window.start_ns, with_lines=not written_whole)
+                                    window.start_ns, with_lines=not written_whole,
+                                    stats=self.stats)
         return Closed(lines=lines, tokens=window.tokens if final else [],
                       start_ns=window.start_ns, end_ns=window.start_ns + self.width_ns,
                       node=node, kind=kind, devices=means, final=final, source=key,
@@ -241,15 +248,16 @@ class WindowSet:
 
 def window_lines(label: str, key: tuple, names: tuple[str, ...], table: np.ndarray,
            counts: np.ndarray, samples: int, jobs: tuple[str, ...], start_ns: int,
-           with_lines: bool = True) -> tuple[list[str], list[DeviceMeans]]:
+           with_lines: bool = True,
+           stats: tuple[str, ...] = STATS) -> tuple[list[str], list[DeviceMeans]]:
     """A window's InfluxDB lines (one per device; none without with_lines) and each
-    device's means, from its (devices, fields, STATS) table. A field with no finite
+    device's means, from its (devices, fields, stats) table. A field with no finite
     sample on a device is left out of that device's line."""
     _, node, kind, devices = key
     n_fields = len(names)
     # Python floats in one conversion; each line is one str.format of a template made
     # once per field set (repr of each float in C).
-    means_of = table[:, :, 1].tolist()
+    means_of = table[:, :, stats.index("mean")].tolist()
     rows = table.tolist()
     complete = (counts > 0).all(axis=1).tolist()
     lines, means = [], []
@@ -263,7 +271,7 @@ def window_lines(label: str, key: tuple, names: tuple[str, ...], table: np.ndarr
             continue
         chosen = names if complete[d] else tuple(names[j] for j in present)
         values = [x for j in present for x in rows[d][j]]
-        parts = [_template(chosen).format(*values)] if chosen else []
+        parts = [_template(chosen, stats).format(*values)] if chosen else []
         parts.append(f"samples={samples}i")
         if kind == TRAIN_KIND:
             tags = f"job={escape_tag(node)},rank={device},window={label}"
@@ -278,9 +286,9 @@ def window_lines(label: str, key: tuple, names: tuple[str, ...], table: np.ndarr
 
 
 @functools.lru_cache(maxsize=256)
-def _template(names: tuple[str, ...]) -> str:
+def _template(names: tuple[str, ...], stats: tuple[str, ...]) -> str:
     """Line-protocol fields for every stat of these fields: util_min={!r},util_mean=..."""
-    return ",".join(f"{name}_{stat}={{!r}}" for name in names for stat in STATS)
+    return ",".join(f"{name}_{stat}={{!r}}" for name in names for stat in stats)
 
 
 def _p95(values: np.ndarray) -> np.ndarray:

@@ -300,3 +300,27 @@ async def test_a_step_whose_handling_raises_is_dead_lettered_and_the_agent_goes_
             await agent.put(step(n, 0))
     assert [reason for _, reason in refused] == ["could not be processed: KeyError: 'boom'"]
     assert stream.job_state("job-t")["steps"] == 3  # the step after the failure counted
+
+
+async def test_a_producer_stopped_under_the_write_loop_ends_it_only_when_stopping(
+        stream, monkeypatch):
+    """Faust stops its producer before the write loop on SIGTERM: a pass caught in
+    between raised NotReady and crashed the worker. While stopping it ends the loop (the
+    windows' events are unacknowledged: the next start writes them); otherwise it stays
+    an error."""
+    from faust.exceptions import NotReady
+
+    async def stopped_mid_pass():
+        stream.app._stopped.set()  # what Service.stop() does first
+        raise NotReady("Producer service not yet started")
+
+    monkeypatch.setattr(stream, "write_once", stopped_mid_pass)
+    await stream.write_closed_windows()  # returns instead of raising
+
+    async def not_stopping():
+        raise NotReady("Producer service not yet started")
+
+    stream.app._stopped.clear()
+    monkeypatch.setattr(stream, "write_once", not_stopping)
+    with pytest.raises(NotReady):
+        await stream.write_closed_windows()

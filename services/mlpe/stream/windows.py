@@ -99,9 +99,9 @@ class WindowSet:
     source, so one source's clock never decides when another's windows close."""
 
     def __init__(self, width_s: float, lateness_s: float, idle_s: float,
-                 final_idle_s: float | None = None, stats: tuple[str, ...] | None = None):
+                 final_idle_s: float | None = None):
         self.width_ns = int(width_s * 1e9)
-        self.stats = stats or (SECOND_STATS if width_s == 1.0 else STATS)
+        self.stats = SECOND_STATS if width_s == 1.0 else STATS
         self.label = f"{width_s:g}s"
         self.lateness_ns = int(lateness_s * 1e9)
         self.idle_s = idle_s
@@ -217,22 +217,12 @@ class WindowSet:
             finite = np.isfinite(flat)
             if finite.all():  # the common case: plain reductions, no masks
                 counts = np.full(flat.shape[1], n)
-                stats = {"min": lambda: flat.min(axis=0), "mean": lambda: flat.mean(axis=0),
-                         "max": lambda: flat.max(axis=0), "p95": lambda: _p95(flat),
-                         "last": lambda: flat[-1]}
+                columns = [_PLAIN[name](flat) for name in self.stats]
             else:
                 counts = finite.sum(axis=0)
                 masked = np.where(finite, flat, np.nan)  # inf is no reading either
-                stats = {
-                    "min": lambda: _nan_safe(np.nanmin, masked, counts),
-                    "mean": lambda: _nan_safe(np.nanmean, masked, counts),
-                    "max": lambda: _nan_safe(np.nanmax, masked, counts),
-                    "p95": lambda: _nan_safe(
-                        lambda a, axis: np.nanpercentile(a, 95, axis=axis), masked, counts),
-                    "last": lambda: _last_finite(masked),
-                }
-            table = np.stack([stats[name]() for name in self.stats], axis=-1).reshape(
-                n_dev, n_fields, len(self.stats))
+                columns = [_MASKED[name](masked, counts) for name in self.stats]
+            table = np.stack(columns, axis=-1).reshape(n_dev, n_fields, len(self.stats))
         counts = counts.reshape(n_dev, n_fields)
         names = tuple(f if isinstance(f, str) else batches.field_name(f) for f in window.fields)
         jobs = tuple(window.jobs[d] if d < len(window.jobs) else "" for d in range(n_dev))
@@ -283,6 +273,20 @@ def window_lines(label: str, key: tuple, names: tuple[str, ...], table: np.ndarr
                 tags += f",job={escape_tag(job)}"
         lines.append(f"{measurement},{tags} {','.join(parts)} {start_ns}")
     return lines, means
+
+
+# Each stat over a window's (samples, columns): all finite, or NaN where there was no
+# reading (with the count of readings per column).
+_PLAIN = {"min": lambda a: a.min(axis=0), "mean": lambda a: a.mean(axis=0),
+          "max": lambda a: a.max(axis=0), "p95": lambda a: _p95(a), "last": lambda a: a[-1]}
+_MASKED = {
+    "min": lambda a, counts: _nan_safe(np.nanmin, a, counts),
+    "mean": lambda a, counts: _nan_safe(np.nanmean, a, counts),
+    "max": lambda a, counts: _nan_safe(np.nanmax, a, counts),
+    "p95": lambda a, counts: _nan_safe(
+        lambda x, axis: np.nanpercentile(x, 95, axis=axis), a, counts),
+    "last": lambda a, counts: _last_finite(a),
+}
 
 
 @functools.lru_cache(maxsize=256)

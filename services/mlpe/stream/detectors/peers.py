@@ -161,7 +161,8 @@ def _sustained(values: dict[str, float], field_state: dict, start_ns: int, name:
     group's median running mean and count, not from one second's value (which would
     take ~10 s to settle, and set it apart from peers that started with a warm-up
     second); a faulty one still shows half its deviation after two seconds."""
-    means = {m: v for m, v in field_state.items() if m != "_at"
+    means = {m: v for m, v in field_state.items()
+             if m != "_at"  # written by earlier versions: kept tables may hold it
              and start_ns - v[2] <= FORGET_S * 1e9}
     joined = None
     if means:
@@ -175,7 +176,7 @@ def _sustained(values: dict[str, float], field_state: dict, start_ns: int, name:
         mean, n = means[m][:2] if m in means else joined or (x, 0)
         means[m] = [x if n == 0 else mean + SMOOTH_ALPHA * (x - mean), n + 1, start_ns]
     field_state.clear()
-    field_state.update(means, _at=start_ns)
+    field_state.update(means)
     ready = {m: v[0] for m, v in means.items() if v[1] >= SMOOTH_MIN and v[2] == start_ns}
     if len(ready) < MIN_MEMBERS:
         return

@@ -143,6 +143,7 @@ class Run:
         self.stalls_ms: list[float] = []
         self.checkpoint_seq = 0
         self.paused = self.stopped = self.terminate = self.finished = False
+        self.pause_put_off = False  # the pause came with a checkpoint to save first
         self.kernel_report_steps = self.spec.get("kernel_report_steps", 0)
         self.node = socket.gethostname()
         self.pid, self.start_ticks = os.getpid(), _start_ticks()
@@ -217,13 +218,21 @@ class Run:
         self.stopped |= bool(stop)
         self.terminate |= bool(preempt)
         if pause and not (stop or preempt):
-            if not self.paused:
+            # paused = quiescent: no checkpoint lands while paused. A decision that asks
+            # for one (due, or requested) is the caller's cue to save now, so "paused" is
+            # said at the next poll, once that save is written (at the next poll even if
+            # the caller did not save: a pause is never put off for longer).
+            if (wanted or due) and not self.pause_put_off:
+                self.pause_put_off = True
+            else:
+                self.pause_put_off = False
                 for saver in self.savers.values():
-                    saver.wait()  # paused = quiescent: no checkpoint lands while paused
-                self._halt("paused")
-            self.paused = True
-            self._progress(state="paused")  # also says when a checkpoint asked for is done
-            time.sleep(PAUSE_POLL_S)
+                    saver.wait()
+                if not self.paused:
+                    self._halt("paused")
+                self.paused = True
+                self._progress(state="paused")  # also says when a requested one is done
+                time.sleep(PAUSE_POLL_S)
         elif self.paused:
             self.paused = False
             self.last_report_time = time.monotonic()  # a pause is not step time

@@ -84,5 +84,38 @@ def test_a_pause_waits_for_the_checkpoint_in_flight(run, monkeypatch):
     run.savers["torch"] = SimpleNamespace(wait=lambda: waited.append("torch"))
     monkeypatch.setattr(run, "_control", lambda: (1, 0, 0))  # the controller says pause
     monkeypatch.setattr(sdk_run, "PAUSE_POLL_S", 0.0)
-    assert run.poll().pause and waited == ["torch"]
-    assert run.poll().pause and waited == ["torch"]  # once, on entering the pause
+    assert run.poll().pause and waited == ["torch"] and run.paused
+
+
+def test_a_pause_with_a_checkpoint_due_is_said_once_that_checkpoint_is_written(run,
+                                                                              monkeypatch):
+    """The loop every example runs saves when the decision says so, then skips the step
+    when paused: a pause that comes with a due checkpoint must not say "paused" before
+    that save (it landed in a paused job's folder, found flaky in a test of the
+    controller)."""
+    from mlpe.sdk import run as sdk_run
+
+    said = []
+    monkeypatch.setattr(run, "_control", lambda: (1, 0, 0))
+    monkeypatch.setattr(run, "_progress", lambda **fields: said.append(fields.get("state")))
+    monkeypatch.setattr(sdk_run, "PAUSE_POLL_S", 0.0)
+    run.report(3, loss=1.0)  # every 3 steps: due
+    said.clear()
+    first = run.poll()
+    assert first.pause and first.checkpoint and said == [] and not run.paused
+    model, optimizer = model_and_optimizer(0)
+    run.save(3, {"model": model, "optimizer": optimizer})
+    second = run.poll()
+    assert second.pause and not second.checkpoint and said == ["paused"] and run.paused
+    assert checkpoint.newest_good(run.checkpoint_dir)[0] == 3  # written before "paused"
+
+
+def test_a_pause_is_put_off_one_poll_at_most(run, monkeypatch):
+    """A script that never saves is still paused, at the next poll."""
+    from mlpe.sdk import run as sdk_run
+
+    monkeypatch.setattr(run, "_control", lambda: (1, 0, 0))
+    monkeypatch.setattr(sdk_run, "PAUSE_POLL_S", 0.0)
+    run.report(3, loss=1.0)
+    assert run.poll().checkpoint and not run.paused
+    assert run.poll().pause and run.paused

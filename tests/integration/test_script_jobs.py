@@ -77,6 +77,7 @@ def _call(control, rpc: str, job_id: str) -> c.Job:
     return getattr(control.stub, rpc)(c.JobRequest(job_id=job_id), metadata=control.auth)
 
 
+@pytest.mark.slow
 def test_a_script_job_paused_checkpointed_killed_corrupted_preempted_cancelled(control):
     job = control.submit_script(EXAMPLES / "train_mlp.py", "--steps", "100000",
                                 world_size=2, max_restarts=3,
@@ -155,6 +156,7 @@ def test_a_killed_script_job_ends_bitwise_equal_to_an_uninterrupted_one(control)
     assert all(torch.equal(x, y) for x, y in moments)
 
 
+@pytest.mark.slow
 def test_scripts_that_raise_hang_or_do_without_the_sdk(control):
     secret = "s3cret-value-4242"
     failing = control.submit_script(SCRIPTS / "raises.py", env={"WANDB_API_KEY": secret})
@@ -235,6 +237,7 @@ def test_a_script_job_from_the_cli(control):
 
 
 @pytest.mark.xdist_group("stream-b")  # it starts `mlpe stream` (test_stream.py says why)
+@pytest.mark.slow
 def test_script_steps_reach_influxdb_and_kernel_timings_kafka(stream_env, unique,  # noqa: F811
                                                               tmp_path):
     e = stream_env

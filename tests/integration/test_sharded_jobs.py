@@ -17,6 +17,8 @@ from mlpe.control.local import LocalController
 from mlpe.v1 import control_pb2 as c
 from tests.helpers import flip_a_byte
 
+pytestmark = pytest.mark.slow  # two-rank FSDP jobs killed and resumed, half a minute each
+
 TINY_LLAMA = json.dumps({
     "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -71,7 +73,9 @@ def test_sigkill_of_a_rank_resumes_bitwise(control, model):
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
-@pytest.mark.parametrize("model", ["gpt-fsdp", "llama-fsdp"])
+# The refusal and the emergency checkpoint are the checkpointer's, whatever the model:
+# each runs on one sharded model (the other one above), not both.
+@pytest.mark.parametrize("model", ["llama-fsdp"])
 def test_a_corrupt_shard_is_refused_and_the_previous_checkpoint_used(control, model):
     job = control.submit_model(model, steps=100_000, max_restarts=1,
                                checkpoint=c.CheckpointPolicy(every_steps=4, keep=5))
@@ -89,7 +93,7 @@ def test_a_corrupt_shard_is_refused_and_the_previous_checkpoint_used(control, mo
     control.stub.CancelJob(c.JobRequest(job_id=job.job_id), metadata=control.auth)
 
 
-@pytest.mark.parametrize("model", ["gpt-fsdp", "llama-fsdp"])
+@pytest.mark.parametrize("model", ["gpt-fsdp"])
 def test_sigterm_takes_an_emergency_sharded_checkpoint_and_nothing_is_lost(control, model):
     job = control.submit_model(model, steps=100_000, max_restarts=1,
                                checkpoint=c.CheckpointPolicy(every_steps=100_000))

@@ -5,7 +5,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # each example trains twice in processes of its own
 
 EXAMPLES = REPO_ROOT / "examples"
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 JOB = Path(__file__).with_name("sharded_job.py")
@@ -29,6 +30,7 @@ def equal(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.slow
 def test_sharded_checkpoints_reshard_and_fall_back(tmp_path):
     ckpt = tmp_path / "checkpoints"
     saved = job(ckpt, tmp_path / "saved.pt", 2, "train")

@@ -8,7 +8,7 @@ import pytest
 from tests.interpreter import run_interpreted
 
 
-@pytest.mark.slow  # about a minute: 100 training steps, half of them interpreted
+@pytest.mark.slow  # about a minute: 60 training steps, half of them interpreted
 def test_fused_training_matches_the_reference_in_the_interpreter():
     pytest.importorskip("triton")
     done = run_interpreted(Path(__file__).parent / "interpreted")

@@ -79,6 +79,7 @@ log = logging.getLogger("mlpe.stream")
 TABLE_SCHEMA = faust.Schema(key_serializer="json", value_serializer="json")
 PLACEMENT_WAIT_S = 30.0  # the longest the first batch waits for mlpe.placement to be read
 PLACEMENT_RETRY_S = 5.0  # Kafka or the topic not there yet: look again this often
+SERIES_SAVE_S = 10.0  # how often a GPU's detector state goes to its table (changelog)
 
 
 def _raw_topic(app: faust.App, *names: str, **options) -> faust.TopicT:
@@ -403,10 +404,11 @@ class StreamApp:
             await self.dead_letter(event, str(err))
             return
         now_ns, node, start, found = time.time_ns(), report["node"], report["start_ns"], []
+        partition = (event.message.topic, event.message.partition)
         for gpu, values in report["gpus"].items():
             values = {k: (math.nan if v is None else float(v)) for k, v in values.items()}
             member = f"{node}/{gpu}"
-            series = self.gpu_series[member]
+            series = self.series_state(member)
             if start <= series.get("t", 0):
                 continue  # replayed after a crash: already learned
             stat_state, stat_alerts = baseline.step(series.get("baseline"), node, gpu,
@@ -414,8 +416,10 @@ class StreamApp:
             trend_state, trend_alerts = trend.step(
                 series.get("trend"), node, gpu, start, values.get("mem_used", math.nan),
                 values.get("mem_total", math.nan), now_ns)
-            self.gpu_series[member] = {"t": start, "baseline": stat_state,
-                                       "trend": trend_state}
+            self.save_series_state(member, {"t": start, "baseline": stat_state,
+                                            "trend": trend_state}, now_ns,
+                                   at_once=bool(stat_alerts or trend_alerts),
+                                   partition=partition)
             found += stat_alerts + trend_alerts
         job = report["job"]
         buckets = self.state.peer_buckets.setdefault(job, peers.Buckets())
@@ -428,6 +432,24 @@ class StreamApp:
         if ready:
             self.peer_groups[job] = group
         await self.publish(found)
+
+    def series_state(self, member: str) -> dict:
+        """A GPU's baseline and trend state: the newest, in memory, else its table's."""
+        cached = self.state.series_states.get(member)
+        return cached if cached is not None else self.gpu_series[member]
+
+    def save_series_state(self, member: str, series: dict, now_ns: int, at_once: bool,
+                          partition: Partition) -> None:
+        """Keep the newest in memory; write it to the table at most every
+        SERIES_SAVE_S per GPU, and at once when it alerted. Written every second, its
+        JSON changelog record was half of this agent's CPU. A crash loses at most that
+        much learning (the reports are committed as they are read)."""
+        state = self.state
+        state.series_states[member] = series
+        state.series_partitions[member] = partition
+        if at_once or now_ns - state.series_saved_ns.get(member, 0) >= SERIES_SAVE_S * 1e9:
+            self.gpu_series[member] = series
+            state.series_saved_ns[member] = now_ns
 
     async def train_steps(self, stream) -> None:
         """Training aggregates per job and rank, and the training detectors."""
@@ -674,10 +696,14 @@ class StreamApp:
             windows.drop_partitions(partitions)
         self.state.minutes.drop_partitions(partitions)
         self.state.ack_queues.drop(partitions)
-        for job in [j for j, p in self.state.job_partitions.items() if p in partitions]:
-            for table in (self.state.job_states, self.state.job_partitions,
-                          self.state.job_saved_ns):
+        state = self.state
+        for job in [j for j, p in state.job_partitions.items() if p in partitions]:
+            for table in (state.job_states, state.job_partitions, state.job_saved_ns):
                 table.pop(job, None)
+        for member in [m for m, p in state.series_partitions.items() if p in partitions]:
+            for table in (state.series_states, state.series_partitions,
+                          state.series_saved_ns):
+                table.pop(member, None)
 
     async def log_stats(self) -> None:
         """Every 10 s, the counters and the delay percentiles, to the log."""

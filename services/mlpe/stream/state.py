@@ -57,6 +57,9 @@ class StreamState:
     job_states: dict[str, dict] = field(default_factory=dict)  # job -> newest detector state
     job_saved_ns: dict[str, int] = field(default_factory=dict)  # job -> its last table write
     job_partitions: dict[str, Partition] = field(default_factory=dict)  # job -> its events'
+    series_states: dict[str, dict] = field(default_factory=dict)  # node/gpu -> newest
+    series_saved_ns: dict[str, int] = field(default_factory=dict)  # its last table write
+    series_partitions: dict[str, Partition] = field(default_factory=dict)  # its reports'
     # Set once mlpe.placement was read to its end (None: nobody reads it, as in unit tests).
     placements_loaded: asyncio.Event | None = None
 

@@ -126,3 +126,30 @@ def test_advise_job_reads_its_telemetry(control_and_optimizer, stack_endpoints):
     with pytest.raises(grpc.RpcError) as err:
         optimizer.AdviseJob(o.AdviseJobRequest(job_id=""))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_named_layout_is_evaluated_over_grpc(optimizer):
+    fits = optimizer.PlanTraining(o.PlanRequest(
+        model=o.ModelShape(preset="llama3-70b"), cluster=o.ClusterSpec(preset="16x8xH100"),
+        training=o.TrainingSpec(global_batch=1024, seq_len=8192),
+        layout="tp8,pp4,zero1,mb1,recompute=selective"))
+    [plan] = fits.plans
+    assert (plan.tp, plan.pp, plan.dp, plan.grad_accum, plan.recompute) == \
+        (8, 4, 4, 256, "selective")
+    assert plan.fits and not fits.problems and plan.time.total_s == pytest.approx(
+        plan.time.compute_s + plan.time.comm_exposed_s + plan.time.bubble_s)
+    over = optimizer.PlanTraining(o.PlanRequest(
+        model=o.ModelShape(preset="llama3-70b"), cluster=o.ClusterSpec(preset="16x8xH100"),
+        training=o.TrainingSpec(global_batch=1024, seq_len=8192), layout="dp128"))
+    assert not over.plans and not over.closest.fits
+    assert over.problems[0].startswith("out of memory by") and len(over.nearest) == 3
+    text = optimizer.ExplainPlan(o.ExplainPlanRequest(request=o.PlanRequest(
+        model=o.ModelShape(preset="llama3-70b"), cluster=o.ClusterSpec(preset="16x8xH100"),
+        training=o.TrainingSpec(global_batch=1024, seq_len=8192), layout="dp128"))).text
+    assert "Cannot run:" in text and "out of memory by" in text
+    with pytest.raises(grpc.RpcError) as err:
+        optimizer.PlanTraining(o.PlanRequest(
+            model=o.ModelShape(preset="llama3-70b"), cluster=o.ClusterSpec(preset="16x8xH100"),
+            training=o.TrainingSpec(global_batch=1024), layout="tp8,pp=four"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "layout: part 'pp=four' is not understood" in err.value.details()

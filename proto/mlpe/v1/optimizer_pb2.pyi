@@ -65,16 +65,18 @@ class TrainingSpec(_message.Message):
     def __init__(self, global_batch: _Optional[int] = ..., seq_len: _Optional[int] = ..., precision: _Optional[str] = ..., optimizer: _Optional[str] = ..., objective: _Optional[str] = ...) -> None: ...
 
 class PlanRequest(_message.Message):
-    __slots__ = ("model", "cluster", "training", "top_k")
+    __slots__ = ("model", "cluster", "training", "top_k", "layout")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     model: ModelShape
     cluster: ClusterSpec
     training: TrainingSpec
     top_k: int
-    def __init__(self, model: _Optional[_Union[ModelShape, _Mapping]] = ..., cluster: _Optional[_Union[ClusterSpec, _Mapping]] = ..., training: _Optional[_Union[TrainingSpec, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    layout: str
+    def __init__(self, model: _Optional[_Union[ModelShape, _Mapping]] = ..., cluster: _Optional[_Union[ClusterSpec, _Mapping]] = ..., training: _Optional[_Union[TrainingSpec, _Mapping]] = ..., top_k: _Optional[int] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class MemoryBreakdown(_message.Message):
     __slots__ = ("params_gib", "grads_gib", "optimizer_gib", "activations_gib", "pipeline_inflight_gib", "temporary_gib", "reserve_gib", "total_gib", "capacity_gib")
@@ -159,7 +161,7 @@ class Rejection(_message.Message):
     def __init__(self, layout: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PlanResponse(_message.Message):
-    __slots__ = ("plans", "rejected", "closest", "suggestions", "search_ms", "cached", "request_hash", "evaluated")
+    __slots__ = ("plans", "rejected", "closest", "suggestions", "search_ms", "cached", "request_hash", "evaluated", "problems", "nearest")
     PLANS_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     CLOSEST_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +170,8 @@ class PlanResponse(_message.Message):
     CACHED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_HASH_FIELD_NUMBER: _ClassVar[int]
     EVALUATED_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    NEAREST_FIELD_NUMBER: _ClassVar[int]
     plans: _containers.RepeatedCompositeFieldContainer[Plan]
     rejected: _containers.RepeatedCompositeFieldContainer[Rejection]
     closest: Plan
@@ -176,7 +180,9 @@ class PlanResponse(_message.Message):
     cached: bool
     request_hash: str
     evaluated: int
-    def __init__(self, plans: _Optional[_Iterable[_Union[Plan, _Mapping]]] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., closest: _Optional[_Union[Plan, _Mapping]] = ..., suggestions: _Optional[_Iterable[str]] = ..., search_ms: _Optional[float] = ..., cached: _Optional[bool] = ..., request_hash: _Optional[str] = ..., evaluated: _Optional[int] = ...) -> None: ...
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    nearest: _containers.RepeatedCompositeFieldContainer[Plan]
+    def __init__(self, plans: _Optional[_Iterable[_Union[Plan, _Mapping]]] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., closest: _Optional[_Union[Plan, _Mapping]] = ..., suggestions: _Optional[_Iterable[str]] = ..., search_ms: _Optional[float] = ..., cached: _Optional[bool] = ..., request_hash: _Optional[str] = ..., evaluated: _Optional[int] = ..., problems: _Optional[_Iterable[str]] = ..., nearest: _Optional[_Iterable[_Union[Plan, _Mapping]]] = ...) -> None: ...
 
 class ExplainPlanRequest(_message.Message):
     __slots__ = ("request", "plan")

@@ -37,6 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "adafactor"))
     p.add_argument("--objective", default="throughput",
                    choices=("throughput", "fewest_gpus", "fit"))
+    p.add_argument("--layout", default="",
+                   help="evaluate this layout instead of searching, e.g. "
+                   "tp8,pp16,dp128,zero1,mb1,recompute=selective (parts: tpN ppN dpN cpN epN "
+                   "vppN, zeroN or fsdp, mbN gaN, sp, schedule=1f1b|interleaved, "
+                   "recompute=none|selective|full, offload=none|optimizer|params; left out: "
+                   "1, ZeRO 0, none; dp = the GPUs left over). Exit 3 when it cannot run")
     p.add_argument("--top", type=int, default=10, help="plans shown (10)")
     p.add_argument("--explain", action="store_true", help="explain the best plan")
     p.add_argument("--json", action="store_true", help="the PlanResponse as JSON")
@@ -61,22 +67,54 @@ def build_request(args):
         model=model, cluster=o.ClusterSpec(preset=args.cluster),
         training=o.TrainingSpec(global_batch=args.global_batch, seq_len=args.seq,
                                 precision=args.precision, optimizer=args.optimizer,
-                                objective=args.objective), top_k=args.top)
+                                objective=args.objective), top_k=args.top,
+        layout=args.layout)
+
+
+def print_table(plans) -> None:
+    print(f"{'#':>2} {'DP':>4} {'TP':>3} {'PP':>3} {'CP':>3} {'EP':>3} {'ZeRO':>4} "
+          f"{'MBxGA':>7} {'RECOMP':>9} {'OFFLOAD':>9} {'MEM GiB':>9} {'STEP s':>8} "
+          f"{'TOK/S':>11} {'MFU':>5}")
+    for i, p in enumerate(plans, 1):
+        print(f"{i:>2} {p.dp:>4} {p.tp:>3} {p.pp:>3} {p.cp:>3} {p.ep:>3} "
+              f"{p.zero_stage:>4} {f'{p.micro_batch}x{p.grad_accum}':>7} "
+              f"{p.recompute:>9} {p.offload:>9} "
+              f"{p.memory.total_gib:>5.1f}/{p.memory.capacity_gib:<3.0f} "
+              f"{p.time.total_s:>8.2f} {p.tokens_per_s:>11,.0f} {p.mfu:>5.0%}")
+
+
+def print_layout(response) -> None:
+    """The answer for --layout: its figures, and when it cannot run, why and what can."""
+    runs = bool(response.plans)
+    plan = response.plans[0] if runs else response.closest if response.HasField("closest") \
+        else None
+    if plan is not None:
+        m, t = plan.memory, plan.time
+        print(f"Layout {plan.summary}" + ("" if runs else "  (CANNOT RUN)"))
+        print(f"Memory per GPU: {m.total_gib:.1f} of {m.capacity_gib:.0f} GiB = weights "
+              f"{m.params_gib:.2f} + gradients {m.grads_gib:.2f} + optimizer "
+              f"{m.optimizer_gib:.2f} + activations {m.activations_gib:.2f} + pipeline in "
+              f"flight {m.pipeline_inflight_gib:.2f} + temporary {m.temporary_gib:.2f} + "
+              f"reserve {m.reserve_gib:.2f}")
+        print(f"Step time {t.total_s:.3f} s = compute {t.compute_s:.3f} + exposed "
+              f"communication {t.comm_exposed_s:.3f} + pipeline bubble {t.bubble_s:.3f}; "
+              f"{plan.tokens_per_s:,.0f} tokens/s, MFU {plan.mfu:.1%}")
+    if response.problems:
+        print("Cannot run:")
+        for problem in response.problems:
+            print(f"  - {problem}")
+    if response.nearest:
+        print("\nNearest layouts that run:")
+        print_table(response.nearest)
+    for s in response.suggestions:
+        print(f"  - {s}")
 
 
 def print_plans(response) -> None:
     if not response.plans:
         print("No layout fits.")
     else:
-        print(f"{'#':>2} {'DP':>4} {'TP':>3} {'PP':>3} {'CP':>3} {'EP':>3} {'ZeRO':>4} "
-              f"{'MBxGA':>7} {'RECOMP':>9} {'OFFLOAD':>9} {'MEM GiB':>9} {'STEP s':>8} "
-              f"{'TOK/S':>11} {'MFU':>5}")
-        for i, p in enumerate(response.plans, 1):
-            print(f"{i:>2} {p.dp:>4} {p.tp:>3} {p.pp:>3} {p.cp:>3} {p.ep:>3} "
-                  f"{p.zero_stage:>4} {f'{p.micro_batch}x{p.grad_accum}':>7} "
-                  f"{p.recompute:>9} {p.offload:>9} "
-                  f"{p.memory.total_gib:>5.1f}/{p.memory.capacity_gib:<3.0f} "
-                  f"{p.time.total_s:>8.2f} {p.tokens_per_s:>11,.0f} {p.mfu:>5.0%}")
+        print_table(response.plans)
     if response.HasField("closest"):
         print(f"\nClosest layout: {response.closest.summary}")
     for s in response.suggestions:
@@ -90,7 +128,6 @@ def run_plan(args, settings: Settings) -> int:
 
     from mlpe.optimizer import service
     from mlpe.optimizer.errors import PlanInputError
-    from mlpe.v1 import optimizer_pb2 as o
 
     request = build_request(args)
     try:
@@ -102,27 +139,33 @@ def run_plan(args, settings: Settings) -> int:
             stub = optimizer_pb2_grpc.OptimizerStub(grpc.insecure_channel(args.server))
             try:
                 response = stub.PlanTraining(request, timeout=60)
-                text = stub.ExplainPlan(o.ExplainPlanRequest(
-                    request=request, plan=response.plans[0])).text \
-                    if args.explain and response.plans else ""
+                text = stub.ExplainPlan(explain_request(request, response)).text \
+                    if args.explain and (response.plans or args.layout) else ""
             except grpc.RpcError as err:
                 print(f"mlpe plan: {err.code().name}: {err.details()}", file=sys.stderr)
                 return 2 if err.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
         else:
             response = service.plan(request)
-            text = service.explain(o.ExplainPlanRequest(request=request,
-                                                        plan=response.plans[0])) \
-                if args.explain and response.plans else ""
+            text = service.explain(explain_request(request, response)) \
+                if args.explain and (response.plans or args.layout) else ""
     except PlanInputError as err:
         print(f"mlpe plan: {err.field}: {err.reason}", file=sys.stderr)
         return 2
     if args.json:
         print(json_format.MessageToJson(response, preserving_proto_field_name=True))
     else:
-        print_plans(response)
+        (print_layout if args.layout else print_plans)(response)
         if text:
             print("\n" + text)
     return 0 if response.plans else 3
+
+
+def explain_request(request, response):
+    from mlpe.v1 import optimizer_pb2 as o
+
+    if request.layout:  # the layout is named by the request itself
+        return o.ExplainPlanRequest(request=request)
+    return o.ExplainPlanRequest(request=request, plan=response.plans[0])
 
 
 def run_advise(args, settings: Settings) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 
-from mlpe.optimizer import planner
+from mlpe.optimizer import fixed, planner
 from mlpe.optimizer.errors import PlanInputError
 from mlpe.optimizer.explain import explain as explain_plan
 from mlpe.optimizer.hardware import GPUS, Cluster, parse_cluster
@@ -112,6 +112,8 @@ def inputs(request: o.PlanRequest):
 def plan(request: o.PlanRequest) -> o.PlanResponse:
     """Raises PlanInputError for an impossible request."""
     model, cluster, training, objective = inputs(request)
+    if request.layout:
+        return fixed_plan(request, model, cluster, training)
     t0 = time.perf_counter()
     result = planner.search(model, cluster, training, objective=objective,
                             top_k=request.top_k or 10)
@@ -128,8 +130,34 @@ def plan(request: o.PlanRequest) -> o.PlanResponse:
     return response
 
 
+def fixed_plan(request: o.PlanRequest, model, cluster, training) -> o.PlanResponse:
+    """The answer for request.layout: that layout evaluated (fixed.py)."""
+    t0 = time.perf_counter()
+    verdict = fixed.evaluate(model, cluster, training, fixed.parse_layout(request.layout))
+    capacity = cluster.gpu.memory_gib
+    response = o.PlanResponse(
+        problems=verdict.problems, nearest=[plan_proto(p, capacity) for p in verdict.nearest],
+        request_hash=request_hash(request), evaluated=verdict.evaluated,
+        search_ms=(time.perf_counter() - t0) * 1e3)
+    if verdict.runs:
+        response.plans.append(plan_proto(verdict.plan, capacity))
+    elif verdict.plan is not None:
+        response.closest.CopyFrom(plan_proto(verdict.plan, capacity))
+    if not verdict.runs and not verdict.nearest:
+        response.suggestions.extend(planner.search(model, cluster, training).suggestions)
+    return response
+
+
 def explain(request: o.ExplainPlanRequest) -> str:
     model, cluster, training, objective = inputs(request.request)
+    if request.request.layout:  # the named layout, whether or not it runs
+        verdict = fixed.evaluate(model, cluster, training,
+                                 fixed.parse_layout(request.request.layout))
+        if verdict.plan is None:
+            raise PlanInputError("request.layout", "; ".join(verdict.problems))
+        text = explain_plan(verdict.plan, model, cluster, training)
+        return text if verdict.runs else \
+            text + "\n\nCannot run:\n" + "\n".join(f"  - {p}" for p in verdict.problems)
     wanted = request.plan
     result = planner.search(model, cluster, training, objective=objective, top_k=1000)
     for p in [*result.plans, *([result.closest] if result.closest else [])]:

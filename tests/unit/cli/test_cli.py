@@ -60,3 +60,21 @@ def test_run_refuses_out_of_range_arguments_before_starting_anything(tmp_path):
 def test_bench_kernels_is_the_kernel_packages_own_parser():
     out = mlpe("bench", "kernels", "--hidden", "4k")
     assert out.returncode == 1 and "--hidden '4k'" in out.stderr
+
+
+def test_plan_layout_from_the_shell():
+    args = ("plan", "--model", "llama3-70b", "--cluster", "16x8xH100", "--global-batch",
+            "1024", "--seq", "8192", "--layout")
+    fits = mlpe(*args, "tp8,pp4,zero1,mb1,recompute=selective")
+    assert fits.returncode == 0, fits.stderr
+    assert "Layout dp4 tp8 pp4 mb1x256 zero1 sp recompute=selective" in fits.stdout
+    assert "Memory per GPU:" in fits.stdout and "Step time" in fits.stdout
+    assert "= compute" in fits.stdout and "pipeline bubble" in fits.stdout
+    over = mlpe(*args, "dp128")
+    assert over.returncode == 3 and "(CANNOT RUN)" in over.stdout
+    assert "out of memory by" in over.stdout and "Nearest layouts that run:" in over.stdout
+    bad = mlpe(*args, "tp8,pp=four")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip() == "mlpe plan: layout: part 'pp=four' is not understood: " \
+        "expected " + "comma-separated parts like tp8,pp16,dp128,vpp2,cp2,ep4,zero1 (or " \
+        "fsdp),mb1,ga16,sp,recompute=selective,offload=optimizer"

@@ -28,7 +28,7 @@ from mlpe.optimizer.layout import NAMES, Layout
 from mlpe.optimizer.memory import GIB, breakdown, memory_arrays
 from mlpe.optimizer.models import ModelShape
 from mlpe.optimizer.search import Plan, Training, rank_layouts
-from mlpe.optimizer.timing import step_time, time_arrays
+from mlpe.optimizer.timing import CONSTANTS, Constants, step_time, time_arrays
 
 FORM = ("comma-separated parts like tp8,pp16,dp128,vpp2,cp2,ep4,zero1 (or fsdp),mb1,ga16,"
         "sp,recompute=selective,offload=optimizer")
@@ -175,10 +175,11 @@ def _complete(model: ModelShape, cluster: Cluster, training: Training,
     return layout, problems
 
 
-def evaluate(model: ModelShape, cluster: Cluster, training: Training,
-             parts: dict) -> Verdict:
+def evaluate(model: ModelShape, cluster: Cluster, training: Training, parts: dict,
+             k: Constants = CONSTANTS, nearest: bool = True) -> Verdict:
     """The fixed layout `parts` (parse_layout's) of `model` on `cluster`: its plan and
-    every reason it cannot run, with the nearest layouts that can."""
+    every reason it cannot run, with (unless not `nearest`) the nearest layouts that
+    can. `k`: the step-time model's constants (timing.py)."""
     layout, problems = _complete(model, cluster, training, parts)
     plan = None
     if layout is not None:  # figures even when it cannot run: what it would need
@@ -187,7 +188,7 @@ def evaluate(model: ModelShape, cluster: Cluster, training: Training,
         mem = memory_arrays(model, training.seq_len, training.precision, training.optimizer,
                             one, flash=training.flash_attention)
         times = time_arrays(model, cluster, training.seq_len, training.global_batch,
-                            training.precision, training.optimizer, one)
+                            training.precision, training.optimizer, one, k)
         capacity = float(cluster.gpu.memory_bytes)
         total, host = float(mem["total"][0]), float(mem["host_offload"][0])
         fits = total <= capacity and host <= cluster.host_bytes_per_gpu
@@ -201,7 +202,7 @@ def evaluate(model: ModelShape, cluster: Cluster, training: Training,
             problems.append(f"offload needs {host / GIB:.0f} GiB of host memory per GPU, "
                             f"{cluster.host_bytes_per_gpu / GIB:.0f} are usable")
     verdict = Verdict(plan, problems)
-    if problems:
+    if problems and nearest:
         found = rank_layouts(model, cluster, training, "throughput", top_k=1000)
         verdict.evaluated += found.evaluated
         wanted = layout if layout is not None else Layout(

@@ -6,13 +6,13 @@ Compute. FLOPs per step = flops_per_token(seq) x global batch x seq (ModelShape:
 term), spread evenly over the world:
     compute_s = FLOPs / (world x peak x achievable x gemm_efficiency)
 peak: bf16 dense; fp32 trains on TF32 tensor cores (half of bf16); fp8 uses the fp8 peak
-times FP8_EFFICIENCY (fp8 recipes gain ~1.3-1.5x over bf16 end to end, not 2x: casts,
+times fp8_efficiency (fp8 recipes gain ~1.3-1.5x over bf16 end to end, not 2x: casts,
 scaling and the bf16 attention). `achievable` is the GPU's calibration constant
 (hardware.py) for large matmuls; gemm_efficiency = 1 / (1 + 128 / (hidden / tp) + 128 /
 tokens per micro-batch) is a heuristic for the smaller, less efficient GEMMs that wide
 tensor parallelism and tiny micro-batches make.
 
-Communication, per GPU, over links running at LINK_EFFICIENCY of their bandwidth (NCCL's
+Communication, per GPU, over links running at link_efficiency of their bandwidth (NCCL's
 bus bandwidth on NVLink and InfiniBand); a group inside a node uses NVLink, one that spans
 nodes the per-GPU network link (ranks are placed tp innermost, then cp, then dp, then pp,
 as Megatron-LM does):
@@ -23,12 +23,12 @@ as Megatron-LM does):
   accumulate in shards) and a weight all-gather per step; ZeRO 3 / FSDP: weight all-gather
   in forward and again in backward plus the gradient reduce-scatter, every micro-batch,
   i.e. 1.5x the all-reduce volume per micro-batch. ZeRO 2/3 traffic overlaps with the whole
-  step's compute. Exposed = max(comm x (1 - DP_OVERLAP), comm - DP_OVERLAP x hideable).
+  step's compute. Exposed = max(comm x (1 - dp_overlap), comm - dp_overlap x hideable).
 - tensor parallel: 4 all-reduces of s x b x h activations per layer and micro-batch
   (2 forward, 2 backward; sequence parallelism replaces each by a reduce-scatter and an
   all-gather of the same volume), 6 with full recomputation; not overlapped.
 - context parallel (ring attention): each layer passes K and V around the ring (cp - 1
-  steps forward, twice that backward); CP_OVERLAP of it hides behind attention compute.
+  steps forward, twice that backward); cp_overlap of it hides behind attention compute.
 - expert parallel: 4 all-to-alls of the routed tokens (top_k copies) per MoE layer and
   micro-batch, (ep - 1)/ep of them leaving the GPU; not overlapped.
 - pipeline: each micro-batch's activations (s b h / t with SP) go forward and their
@@ -58,12 +58,21 @@ from mlpe.optimizer.layout import Layout
 from mlpe.optimizer.memory import state_bytes_per_param
 from mlpe.optimizer.models import ModelShape
 
-LINK_EFFICIENCY = 0.8  # NCCL bus bandwidth / link bandwidth
-DP_OVERLAP = 0.8  # fraction of the overlappable compute that hides DP communication
-CP_OVERLAP = 0.7  # fraction of ring-attention traffic hidden behind attention compute
-FP8_EFFICIENCY = 0.7  # of the fp8 peak, on top of `achievable`
-GEMM_KNEE = 128.0  # gemm_efficiency's half-efficiency dimension, see the module doc
 PCIE_GBPS = 25.0  # host <-> GPU per GPU, one direction
+
+
+@dataclasses.dataclass(frozen=True)
+class Constants:
+    """The step-time model's calibration constants (with each GPU's `achievable`,
+    hardware.py); `mlpe bench plan` fits them on published runs (README)."""
+    link_efficiency: float = 0.8  # NCCL bus bandwidth / link bandwidth
+    dp_overlap: float = 0.8  # fraction of the overlappable compute that hides DP traffic
+    cp_overlap: float = 0.7  # fraction of ring-attention traffic hidden behind attention
+    fp8_efficiency: float = 0.7  # of the fp8 peak, on top of `achievable`
+    gemm_knee: float = 128.0  # gemm_efficiency's half-efficiency dimension (module doc)
+
+
+CONSTANTS = Constants()
 CPU_ADAM_PARAMS_PER_S = 0.5e9  # CPU Adam throughput per GPU's share of the host
 
 
@@ -86,8 +95,8 @@ class StepTime:
         return self.bubble_s / self.total_s if self.total_s else 0.0
 
 
-def peak_tflops(gpu: GPU, precision: str) -> float:
-    """The dense peak a precision trains at (fp8 already scaled by FP8_EFFICIENCY)."""
+def peak_tflops(gpu: GPU, precision: str, k: Constants = CONSTANTS) -> float:
+    """The dense peak a precision trains at (fp8 already scaled by k.fp8_efficiency)."""
     if precision == "fp32":
         return gpu.tf32_tflops
     if precision == "bf16":
@@ -95,7 +104,7 @@ def peak_tflops(gpu: GPU, precision: str) -> float:
     if precision == "fp8":
         if not gpu.fp8_tflops:
             raise PlanInputError("training.precision", f"{gpu.name} has no fp8 tensor cores")
-        return gpu.fp8_tflops * FP8_EFFICIENCY
+        return gpu.fp8_tflops * k.fp8_efficiency
     raise PlanInputError("training.precision", f"must be fp32, bf16 or fp8, got {precision!r}")
 
 
@@ -113,14 +122,16 @@ def bubble_fraction(pp: Any, microbatches: Any, virtual_stages: Any = 1):
     return float(result) if result.ndim == 0 else result
 
 
-def _ring(n, nbytes, gbps, passes):
-    """passes x (n-1)/n x bytes over a link of gbps GB/s (an all-reduce is 2 passes)."""
+def _ring(n, nbytes, gbps, passes, efficiency):
+    """passes x (n-1)/n x bytes over a link of gbps GB/s at `efficiency` of it (an
+    all-reduce is 2 passes)."""
     return np.where(n > 1, passes * (n - 1) / np.maximum(n, 1) * nbytes
-                    / (gbps * 1e9 * LINK_EFFICIENCY), 0.0)
+                    / (gbps * 1e9 * efficiency), 0.0)
 
 
 def time_arrays(model: ModelShape, cluster: Cluster, seq_len: int, global_batch: int,
-                precision: str, optimizer: str, layout: Layout) -> dict[str, np.ndarray]:
+                precision: str, optimizer: str, layout: Layout,
+                k: Constants = CONSTANTS) -> dict[str, np.ndarray]:
     """Every StepTime field plus tokens_per_s and mfu, elementwise over a Layout of numpy
     arrays or of one layout."""
     a = layout.arrays()
@@ -140,8 +151,8 @@ def time_arrays(model: ModelShape, cluster: Cluster, seq_len: int, global_batch:
     rec_attn = np.where(a.recompute >= 1, 4.0 / 3.0, 1.0)
     flops = tokens_step * (dense_flops * rec_dense + attention * rec_attn)
     tokens_mb = a.micro_batch * seq_len / a.cp
-    gemm = 1.0 / (1.0 + GEMM_KNEE / (model.hidden / a.tp) + GEMM_KNEE / tokens_mb)
-    rate = world * peak_tflops(gpu, precision) * 1e12 * gpu.achievable * gemm
+    gemm = 1.0 / (1.0 + k.gemm_knee / (model.hidden / a.tp) + k.gemm_knee / tokens_mb)
+    rate = world * peak_tflops(gpu, precision, k) * 1e12 * gpu.achievable * gemm
     # Uneven pipelines: the stage with ceil(L / p) layers sets the pace.
     imbalance = np.ceil(model.layers / a.pp) * a.pp / model.layers
     compute = flops / rate * imbalance
@@ -167,42 +178,44 @@ def time_arrays(model: ModelShape, cluster: Cluster, seq_len: int, global_batch:
     exp_bytes = work_b * stage_expert
     passes = np.where(a.zero_stage <= 1, 2.0,
                       np.where(a.zero_stage == 2, m + 1.0, 3.0 * m))
-    dp_comm = (_ring(n_d, grad_bytes, bw_dp, passes)
-               + _ring(n_e, exp_bytes, bandwidth(a.tp * a.cp * a.dp / a.ep), passes))
+    dp_comm = (_ring(n_d, grad_bytes, bw_dp, passes, k.link_efficiency)
+               + _ring(n_e, exp_bytes, bandwidth(a.tp * a.cp * a.dp / a.ep), passes,
+                       k.link_efficiency))
     hideable = np.where(a.zero_stage <= 1, per_mb * 2.0 / 3.0, compute)
-    dp_exposed = np.maximum(dp_comm * (1 - DP_OVERLAP), dp_comm - DP_OVERLAP * hideable)
+    dp_exposed = np.maximum(dp_comm * (1 - k.dp_overlap), dp_comm - k.dp_overlap * hideable)
 
     # Tensor parallel.
     tp_bytes = act_b * tokens_mb * model.hidden
     collectives = np.where(a.recompute == 2, 6.0, 4.0)
-    tp_comm = _ring(a.tp, tp_bytes, bandwidth(a.tp), 2.0) * collectives * layers_here * m
+    tp_comm = (_ring(a.tp, tp_bytes, bandwidth(a.tp), 2.0, k.link_efficiency)
+               * collectives * layers_here * m)
 
     # Context parallel: K and V chunks around the ring.
     kv_bytes = 2 * act_b * tokens_mb * model.kv_heads * model.head_dim / a.tp
     cp_comm = np.where(a.cp > 1, 3.0 * (a.cp - 1) * kv_bytes
-                       / (bandwidth(a.tp * a.cp) * 1e9 * LINK_EFFICIENCY), 0.0)
+                       / (bandwidth(a.tp * a.cp) * 1e9 * k.link_efficiency), 0.0)
     cp_comm = cp_comm * layers_here * m
-    cp_exposed = cp_comm * (1 - CP_OVERLAP)
+    cp_exposed = cp_comm * (1 - k.cp_overlap)
 
     # Expert parallel.
     if model.moe:
         a2a_bytes = act_b * tokens_mb * model.hidden * model.top_k
-        ep_comm = (_ring(a.ep, a2a_bytes, bandwidth(a.tp * a.cp * a.ep), 1.0)
-                   * 4.0 * layers_here * m)
+        ep_comm = (_ring(a.ep, a2a_bytes, bandwidth(a.tp * a.cp * a.ep), 1.0,
+                         k.link_efficiency) * 4.0 * layers_here * m)
     else:
         ep_comm = np.zeros_like(compute)
 
     # Pipeline point-to-point.
     pp_bytes = act_b * tokens_mb * model.hidden / t_rep
     pp_comm = np.where(a.pp > 1, 2.0 * m * v * pp_bytes
-                       / (bandwidth(a.tp * a.cp * a.dp * 2) * 1e9 * LINK_EFFICIENCY), 0.0)
+                       / (bandwidth(a.tp * a.cp * a.dp * 2) * 1e9 * k.link_efficiency), 0.0)
 
     # Offload.
     p_b, g_b, _ = state_bytes_per_param(precision, optimizer, model.hidden)
     shard = stage_dense / n_d + stage_expert / n_e
     pcie = PCIE_GBPS * 1e9
     offload_opt = (g_b + p_b) * shard / pcie + shard / CPU_ADAM_PARAMS_PER_S
-    offload_params = 2.0 * p_b * shard * m / pcie * (1 - DP_OVERLAP)
+    offload_params = 2.0 * p_b * shard * m / pcie * (1 - k.dp_overlap)
     offload_s = (np.where(a.offload >= 1, offload_opt, 0.0)
                  + np.where(a.offload >= 2, offload_params, 0.0))
 

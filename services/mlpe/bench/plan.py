@@ -9,6 +9,8 @@ latency, and the gRPC server's plan requests per second.
   backward against its activation model (kernels="eager"), and each rank's FSDP2 shards
   (2 gloo ranks) of parameters, gradients and AdamW states for the worker's GPT and a
   Llama against its ZeRO-3 per-GPU figures.
+- Published runs: each run of published_runs.yaml (Megatron-LM, Llama 3, BLOOM) with
+  its own layout; the step-time constants fitted on some, the error on the others.
 - Search latency: the full search for llama3-70b on 128 x 8 H100 (1,024 GPUs), global batch
   1024, sequence 8192, repeated; p50 and p99.
 - Requests/s: `mlpe optimizer` on loopback with its Redis cache, 16 concurrent clients for
@@ -159,6 +161,33 @@ def accuracy() -> dict:
             "accuracy_s": round(time.perf_counter() - t0, 1)}
 
 
+def published_runs() -> dict:
+    """The planner against published runs (published.py): the constants fitted on the
+    runs marked fit, the error on the others, and the error of the shipped constants."""
+    from mlpe.bench import published
+
+    runs = published.load()
+    print(f"published runs: {len(runs)} ({sum(r.fit for r in runs)} to fit the step-time "
+          "constants, the rest judged) …", flush=True)
+    constants, achievable = published.calibrate(runs)
+    fitted = published.report(runs, constants, achievable)
+    shipped = published.report(runs)
+    for row, plain in zip(fitted["published_runs"], shipped["published_runs"], strict=True):
+        print(f"  {row['name']:28s} {row['gpus']:6d} x {row['gpu']:10s} {row['layout']:34s} "
+              f"measured {row['measured_tokens_per_s']:>10,} tok/s  predicted "
+              f"{row['predicted_tokens_per_s']:>10,} ({row['error_pct']:+6.1f}%; shipped "
+              f"constants {plain['error_pct']:+6.1f}%)"
+              f"{'  [fit]' if row['used_to_fit'] else ''}", flush=True)
+    print(f"  held out: error p50 {fitted['published_err_p50_pct']}% / max "
+          f"{fitted['published_err_max_pct']}% (shipped constants: "
+          f"{shipped['published_err_p50_pct']}% / {shipped['published_err_max_pct']}%); "
+          f"fitted {constants}, achievable {achievable}", flush=True)
+    return {**fitted, "published_fitted": {**{k: v for k, v in vars(constants).items()},
+                                           "achievable": achievable},
+            "published_shipped_err_p50_pct": shipped["published_err_p50_pct"],
+            "published_shipped_err_max_pct": shipped["published_err_max_pct"]}
+
+
 def run(args, settings: Settings) -> dict:
     import grpc
 
@@ -168,6 +197,7 @@ def run(args, settings: Settings) -> dict:
 
     result: dict = {"bench": "plan"}
     result.update(SKIPPED_ACCURACY if args.skip_accuracy else accuracy())
+    result.update(published_runs())
     result.update(search_latency(args.repeats))
     print(f"search, {SEARCH_CASE[0]} on {SEARCH_CASE[1]}: p50 {result['search_p50_ms']} ms, "
           f"p99 {result['search_p99_ms']} ms ({result['search_evaluated']:,} layouts); best: "

@@ -26,10 +26,11 @@ from mlpe.optimizer.timing import CONSTANTS, Constants, mfu_peak_tflops
 
 RUNS_FILE = Path(__file__).with_name("published_runs.yaml")
 # The constants fitted, and the values tried (around the shipped ones).
-GRID = {"achievable:a100-80gb": (0.50, 0.55, 0.60, 0.65, 0.70),
-        "achievable:h100-sxm": (0.45, 0.50, 0.55, 0.60, 0.65, 0.70),
+GRID = {"achievable:a100-80gb": (0.55, 0.60, 0.65, 0.70, 0.75, 0.80),
+        "achievable:h100-sxm": (0.55, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85),
         "link_efficiency": (0.6, 0.7, 0.8, 0.9),
-        "dp_overlap": (0.6, 0.8, 0.9)}
+        "dp_overlap": (0.6, 0.8, 0.9),
+        "gemm_knee": (64.0, 128.0, 192.0, 256.0)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from mlpe.optimizer.hardware import Cluster
 from mlpe.optimizer.layout import NAMES, Layout
 from mlpe.optimizer.memory import GIB, breakdown, memory_arrays
 from mlpe.optimizer.models import ModelShape
-from mlpe.optimizer.search import Plan, Training, rank_layouts
+from mlpe.optimizer.search import MAX_PP_IMBALANCE, Plan, Training, rank_layouts
 from mlpe.optimizer.timing import CONSTANTS, Constants, step_time, time_arrays
 
 FORM = ("comma-separated parts like tp8,pp16,dp128,vpp2,cp2,ep4,zero1 (or fsdp),mb1,ga16,"
@@ -138,6 +138,10 @@ def _complete(model: ModelShape, cluster: Cluster, training: Training,
         problems.append("sp (sequence parallelism) needs tp > 1")
     if pp > model.layers:
         problems.append(f"pp {pp} is more stages than the model's {model.layers} layers")
+    elif math.ceil(model.layers / pp) * pp / model.layers > MAX_PP_IMBALANCE:
+        problems.append(f"layers {model.layers} not divisible by pp {pp} (stages of "
+                        f"{math.ceil(model.layers / pp)} layers: over "
+                        f"{100 * (MAX_PP_IMBALANCE - 1):.0f}% imbalance)")
     schedule = get("schedule")
     if schedule == "interleaved" and v == 1:
         problems.append("schedule=interleaved needs vppN with N > 1 chunks per stage")
@@ -147,8 +151,12 @@ def _complete(model: ModelShape, cluster: Cluster, training: Training,
     if v > 1:
         if pp == 1:
             problems.append(f"vpp{v} (interleaved chunks) needs pp > 1")
-        elif model.layers % (pp * v):
-            problems.append(f"layers {model.layers} not divisible by pp {pp} x vpp {v}")
+        elif math.ceil(model.layers / (pp * v)) * pp * v / model.layers > MAX_PP_IMBALANCE:
+            # As for stages: Llama 3 405B ran 126 layers in 16 stages x chunks, the first
+            # and the last one layer short.
+            problems.append(f"layers {model.layers} not divisible by pp {pp} x vpp {v} "
+                            f"(chunks of {math.ceil(model.layers / (pp * v))} layers: "
+                            f"over {100 * (MAX_PP_IMBALANCE - 1):.0f}% imbalance)")
         if ga % pp:
             problems.append(f"the interleaved schedule needs the micro-batches ({ga}) to be "
                             f"a multiple of pp {pp}")

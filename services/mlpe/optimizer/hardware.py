@@ -6,13 +6,13 @@ Memory is the datasheet capacity read as GiB (nvidia-smi reports 79.6 GiB usable
 Bandwidths are in GB/s (1e9 bytes/s), per GPU and per direction.
 
 `achievable` is a calibration constant: the fraction of the dense peak that the large
-matrix multiplications of LLM training reach end to end in a well-tuned stack, before
-communication and pipeline bubbles (which the timing model adds separately). It is set
-from public results: Megatron-LM reaches ~52 % MFU on A100s for GPT-3 175B with bubbles
-and communication included (Narayanan et al. 2021), so ~0.60 of peak for the compute
-itself; H100 training of Llama 3 405B reports 38-43 % MFU (Llama 3 paper, 2024), large
-dense models on H100 ~50 % with bubbles and communication hidden: H100 and H200 reach a
-lower fraction of their much higher peak (~0.50), H200's faster HBM helps a little.
+matrix multiplications of LLM training reach, before communication and pipeline bubbles
+(which the timing model adds separately). It is fitted with the step-time constants
+(timing.Constants) on published runs by `mlpe bench plan` (README, "Published runs"):
+0.70 on A100 from five Megatron-LM runs (Narayanan et al. 2021, Table 1: 1.7B-530B on
+32-2,520 GPUs), 0.75 on H100 from Llama 3 405B on 8,192 GPUs (the Llama 3 paper, Table
+4; the value rests on one run and on its pipeline chunks, which the paper does not give:
+0.65-0.75 for 2-8 chunks). H200: no published run here; the H100's value.
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ class GPU:
 
 GPUS: dict[str, GPU] = {
     # A100 SXM: 312 TF bf16, NVLink 3 600 GB/s both ways, HDR 200 Gb/s per GPU.
-    "a100-40gb": GPU("a100-40gb", 40, 312, 0, 1555, 0.60, 300, 25),
-    "a100-80gb": GPU("a100-80gb", 80, 312, 0, 2039, 0.60, 300, 25),
+    "a100-40gb": GPU("a100-40gb", 40, 312, 0, 1555, 0.70, 300, 25),
+    "a100-80gb": GPU("a100-80gb", 80, 312, 0, 2039, 0.70, 300, 25),
     # H100 SXM: 989 TF bf16, 1979 TF fp8, NVLink 4 900 GB/s both ways, NDR 400 Gb/s.
-    "h100-sxm": GPU("h100-sxm", 80, 989, 1979, 3350, 0.50, 450, 50),
-    "h200": GPU("h200", 141, 989, 1979, 4800, 0.52, 450, 50),
+    "h100-sxm": GPU("h100-sxm", 80, 989, 1979, 3350, 0.75, 450, 50),
+    "h200": GPU("h200", 141, 989, 1979, 4800, 0.75, 450, 50),
 }
 
 HOST_USABLE = 0.8  # of a node's CPU memory, for offload (the OS, pinned buffers, data loaders)

@@ -8,7 +8,7 @@ term), spread evenly over the world:
 peak: bf16 dense; fp32 trains on TF32 tensor cores (half of bf16); fp8 uses the fp8 peak
 times fp8_efficiency (fp8 recipes gain ~1.3-1.5x over bf16 end to end, not 2x: casts,
 scaling and the bf16 attention). `achievable` is the GPU's calibration constant
-(hardware.py) for large matmuls; gemm_efficiency = 1 / (1 + 128 / (hidden / tp) + 128 /
+(hardware.py) for large matmuls; gemm_efficiency = 1 / (1 + 256 / (hidden / tp) + 256 /
 tokens per micro-batch) is a heuristic for the smaller, less efficient GEMMs that wide
 tensor parallelism and tiny micro-batches make.
 
@@ -65,11 +65,11 @@ PCIE_GBPS = 25.0  # host <-> GPU per GPU, one direction
 class Constants:
     """The step-time model's calibration constants (with each GPU's `achievable`,
     hardware.py); `mlpe bench plan` fits them on published runs (README)."""
-    link_efficiency: float = 0.8  # NCCL bus bandwidth / link bandwidth
-    dp_overlap: float = 0.8  # fraction of the overlappable compute that hides DP traffic
-    cp_overlap: float = 0.7  # fraction of ring-attention traffic hidden behind attention
+    link_efficiency: float = 0.9  # NCCL bus bandwidth / link bandwidth (fitted)
+    dp_overlap: float = 0.9  # of the overlappable compute that hides DP traffic (fitted)
+    cp_overlap: float = 0.7  # of ring-attention traffic hidden behind attention
     fp8_efficiency: float = 0.7  # of the fp8 peak, on top of `achievable`
-    gemm_knee: float = 128.0  # gemm_efficiency's half-efficiency dimension (module doc)
+    gemm_knee: float = 256.0  # gemm_efficiency's half-efficiency dimension (fitted)
 
 
 CONSTANTS = Constants()

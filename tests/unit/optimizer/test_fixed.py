@@ -81,7 +81,7 @@ def test_every_reason_is_given_at_once():
                      cluster=parse_cluster("18x8xH100"))
     text = " | ".join(answer.problems)
     for reason in ("kv_heads 8 not divisible by tp 16",
-                   "schedule=1f1b and vpp4 disagree", 
+                   "schedule=1f1b and vpp4 disagree",
                    "sequence length 8192 not divisible by 2 x cp 3",
                    "ep 2 needs a mixture-of-experts model", "offload=params needs ZeRO-3"):
         assert reason in text, text

@@ -16,7 +16,7 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 PACKAGED := deploy/kafka/pom.xml deploy/kafka/log4j2.xml deploy/influxdb/build-influxd.sh \
-	deploy/rules/default.yaml
+	deploy/rules/default.yaml deploy/prices/default.yaml
 
 $(VENV)/.mlpe-installed: requirements.lock pyproject.toml deploy/setup-python.sh $(PACKAGED)
 	@deploy/setup-python.sh

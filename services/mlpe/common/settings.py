@@ -192,6 +192,7 @@ class Settings:
     stream_app_id: str        # Faust app id = Kafka consumer group of the stream workers
     stream_start: str         # where a new consumer group starts: earliest or latest
     rules_path: str           # threshold rules for the stream ("" = none)
+    prices_path: Path         # GPU prices per GPU-hour (mlpe.common.prices)
 
     control_port: int         # mlpe control's gRPC port
     control_address: str      # where clients reach it (host:port)
@@ -328,6 +329,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         stream_app_id=_text(env, "MLPE_STREAM_APP_ID", "mlpe-stream"),
         stream_start=_choice(env, "MLPE_STREAM_START", "earliest", ("earliest", "latest")),
         rules_path=str(packaged("rules", "default.yaml")) if rules is None else rules.strip(),
+        prices_path=_optional_path(env, "MLPE_PRICES") or packaged("prices", "default.yaml"),
         control_port=control_port,
         control_address=_host_ports(env, "MLPE_CONTROL_ADDRESS", f"127.0.0.1:{control_port}"),
         control_namespace=_text(env, "MLPE_CONTROL_NAMESPACE", "mlpe"),

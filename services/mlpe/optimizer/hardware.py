@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from mlpe.common.gpus import canonical
 from mlpe.optimizer.errors import PlanInputError
 
 
@@ -55,18 +56,9 @@ GPUS: dict[str, GPU] = {
 
 HOST_USABLE = 0.8  # of a node's CPU memory, for offload (the OS, pinned buffers, data loaders)
 
-ALIASES = {
-    "a100": "a100-80gb", "a100-80g": "a100-80gb", "a100-40g": "a100-40gb",
-    "a100-40gb": "a100-40gb", "a100-80gb": "a100-80gb",
-    "h100": "h100-sxm", "h100-sxm": "h100-sxm", "h100-sxm5": "h100-sxm", "h100-80gb": "h100-sxm",
-    "h200": "h200", "h200-sxm": "h200", "h200-141gb": "h200",
-}
-
-
 def gpu(name: str, field: str = "cluster.gpu") -> GPU:
     """A preset by name or alias, case-insensitive ("H100", "a100-40GB", "h200")."""
-    key = str(name).strip().lower().replace("_", "-")
-    key = ALIASES.get(key, key)
+    key = canonical(name)
     if key not in GPUS:
         raise PlanInputError(field, f"unknown GPU {name!r}: expected one of "
                                     f"{', '.join(sorted(GPUS))} (or H100, A100, A100-40GB, "

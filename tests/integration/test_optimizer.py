@@ -11,7 +11,9 @@ import uuid
 import grpc
 import pytest
 
+from mlpe.common import prices
 from mlpe.common.grpc_server import wait_serving
+from mlpe.common.settings import load as load_settings
 from mlpe.control.local import LocalController
 from mlpe.v1 import control_pb2 as c
 from mlpe.v1 import optimizer_pb2 as o
@@ -153,3 +155,33 @@ def test_a_named_layout_is_evaluated_over_grpc(optimizer):
             training=o.TrainingSpec(global_batch=1024), layout="tp8,pp=four"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "layout: part 'pp=four' is not understood" in err.value.details()
+
+
+def test_plans_are_costed_and_cheapest_is_served(optimizer, stack_endpoints, tmp_path):
+    fast = optimizer.PlanTraining(request(model="llama3-8b", cluster="4x8xH100", batch=256))
+    best = fast.plans[0]
+    hourly = prices.load(load_settings({}).prices_path).per_gpu_hour("h100")  # the shipped
+    assert best.currency == "USD" and best.cost_per_step == pytest.approx(
+        best.time.total_s * 32 * hourly / 3600)
+    cheap = optimizer.PlanTraining(request(model="llama3-8b", cluster="4x8xH100", batch=256,
+                                           objective="cheapest"))
+    costs = [p.cost_per_billion_tokens for p in cheap.plans]
+    assert costs == sorted(costs) and costs[0] <= best.cost_per_billion_tokens
+    with pytest.raises(grpc.RpcError) as err:
+        optimizer.PlanTraining(o.PlanRequest(
+            model=o.ModelShape(preset="llama3-8b"),
+            cluster=o.ClusterSpec(preset="1x8xH100", pricing="reserved"),
+            training=o.TrainingSpec(global_batch=64)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("cluster.pricing: one of on_demand, spot")
+
+
+def test_a_broken_price_table_stops_the_optimizer_at_start_naming_the_line(
+        stack_endpoints, tmp_path):
+    broken = tmp_path / "prices.yaml"
+    broken.write_text("currency: USD\nsource: x\ndate: 2026-01-01\ngpus:\n  b300: "
+                      "{on_demand: 9, spot: 4}\n")
+    with pytest.raises(RuntimeError) as err:
+        start_optimizer(stack_endpoints, tmp_path, MLPE_PRICES=str(broken))
+    assert "optimizer exited (2)" in str(err.value)
+    assert f"{broken}:5: unknown GPU type 'b300'" in str(err.value)

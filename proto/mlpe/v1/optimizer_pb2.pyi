@@ -35,20 +35,22 @@ class ModelShape(_message.Message):
     def __init__(self, preset: _Optional[str] = ..., layers: _Optional[int] = ..., hidden: _Optional[int] = ..., heads: _Optional[int] = ..., kv_heads: _Optional[int] = ..., ffn: _Optional[int] = ..., ffn_type: _Optional[str] = ..., vocab: _Optional[int] = ..., seq_len: _Optional[int] = ..., tied: _Optional[bool] = ..., experts: _Optional[int] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class ClusterSpec(_message.Message):
-    __slots__ = ("preset", "nodes", "gpus_per_node", "gpu", "intra_node_gbps", "inter_node_gbps")
+    __slots__ = ("preset", "nodes", "gpus_per_node", "gpu", "intra_node_gbps", "inter_node_gbps", "pricing")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     GPUS_PER_NODE_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
     INTRA_NODE_GBPS_FIELD_NUMBER: _ClassVar[int]
     INTER_NODE_GBPS_FIELD_NUMBER: _ClassVar[int]
+    PRICING_FIELD_NUMBER: _ClassVar[int]
     preset: str
     nodes: int
     gpus_per_node: int
     gpu: str
     intra_node_gbps: float
     inter_node_gbps: float
-    def __init__(self, preset: _Optional[str] = ..., nodes: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., gpu: _Optional[str] = ..., intra_node_gbps: _Optional[float] = ..., inter_node_gbps: _Optional[float] = ...) -> None: ...
+    pricing: str
+    def __init__(self, preset: _Optional[str] = ..., nodes: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., gpu: _Optional[str] = ..., intra_node_gbps: _Optional[float] = ..., inter_node_gbps: _Optional[float] = ..., pricing: _Optional[str] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
     __slots__ = ("global_batch", "seq_len", "precision", "optimizer", "objective")
@@ -113,7 +115,7 @@ class StepTime(_message.Message):
     def __init__(self, compute_s: _Optional[float] = ..., comm_exposed_s: _Optional[float] = ..., bubble_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("dp", "tp", "pp", "cp", "ep", "sequence_parallel", "zero_stage", "fsdp", "micro_batch", "grad_accum", "recompute", "offload", "memory", "time", "tokens_per_s", "mfu", "fits", "summary")
+    __slots__ = ("dp", "tp", "pp", "cp", "ep", "sequence_parallel", "zero_stage", "fsdp", "micro_batch", "grad_accum", "recompute", "offload", "memory", "time", "tokens_per_s", "mfu", "fits", "summary", "cost_per_step", "cost_per_billion_tokens", "currency")
     DP_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
     PP_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +134,9 @@ class Plan(_message.Message):
     MFU_FIELD_NUMBER: _ClassVar[int]
     FITS_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    COST_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    COST_PER_BILLION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
     dp: int
     tp: int
     pp: int
@@ -150,7 +155,10 @@ class Plan(_message.Message):
     mfu: float
     fits: bool
     summary: str
-    def __init__(self, dp: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., cp: _Optional[int] = ..., ep: _Optional[int] = ..., sequence_parallel: _Optional[bool] = ..., zero_stage: _Optional[int] = ..., fsdp: _Optional[bool] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., recompute: _Optional[str] = ..., offload: _Optional[str] = ..., memory: _Optional[_Union[MemoryBreakdown, _Mapping]] = ..., time: _Optional[_Union[StepTime, _Mapping]] = ..., tokens_per_s: _Optional[float] = ..., mfu: _Optional[float] = ..., fits: _Optional[bool] = ..., summary: _Optional[str] = ...) -> None: ...
+    cost_per_step: float
+    cost_per_billion_tokens: float
+    currency: str
+    def __init__(self, dp: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., cp: _Optional[int] = ..., ep: _Optional[int] = ..., sequence_parallel: _Optional[bool] = ..., zero_stage: _Optional[int] = ..., fsdp: _Optional[bool] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., recompute: _Optional[str] = ..., offload: _Optional[str] = ..., memory: _Optional[_Union[MemoryBreakdown, _Mapping]] = ..., time: _Optional[_Union[StepTime, _Mapping]] = ..., tokens_per_s: _Optional[float] = ..., mfu: _Optional[float] = ..., fits: _Optional[bool] = ..., summary: _Optional[str] = ..., cost_per_step: _Optional[float] = ..., cost_per_billion_tokens: _Optional[float] = ..., currency: _Optional[str] = ...) -> None: ...
 
 class Rejection(_message.Message):
     __slots__ = ("layout", "reason")

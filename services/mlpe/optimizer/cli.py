@@ -36,7 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp8"))
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "adafactor"))
     p.add_argument("--objective", default="throughput",
-                   choices=("throughput", "fewest_gpus", "fit"))
+                   choices=("throughput", "fewest_gpus", "fit", "cheapest"),
+                   help="throughput (most tokens/s on all the GPUs), fewest_gpus, fit (most "
+                   "headroom), cheapest (lowest cost per token on any GPU count)")
+    p.add_argument("--pricing", default="on_demand", choices=("on_demand", "spot"),
+                   help="the GPU price costs use (the price table: $MLPE_PRICES)")
     p.add_argument("--layout", default="",
                    help="evaluate this layout instead of searching, e.g. "
                    "tp8,pp16,dp128,zero1,mb1,recompute=selective (parts: tpN ppN dpN cpN epN "
@@ -64,7 +68,7 @@ def build_request(args):
     for flag in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "experts", "top_k"):
         setattr(model, flag, getattr(args, flag))
     return o.PlanRequest(
-        model=model, cluster=o.ClusterSpec(preset=args.cluster),
+        model=model, cluster=o.ClusterSpec(preset=args.cluster, pricing=args.pricing),
         training=o.TrainingSpec(global_batch=args.global_batch, seq_len=args.seq,
                                 precision=args.precision, optimizer=args.optimizer,
                                 objective=args.objective), top_k=args.top,
@@ -72,15 +76,17 @@ def build_request(args):
 
 
 def print_table(plans) -> None:
-    print(f"{'#':>2} {'DP':>4} {'TP':>3} {'PP':>3} {'CP':>3} {'EP':>3} {'ZeRO':>4} "
+    currency = plans[0].currency if plans else ""
+    print(f"{'#':>2} {'GPUS':>5} {'DP':>4} {'TP':>3} {'PP':>3} {'CP':>3} {'EP':>3} {'ZeRO':>4} "
           f"{'MBxGA':>7} {'RECOMP':>9} {'OFFLOAD':>9} {'MEM GiB':>9} {'STEP s':>8} "
-          f"{'TOK/S':>11} {'MFU':>5}")
+          f"{'TOK/S':>11} {'MFU':>5} {currency + '/STEP':>10} {currency + '/1B TOK':>11}")
     for i, p in enumerate(plans, 1):
-        print(f"{i:>2} {p.dp:>4} {p.tp:>3} {p.pp:>3} {p.cp:>3} {p.ep:>3} "
-              f"{p.zero_stage:>4} {f'{p.micro_batch}x{p.grad_accum}':>7} "
+        print(f"{i:>2} {p.dp * p.tp * p.pp * p.cp:>5} {p.dp:>4} {p.tp:>3} {p.pp:>3} {p.cp:>3} "
+              f"{p.ep:>3} {p.zero_stage:>4} {f'{p.micro_batch}x{p.grad_accum}':>7} "
               f"{p.recompute:>9} {p.offload:>9} "
               f"{p.memory.total_gib:>5.1f}/{p.memory.capacity_gib:<3.0f} "
-              f"{p.time.total_s:>8.2f} {p.tokens_per_s:>11,.0f} {p.mfu:>5.0%}")
+              f"{p.time.total_s:>8.2f} {p.tokens_per_s:>11,.0f} {p.mfu:>5.0%} "
+              f"{p.cost_per_step:>10.2f} {p.cost_per_billion_tokens:>11,.0f}")
 
 
 def print_layout(response) -> None:
@@ -99,6 +105,8 @@ def print_layout(response) -> None:
         print(f"Step time {t.total_s:.3f} s = compute {t.compute_s:.3f} + exposed "
               f"communication {t.comm_exposed_s:.3f} + pipeline bubble {t.bubble_s:.3f}; "
               f"{plan.tokens_per_s:,.0f} tokens/s, MFU {plan.mfu:.1%}")
+        print(f"Cost {plan.cost_per_step:,.2f} {plan.currency} per step, "
+              f"{plan.cost_per_billion_tokens:,.0f} {plan.currency} per billion tokens")
     if response.problems:
         print("Cannot run:")
         for problem in response.problems:

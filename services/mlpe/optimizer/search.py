@@ -43,7 +43,7 @@ from mlpe.optimizer.memory import (
 from mlpe.optimizer.models import ModelShape
 from mlpe.optimizer.timing import StepTime, step_time, time_arrays
 
-OBJECTIVES = ("throughput", "fewest_gpus", "fit")
+OBJECTIVES = ("throughput", "fewest_gpus", "fit", "cheapest")
 MAX_MICRO_BATCH = 64
 CP_MIN_TOKENS = 1024
 CP_SIZES = (1, 2, 4, 8, 16, 32)
@@ -305,6 +305,14 @@ def _worlds(cluster: Cluster) -> list[int]:
                                                for n in range(2, cluster.nodes + 1)]
 
 
+def _cost_worlds(cluster: Cluster) -> list[int]:
+    """GPU counts to try for cheapest: divisors of one node, then whole nodes in powers
+    of two and all of them (every world is searched whole: log-spaced keeps it fast)."""
+    nodes = sorted({n for n in (2 ** i for i in range(1, cluster.nodes.bit_length()))
+                    if n <= cluster.nodes} | {cluster.nodes} - {1})
+    return _divisors(cluster.gpus_per_node) + [n * cluster.gpus_per_node for n in nodes]
+
+
 # -- search -----------------------------------------------------------------------------------
 def rank_layouts(model: ModelShape, cluster: Cluster, training: Training,
                  objective: str = "throughput", top_k: int = 10) -> SearchResult:
@@ -313,7 +321,9 @@ def rank_layouts(model: ModelShape, cluster: Cluster, training: Training,
 
     objective "throughput": fitting plans on all the GPUs, most tokens/s first;
     "fewest_gpus": the smallest GPU count (whole nodes, or part of one node) on which
-    plans fit, most tokens/s first within it; "fit": fitting plans, least memory first.
+    plans fit, most tokens/s first within it; "fit": fitting plans, least memory first;
+    "cheapest": the lowest cost per token on any GPU count of the cluster (_cost_worlds),
+    i.e. the most tokens/s per GPU: with one GPU type the price does not reorder them.
     Offload is only tried when nothing fits without. When nothing fits at all, `closest`
     is the candidate with the smallest overflow."""
     if objective not in OBJECTIVES:
@@ -325,7 +335,9 @@ def rank_layouts(model: ModelShape, cluster: Cluster, training: Training,
         raise PlanInputError("training.precision", f"{cluster.gpu.name} has no fp8 tensor "
                                                    "cores")
     capacity = float(cluster.gpu.memory_bytes)
-    worlds = _worlds(cluster) if objective == "fewest_gpus" else [cluster.world]
+    worlds = _worlds(cluster) if objective == "fewest_gpus" else \
+        _cost_worlds(cluster) if objective == "cheapest" else [cluster.world]
+    every_world = objective == "cheapest"  # the best of each, compared after
     evaluated = 0
     plans: list[Plan] = []
     rejected: list[Rejection] = []
@@ -341,13 +353,16 @@ def rank_layouts(model: ModelShape, cluster: Cluster, training: Training,
             tried.append((cands, ev))
             if world == cluster.world and offload == (0,):
                 rejected = cands.rejected + _oom_rejections(cands, ev, capacity)
-            plans += _top(cands, ev, objective, top_k - len(plans), cluster)
-            if len(plans) >= top_k:
+            plans += _top(cands, ev, objective, top_k if every_world else top_k - len(plans),
+                          cluster)
+            if len(plans) >= top_k and not every_world:
                 break
         if plans:
             break
     if objective == "fewest_gpus":
         plans.sort(key=lambda p: (p.gpus, -p.tokens_per_s))
+    if objective == "cheapest":  # cost per token = GPUs x price / tokens/s, one GPU type
+        plans.sort(key=lambda p: (-p.tokens_per_s / p.gpus, p.gpus))
     # Nothing fits: the rejections and the closest miss are those of all the GPUs without
     # offload, which fewest_gpus may have skipped.
     if not plans and not any(c.world == cluster.world and not c.layouts.offload.any()

@@ -8,13 +8,14 @@ other calls. Planning is read-only: no token needed.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from mlpe.common import logs
+from mlpe.common import logs, prices
 from mlpe.common.grpc_server import start_server
 from mlpe.common.settings import Settings
 from mlpe.optimizer import service
@@ -30,6 +31,10 @@ CACHE_TTL_S = 24 * 3600
 class Optimizer(optimizer_pb2_grpc.OptimizerServicer):
     def __init__(self, settings: Settings, cache, pool: ThreadPoolExecutor):
         self.settings, self.cache, self.pool = settings, cache, pool
+        # Read at start: a broken price table stops the service with its file and line.
+        self.prices = prices.load(settings.prices_path)
+        # Cached plans carry their costs: a new price table is a new cache.
+        self.prices_digest = hashlib.sha256(repr(self.prices).encode()).hexdigest()[:12]
         self.ns = settings.control_namespace  # plans are cached beside control's keys
         self.stats = {"plans": 0, "cache_hits": 0}
 
@@ -37,7 +42,7 @@ class Optimizer(optimizer_pb2_grpc.OptimizerServicer):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def PlanTraining(self, request, context):
-        key = f"{self.ns}:plan:{service.request_hash(request)}"
+        key = f"{self.ns}:plan:{self.prices_digest}:{service.request_hash(request)}"
         self.stats["plans"] += 1
         cached = await self._cache_get(key)
         if cached is not None:
@@ -46,7 +51,7 @@ class Optimizer(optimizer_pb2_grpc.OptimizerServicer):
             response.cached = True
             return response
         try:
-            response = await self._run(service.plan, request)
+            response = await self._run(service.plan, request, self.prices)
         except PlanInputError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.field}: {err.reason}")
         await self._cache_set(key, response.SerializeToString())
@@ -170,7 +175,11 @@ async def _run(args, settings: Settings) -> int:
     logs.configure("optimizer", settings.log_level, settings.log_format)
     cache = None if args.no_cache else redis.Redis.from_url(settings.redis_url)
     listen = args.listen or f"0.0.0.0:{settings.optimizer_port}"
-    server, port, servicer = await serve(settings, listen, cache)
+    try:
+        server, port, servicer = await serve(settings, listen, cache)
+    except prices.PriceError as err:
+        log.error("optimizer not started: %s", err)
+        return 2
     log.info("optimizer serving on %s (port %d), cache %s", listen, port,
              "off" if cache is None else "on")
     stop = asyncio.Event()

@@ -6,15 +6,18 @@ and returns a PlanResponse; the server adds a Redis cache keyed by the request's
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 
+from mlpe.common import prices
+from mlpe.common.settings import load as load_settings
 from mlpe.optimizer import fixed, planner
 from mlpe.optimizer.errors import PlanInputError
 from mlpe.optimizer.explain import explain as explain_plan
 from mlpe.optimizer.hardware import GPUS, Cluster, parse_cluster
 from mlpe.optimizer.models import build_model
-from mlpe.optimizer.search import Training, build_training
+from mlpe.optimizer.search import OBJECTIVES, Training, build_training
 from mlpe.v1 import optimizer_pb2 as o
 
 GIB = 2**30
@@ -69,6 +72,47 @@ def training_of(t: o.TrainingSpec, model) -> Training:
                           precision=t.precision or "bf16", optimizer=t.optimizer or "adamw")
 
 
+PRICINGS = ("on_demand", "spot")
+
+
+@functools.lru_cache(maxsize=8)
+def _table(path: str, mtime_ns: int, size: int) -> prices.PriceTable:
+    return prices.load(path)
+
+
+def default_prices() -> prices.PriceTable:
+    """The price table of this process's settings (MLPE_PRICES), read again when the
+    file changes; a broken one raises PlanInputError("prices", "<file>:<line>: …")."""
+    path = load_settings().prices_path
+    try:
+        stat = path.stat()  # size too: two writes within one clock tick share an mtime
+        return _table(str(path), stat.st_mtime_ns, stat.st_size)
+    except OSError as err:
+        raise PlanInputError("prices", f"{path}: cannot read the price table (MLPE_PRICES): "
+                             f"{err.strerror}") from None
+    except prices.PriceError as err:
+        raise PlanInputError("prices", str(err)) from None
+
+
+def add_costs(response: o.PlanResponse, request: o.PlanRequest, cluster,
+              table: prices.PriceTable) -> None:
+    """Every plan of `response` (plans, closest, nearest) costed at the cluster's GPU
+    price: per step and per billion tokens."""
+    pricing = request.cluster.pricing or "on_demand"
+    try:
+        hourly = table.per_gpu_hour(cluster.gpu.name, pricing)
+    except prices.PriceError as err:
+        raise PlanInputError("prices", str(err)) from None
+    plans = [*response.plans, *response.nearest,
+             *([response.closest] if response.HasField("closest") else [])]
+    for plan in plans:
+        gpus = plan.dp * plan.tp * plan.pp * plan.cp
+        plan.cost_per_step = plan.time.total_s * gpus * hourly / 3600
+        plan.cost_per_billion_tokens = (1e9 / plan.tokens_per_s * gpus * hourly / 3600
+                                        if plan.tokens_per_s else 0.0)
+        plan.currency = table.currency
+
+
 def plan_proto(p, capacity_gib: float) -> o.Plan:
     m = p.memory
     return o.Plan(
@@ -101,19 +145,30 @@ def inputs(request: o.PlanRequest):
     cluster = cluster_of(request.cluster)
     training = training_of(request.training, model)
     objective = request.training.objective or "throughput"
-    if objective not in ("throughput", "fewest_gpus", "fit"):
-        raise PlanInputError("training.objective", f"one of throughput, fewest_gpus, fit; got "
+    if objective not in OBJECTIVES:
+        raise PlanInputError("training.objective", f"one of {', '.join(OBJECTIVES)}; got "
                              f"{objective!r}")
+    if request.cluster.pricing and request.cluster.pricing not in PRICINGS:
+        raise PlanInputError("cluster.pricing", f"one of {', '.join(PRICINGS)}; got "
+                             f"{request.cluster.pricing!r}")
     if request.top_k < 0 or request.top_k > 100:
         raise PlanInputError("top_k", f"between 0 and 100, got {request.top_k}")
     return model, cluster, training, objective
 
 
-def plan(request: o.PlanRequest) -> o.PlanResponse:
-    """Raises PlanInputError for an impossible request."""
+def plan(request: o.PlanRequest, table: prices.PriceTable | None = None) -> o.PlanResponse:
+    """Raises PlanInputError for an impossible request. Costs use `table` (default: the
+    settings' price table)."""
     model, cluster, training, objective = inputs(request)
-    if request.layout:
-        return fixed_plan(request, model, cluster, training)
+    table = default_prices() if table is None else table
+    response = fixed_plan(request, model, cluster, training) if request.layout else \
+        searched_plan(request, model, cluster, training, objective)
+    add_costs(response, request, cluster, table)
+    return response
+
+
+def searched_plan(request: o.PlanRequest, model, cluster, training,
+                  objective: str) -> o.PlanResponse:
     t0 = time.perf_counter()
     result = planner.search(model, cluster, training, objective=objective,
                             top_k=request.top_k or 10)

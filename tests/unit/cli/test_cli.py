@@ -78,3 +78,20 @@ def test_plan_layout_from_the_shell():
     assert bad.stderr.strip() == "mlpe plan: layout: part 'pp=four' is not understood: " \
         "expected " + "comma-separated parts like tp8,pp16,dp128,vpp2,cp2,ep4,zero1 (or " \
         "fsdp),mb1,ga16,sp,recompute=selective,offload=optimizer"
+
+
+def test_plan_cheapest_and_its_costs_from_the_shell(tmp_path):
+    args = ("plan", "--model", "llama3-8b", "--cluster", "4x8xH100", "--global-batch", "256",
+            "--seq", "8192", "--top", "3")
+    cheap = mlpe(*args, "--objective", "cheapest", "--pricing", "spot")
+    assert cheap.returncode == 0, cheap.stderr
+    header, *rows = cheap.stdout.splitlines()[:4]
+    assert header.startswith(" #  GPUS") and header.endswith("USD/STEP  USD/1B TOK")
+    per_billion = [float(row.split()[-1].replace(",", "")) for row in rows]
+    assert per_billion == sorted(per_billion) and per_billion[0] > 0
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("currency: EUR\nsource: x\ndate: 2026-01-01\ngpus:\n  h200: "
+                      "{on_demand: 1, spot: 1}\n")
+    unpriced = mlpe(*args, env={"MLPE_PRICES": str(prices)})
+    assert unpriced.returncode == 2 and "Traceback" not in unpriced.stderr
+    assert "prices: no price for GPU 'h100-sxm'" in unpriced.stderr

@@ -41,11 +41,13 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="where to train (default: the job spec's device)")
     p.add_argument("--ckpt-every", type=int, default=20,
                    help="checkpoint every N steps (unless the job spec sets a policy)")
     args = p.parse_args()
 
-    run = sdk.start(every_steps=args.ckpt_every)
+    run = sdk.start(device=args.device, every_steps=args.ckpt_every)
     torch.manual_seed(args.seed)
     model = nn.Sequential(nn.Linear(args.features, args.hidden), nn.GELU(),
                           nn.Linear(args.hidden, args.hidden), nn.GELU(),

@@ -28,6 +28,7 @@ from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.sources.train_sim import SimulatedTraining
 from mlpe.agent.spool import Spool
 from mlpe.common.kafka import wait_stream_ready
+from mlpe.control.costs import Ledger
 from tests.helpers import DEPLOY, mlpe_env, start_mlpe
 
 from .test_stream import stop
@@ -133,6 +134,38 @@ def publish_kernel_summaries(bootstrap: str, spool, job: str) -> None:
             publisher.close()
 
 
+COST_PRICE = 3600.0  # per GPU-hour: one currency unit per GPU-second, easy to check
+
+
+def publish_job_costs(bootstrap: str, job: str) -> Ledger:
+    """What `mlpe control` sends for a 2-GPU job that ran 4 s, lost 2 s to a crash and
+    was paused 3 s: its ledger's JobCost events, one per change, on mlpe.events.cost."""
+    from aiokafka import AIOKafkaProducer
+
+    from mlpe.common.topics import COST_EVENTS
+    from mlpe.control.costs import FAILURE, PAUSED, USEFUL
+
+    ledger = Ledger(2, "h100-sxm", "on_demand", COST_PRICE, "USD")
+    now = time.time_ns() - 10 * 10**9
+    events = []
+    for phase, seconds in ((USEFUL, 3), (FAILURE, 2), (USEFUL, 1), (PAUSED, 3), ("", 0)):
+        ledger.switch(phase, now)
+        events.append(ledger.proto(job, "dash", now, budget=50.0))
+        now += seconds * 10**9
+
+    async def send():
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            for cost in events:
+                await producer.send_and_wait(COST_EVENTS.name, cost.SerializeToString(),
+                                             key=job.encode())
+        finally:
+            await producer.stop()
+    asyncio.run(send())
+    return ledger
+
+
 # Session scope: its pytest worker may run other modules between this one's tests, and a
 # module fixture would then fill InfluxDB again.
 @pytest.fixture(scope="session")
@@ -159,11 +192,13 @@ def filled(stack_endpoints, tmp_path_factory) -> Filled:
                       training=training, job_id=training.job_id)
         asyncio.run(agent.run(duration_s=SECONDS))
         publish_kernel_summaries(e.kafka_bootstrap, tmp / "kernel-spool", job)
+        publish_job_costs(e.kafka_bootstrap, job)
         data = Filled(e.influx_url, e.influx_token, e.influx_org, e.influx_bucket, prefix,
                       job, start, start)
         # Ready when the last seconds of every kind are written (the stream closes a window
         # after its lateness allowance) and the Xid alert is stored.
-        wanted = {"gpu": GPUS * 2, "host": 1, "train": 8, "alert": 1, "kernel": KERNEL_RANKS}
+        wanted = {"gpu": GPUS * 2, "host": 1, "train": 8, "alert": 1, "kernel": KERNEL_RANKS,
+                  "cost": 1}
         deadline = time.monotonic() + 90
         while True:
             assert stream.poll() is None, (tmp / "stream.log").read_text()[-3000:]
@@ -175,7 +210,7 @@ def filled(stack_endpoints, tmp_path_factory) -> Filled:
                     from(bucket: "{e.influx_bucket}") |> range(start: {since})])
                   |> filter(fn: (r) => (r.node =~ /^{prefix}-/ or r.job == "{job}") and
                                        (r._field == "samples" or r._field == "summary" or
-                                        r._field == "calls"))
+                                        r._field == "calls" or r._field == "total"))
                   |> group(columns: ["_measurement", "node", "gpu", "rank"])
                   |> last()''')
             have = {m: len([r for r in rows if r["_measurement"] == m]) for m in wanted}
@@ -367,6 +402,15 @@ def test_job_view(filled):
         assert set(series(rows, "op", "direction")) == ops  # both ops' bytes are known
         assert all(math.isfinite(v) and v > 0 for v in numbers(rows))
 
+    def cost_split(rows):  # the last event: useful 4 s, failure 2 s, paused 3 s of 2 GPUs
+        last = {k[0]: numbers(v)[-1] for k, v in series(rows, "_field").items()}
+        assert last == {"useful": 8.0, "failure": 4.0, "paused": 6.0}, last
+        assert {r["currency"] for r in rows} == {"USD"}
+
+    def cost_stat(rows):
+        assert {r["_field"]: r["_value"] for r in rows} == {
+            "total": 18.0, "gpu_hours": pytest.approx(18 / 3600), "budget": 50.0}
+
     def alerts(rows, text="summary"):
         texts = [r[text] for r in rows]
         assert any("Xid 79" in t for t in texts) and any("hw thermal" in t for t in texts)
@@ -389,6 +433,8 @@ def test_job_view(filled):
         "Kernel calls by op (sum over ranks)": kernel_calls,
         "Kernel time per call by op: p50 and p99 (ms, slowest rank)": kernel_times,
         "Kernel bandwidth by op (GB/s, mean over ranks)": kernel_bandwidth,
+        "Cost so far: useful, failures, paused (stacked, job's currency)": cost_split,
+        "Cost and budget": cost_stat,
     })
 
 

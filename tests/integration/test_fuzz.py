@@ -1,6 +1,6 @@
 """Hostile input on the real topics while valid data flows: thousands of generated and
 mutated messages (random bytes, truncations, bit flips, fields at their edges, hostile
-strings) to the metric, training, kernel and GPU-seconds topics of `mlpe stream` and to the
+strings) to the metric, training, kernel, cost and GPU-seconds topics of `mlpe stream` and to the
 alerts `mlpe notify` reads. Afterwards every service still runs and still processes,
 every message that cannot be valid is in mlpe.deadletter with a reason, the valid
 fleet's windows are all in InfluxDB, and InfluxDB holds no measurement, tag or field
@@ -27,6 +27,7 @@ from mlpe.agent.spool import Spool
 from mlpe.common import batches
 from mlpe.common.topics import (
     ALERTS,
+    COST_EVENTS,
     DEAD_LETTER,
     GPU_METRICS,
     GPU_SECONDS,
@@ -37,6 +38,7 @@ from mlpe.common.topics import (
 from mlpe.stream.decoding import IDENTIFIER
 from mlpe.v1 import alerts_pb2, deadletter_pb2
 from mlpe.v1 import metrics_pb2 as pb
+from mlpe.v1.control_pb2 import JobCost
 from mlpe.v1.training_pb2 import KernelSummary, KernelTiming, TrainStep
 
 from .test_alert_path import notify_to_sink
@@ -202,6 +204,22 @@ def hostile_kernels(now_ns: int) -> list[bytes]:
     return out
 
 
+def valid_cost(now_ns: int, **changes) -> bytes:
+    fields = dict(job_id="fuzz-job", time_ns=now_ns, gpus=2, gpu_type="h100-sxm",
+                  pricing="on_demand", currency="USD", total=1.0, useful=1.0, useful_s=0.25,
+                  gpu_hours=0.0001, price_per_gpu_hour=7.2)
+    return JobCost(**{**fields, **changes}).SerializeToString()
+
+
+def hostile_costs(now_ns: int) -> list[bytes]:
+    out = [valid_cost(now_ns, job_id=t) for t in HOSTILE]
+    out += [valid_cost(now_ns, **{tag: t}) for tag in ("gpu_type", "pricing", "currency")
+            for t in HOSTILE if t]
+    out += [valid_cost(now_ns, total=v) for v in (math.nan, math.inf, -1.0)]
+    out += [valid_cost(now_ns, gpus=-1), valid_cost(now_ns, time_ns=0)]
+    return out
+
+
 def generate(fuzz: Fuzz, app_id: str, count: int) -> None:
     now_ns = time.time_ns()
     seconds_topic = of_app(GPU_SECONDS, app_id).name
@@ -220,6 +238,8 @@ def generate(fuzz: Fuzz, app_id: str, count: int) -> None:
         fuzz.add(seconds_topic, raw, True)
     for raw in hostile_kernels(now_ns):
         fuzz.add(KERNEL_EVENTS.name, raw, True)
+    for raw in hostile_costs(now_ns):
+        fuzz.add(COST_EVENTS.name, raw, True)
     for text in HOSTILE:  # alerts that parse: delivered escaped, or refused, never a crash
         fuzz.add(ALERTS.name, alerts_pb2.Alert(
             fingerprint=f"fz-{text[:20]}", rule=text, summary=text * 50, explanation=text,
@@ -234,6 +254,7 @@ def generate(fuzz: Fuzz, app_id: str, count: int) -> None:
                                   ).SerializeToString()
     topics = [(GPU_METRICS.name, valid_batch, pb.MetricBatch),
               (KERNEL_EVENTS.name, valid_kernels, KernelSummary),
+              (COST_EVENTS.name, valid_cost(now_ns), JobCost),
               (TRAIN_EVENTS.name, valid_step, TrainStep),
               (ALERTS.name, valid_alert, alerts_pb2.Alert)]
     while len(fuzz.sent) < count:
@@ -266,18 +287,20 @@ async def dead_letters(bootstrap: str, group: str, prefix: bytes, wanted: set[by
     return found
 
 
-# Fields valid data makes: window stats and samples, alerts', kernel timings'.
+# Fields valid data makes: window stats and samples, alerts', kernel timings', job costs'.
 FIELD = re.compile(r"[a-z0-9_]+_(min|mean|max|p95|last)|samples|state|summary|explanation|"
                    r"fingerprint|value|threshold|calls|(total|p50|p99|max)_ms|gbps|"
-                   r"(first|last)_step|v")
+                   r"(first|last)_step|v|"
+                   r"gpus|gpu_hours|total|useful|failure|paused|(useful|failure|paused)_s|"
+                   r"price_per_gpu_hour|budget")
 # Tags valid data makes: windows', alerts' (their labels: node, gpu, job, field),
-# stream_dropped's, and kernel timings'.
+# stream_dropped's, kernel timings' and job costs'.
 TAGS = {"node", "gpu", "job", "window", "rank", "rule", "severity", "field", "reason", "op",
-        "direction", "backend", "run", "_start", "_stop", "_field", "_measurement", "_value",
-        "_time"}
+        "direction", "backend", "run", "gpu_type", "pricing", "currency", "_start", "_stop",
+        "_field", "_measurement", "_value", "_time"}
 # What mlpe writes, and "probe": tests/integration/test_influxdb.py writes that one
 # straight to the bucket, maybe at the same time (pytest workers side by side).
-MEASUREMENTS = {"gpu", "host", "train", "alert", "stream_dropped", "kernel", "probe"}
+MEASUREMENTS = {"gpu", "host", "train", "alert", "stream_dropped", "kernel", "cost", "probe"}
 
 
 def influx_schema(e) -> tuple[set[str], set[str], set[str], set[str]]:

@@ -132,7 +132,7 @@ class Entrypoint(_message.Message):
     def __init__(self, script: _Optional[str] = ..., module: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., nproc_per_node: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "model", "data", "steps", "global_batch", "micro_batch", "precision", "recompute", "optimizer", "checkpoint", "world_size", "priority", "max_restarts", "hang_timeout_s", "device", "seed", "kernel_report_steps", "entrypoint", "parallelism")
+    __slots__ = ("name", "model", "data", "steps", "global_batch", "micro_batch", "precision", "recompute", "optimizer", "checkpoint", "world_size", "priority", "max_restarts", "hang_timeout_s", "device", "seed", "kernel_report_steps", "entrypoint", "parallelism", "budget")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class JobSpec(_message.Message):
     KERNEL_REPORT_STEPS_FIELD_NUMBER: _ClassVar[int]
     ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
     PARALLELISM_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: ModelSpec
     data: DataSpec
@@ -171,10 +172,59 @@ class JobSpec(_message.Message):
     kernel_report_steps: int
     entrypoint: Entrypoint
     parallelism: ParallelismSpec
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., steps: _Optional[int] = ..., global_batch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., precision: _Optional[str] = ..., recompute: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointPolicy, _Mapping]] = ..., world_size: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., hang_timeout_s: _Optional[float] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ..., kernel_report_steps: _Optional[int] = ..., entrypoint: _Optional[_Union[Entrypoint, _Mapping]] = ..., parallelism: _Optional[_Union[ParallelismSpec, _Mapping]] = ...) -> None: ...
+    budget: Budget
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., steps: _Optional[int] = ..., global_batch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., precision: _Optional[str] = ..., recompute: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointPolicy, _Mapping]] = ..., world_size: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., hang_timeout_s: _Optional[float] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ..., kernel_report_steps: _Optional[int] = ..., entrypoint: _Optional[_Union[Entrypoint, _Mapping]] = ..., parallelism: _Optional[_Union[ParallelismSpec, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
+
+class Budget(_message.Message):
+    __slots__ = ("amount", "policy")
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    amount: float
+    policy: str
+    def __init__(self, amount: _Optional[float] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class JobCost(_message.Message):
+    __slots__ = ("job_id", "name", "time_ns", "gpus", "gpu_type", "pricing", "price_per_gpu_hour", "currency", "useful_s", "failure_s", "paused_s", "gpu_hours", "total", "useful", "failure", "paused", "phase", "budget")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TIME_NS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    GPU_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PRICING_FIELD_NUMBER: _ClassVar[int]
+    PRICE_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    USEFUL_S_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_S_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_S_FIELD_NUMBER: _ClassVar[int]
+    GPU_HOURS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    USEFUL_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    name: str
+    time_ns: int
+    gpus: int
+    gpu_type: str
+    pricing: str
+    price_per_gpu_hour: float
+    currency: str
+    useful_s: float
+    failure_s: float
+    paused_s: float
+    gpu_hours: float
+    total: float
+    useful: float
+    failure: float
+    paused: float
+    phase: str
+    budget: float
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., time_ns: _Optional[int] = ..., gpus: _Optional[int] = ..., gpu_type: _Optional[str] = ..., pricing: _Optional[str] = ..., price_per_gpu_hour: _Optional[float] = ..., currency: _Optional[str] = ..., useful_s: _Optional[float] = ..., failure_s: _Optional[float] = ..., paused_s: _Optional[float] = ..., gpu_hours: _Optional[float] = ..., total: _Optional[float] = ..., useful: _Optional[float] = ..., failure: _Optional[float] = ..., paused: _Optional[float] = ..., phase: _Optional[str] = ..., budget: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "step", "checkpoint_step", "restarts", "submitted_ns", "started_ns", "ended_ns", "message", "loss", "tokens_per_s", "queue_position")
+    __slots__ = ("job_id", "spec", "state", "step", "checkpoint_step", "restarts", "submitted_ns", "started_ns", "ended_ns", "message", "loss", "tokens_per_s", "queue_position", "cost")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +238,7 @@ class Job(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: JobSpec
     state: JobState
@@ -201,7 +252,8 @@ class Job(_message.Message):
     loss: float
     tokens_per_s: float
     queue_position: int
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., checkpoint_step: _Optional[int] = ..., restarts: _Optional[int] = ..., submitted_ns: _Optional[int] = ..., started_ns: _Optional[int] = ..., ended_ns: _Optional[int] = ..., message: _Optional[str] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., queue_position: _Optional[int] = ...) -> None: ...
+    cost: JobCost
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., checkpoint_step: _Optional[int] = ..., restarts: _Optional[int] = ..., submitted_ns: _Optional[int] = ..., started_ns: _Optional[int] = ..., ended_ns: _Optional[int] = ..., message: _Optional[str] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., queue_position: _Optional[int] = ..., cost: _Optional[_Union[JobCost, _Mapping]] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec",)
@@ -238,7 +290,7 @@ class StreamJobEventsRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., after_id: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("id", "job_id", "time_ns", "kind", "state", "step", "loss", "message")
+    __slots__ = ("id", "job_id", "time_ns", "kind", "state", "step", "loss", "message", "cost")
     ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_NS_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +299,7 @@ class JobEvent(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     id: str
     job_id: str
     time_ns: int
@@ -255,4 +308,5 @@ class JobEvent(_message.Message):
     step: int
     loss: float
     message: str
-    def __init__(self, id: _Optional[str] = ..., job_id: _Optional[str] = ..., time_ns: _Optional[int] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    cost: JobCost
+    def __init__(self, id: _Optional[str] = ..., job_id: _Optional[str] = ..., time_ns: _Optional[int] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., message: _Optional[str] = ..., cost: _Optional[_Union[JobCost, _Mapping]] = ...) -> None: ...

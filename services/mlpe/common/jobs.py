@@ -80,6 +80,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "constant")
 MAX_STEPS = 10_000_000
+BUDGET_POLICIES = ("pause", "stop", "warn")  # what a job's budget does at 100 %
+MAX_BUDGET = 1e9
 
 
 def _model(m: control_pb2.ModelSpec, recompute: str, problems: list[str]) -> dict:
@@ -282,6 +284,13 @@ def resolve(spec: control_pb2.JobSpec) -> tuple[dict, list[str]]:
         problems.append(f"kernel_report_steps: must be ≥ 0, got {spec.kernel_report_steps}")
     if len(spec.name) > 200:
         problems.append("name: at most 200 characters")
+    budget = {"amount": spec.budget.amount, "policy": spec.budget.policy or "pause"}
+    if not (math.isfinite(budget["amount"]) and 0 <= budget["amount"] <= MAX_BUDGET):
+        problems.append(f"budget.amount: between 0 (none) and {MAX_BUDGET:,.0f}, got "
+                        f"{spec.budget.amount}")
+    if budget["policy"] not in BUDGET_POLICIES:
+        problems.append(f"budget.policy: one of {', '.join(BUDGET_POLICIES)}, got "
+                        f"{spec.budget.policy!r}")
 
     resolved = {"name": spec.name, "model": model, "data": data, "steps": spec.steps,
                 "global_batch": global_batch, "micro_batch": micro,
@@ -290,7 +299,7 @@ def resolve(spec: control_pb2.JobSpec) -> tuple[dict, list[str]]:
                 "priority": spec.priority, "max_restarts": spec.max_restarts,
                 "hang_timeout_s": hang, "device": device, "seed": spec.seed,
                 "kernel_report_steps": spec.kernel_report_steps, "entrypoint": entrypoint,
-                "hf": hf, "parallelism": parallelism}
+                "hf": hf, "parallelism": parallelism, "budget": budget}
     return resolved, problems
 
 

@@ -19,6 +19,8 @@ from importlib.resources import files
 from pathlib import Path
 from urllib.parse import urlparse
 
+from mlpe.common.gpus import GPU_TYPES, canonical
+
 
 class SettingsError(ValueError):
     """A malformed environment variable; the message names it."""
@@ -125,6 +127,16 @@ def _roots(env: Mapping[str, str], name: str, default: str) -> tuple[Path, ...]:
     return roots
 
 
+def _gpu_type(env: Mapping[str, str], name: str) -> str:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return ""
+    gpu = canonical(raw)
+    if gpu is None:
+        raise SettingsError(f"{name}={raw!r}: expected a GPU type, one of {', '.join(GPU_TYPES)}")
+    return gpu
+
+
 def _size(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name, default).strip().lower()
     digits = value[:-1] if value[-1:] in "kmg" else value
@@ -203,6 +215,8 @@ class Settings:
     control_tls_ca: Path | None    # clients: CA that signed the server's certificate
 
     control_script_roots: tuple[Path, ...]  # script jobs may only run code under these
+    control_gpu_type: str     # the GPU type jobs are priced at ("" = the GPU NVML finds)
+    control_pricing: str      # on_demand or spot: the price jobs are costed at
     optimizer_port: int       # mlpe optimizer's gRPC port
 
     notify_routes: str        # routes YAML ("" = everything to the default route)
@@ -338,6 +352,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         control_tls_key=key,
         control_tls_ca=_optional_path(env, "MLPE_CONTROL_TLS_CA"),
         control_script_roots=_roots(env, "MLPE_CONTROL_SCRIPT_ROOTS", str(Path.home())),
+        control_gpu_type=_gpu_type(env, "MLPE_CONTROL_GPU_TYPE"),
+        control_pricing=_choice(env, "MLPE_CONTROL_PRICING", "on_demand", ("on_demand", "spot")),
         optimizer_port=_port(env, "MLPE_OPTIMIZER_PORT", 50051),
         notify_routes=env.get("MLPE_NOTIFY_ROUTES", "").strip(),
         notify_group_id=_text(env, "MLPE_NOTIFY_GROUP_ID", "mlpe-notify"),

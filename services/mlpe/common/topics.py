@@ -35,6 +35,8 @@ GPU_METRICS = Topic("mlpe.metrics.gpu", 24, 6 * HOUR_MS, "node id",
 HOST_METRICS = Topic("mlpe.metrics.host", 4, 6 * HOUR_MS, "node id", "host metric batch")
 TRAIN_EVENTS = Topic("mlpe.events.train", 4, 7 * DAY_MS, "job id", "training step events")
 KERNEL_EVENTS = Topic("mlpe.events.kernel", 4, 7 * DAY_MS, "job id", "kernel timing summaries")
+COST_EVENTS = Topic("mlpe.events.cost", 1, 30 * DAY_MS, "job id",
+                    "JobCost: what a job has cost so far (mlpe control)")
 ALERTS = Topic("mlpe.alerts", 2, 30 * DAY_MS, "alert fingerprint", "alert (firing/resolved)")
 DEAD_LETTER = Topic("mlpe.deadletter", 1, 30 * DAY_MS, "source topic", "refused bytes + reason")
 INVENTORY = Topic("mlpe.inventory", 1, 365 * DAY_MS, "node id", "NodeInventory", compacted=True)
@@ -63,6 +65,7 @@ ALL_TOPICS: tuple[Topic, ...] = (
     HOST_METRICS,
     TRAIN_EVENTS,
     KERNEL_EVENTS,
+    COST_EVENTS,
     ALERTS,
     DEAD_LETTER,
     INVENTORY,

@@ -73,6 +73,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--hang-timeout", type=float, help="seconds without a step = hung (120)")
     s.add_argument("--seed", type=int)
     s.add_argument("--kernel-report-steps", type=int, help="kernel timings every N steps")
+    s.add_argument("--budget", type=float, metavar="AMOUNT",
+                   help="what the job may cost, in the price table's currency: alerts at 80 "
+                   "%% and 100 %%, and at 100 %% --budget-policy")
+    s.add_argument("--budget-policy", choices=("pause", "stop", "warn"),
+                   help="at 100 %% of the budget: pause (checkpoint, then pause; default), "
+                   "stop (cancel) or warn (alert only)")
     s.add_argument("--follow", action="store_true", help="then show live progress")
     lst = actions.add_parser("list", help="jobs, newest first")
     lst.add_argument("--state", action="append", default=[],
@@ -155,6 +161,10 @@ def build_spec(args):
                        ("keep", "keep")):
         if getattr(args, arg) is not None:
             setattr(spec.checkpoint, field, getattr(args, arg))
+    if args.budget is not None:
+        spec.budget.amount = args.budget
+    if args.budget_policy is not None:
+        spec.budget.policy = args.budget_policy
     return spec
 
 
@@ -180,6 +190,17 @@ def print_jobs(jobs) -> None:
         print(f"{j.job_id:14s} {state_name(j.state):10s} {steps:>13s} {j.loss:8.4f} "
               f"{j.tokens_per_s:9.0f} {j.checkpoint_step:6d} {j.restarts:8d}  "
               f"{j.spec.name or '-'}: {extra}")
+
+
+def print_cost(cost) -> None:
+    from mlpe.control.costs import summary
+
+    budget = (f"; budget {cost.budget:g} {cost.currency} ({cost.total / cost.budget:.0%} "
+              "spent)" if cost.budget else "")
+    print(f"Cost: {summary(cost)}{budget}")
+    if cost.gpus:
+        print(f"Time: useful {cost.useful_s:,.1f} s, lost to failures {cost.failure_s:,.1f} s, "
+              f"paused {cost.paused_s:,.1f} s{f' (now {cost.phase})' if cost.phase else ''}")
 
 
 def follow(stub, job_id: str, as_json: bool) -> int:
@@ -252,6 +273,8 @@ def run(args, settings: Settings) -> int:
             print(json.dumps(describe(job)))
         else:
             print_jobs([job])
+            if job.HasField("cost"):
+                print_cost(job.cost)
             if "\n" in job.message:  # a failure's last output, below the table
                 print(job.message.split("\n", 1)[1])
         return 0

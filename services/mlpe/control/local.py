@@ -20,6 +20,7 @@ from mlpe.common.grpc_server import wait_serving
 from mlpe.common.jobs import JobKeys
 from mlpe.common.process import free_port, pid_alive, stop_child
 from mlpe.common.settings import environment
+from mlpe.control.store import event_proto
 from mlpe.v1 import control_pb2 as c
 from mlpe.v1 import control_pb2_grpc
 
@@ -105,9 +106,7 @@ class LocalController:
         if live:
             return list(self.stub.StreamJobEvents(c.StreamJobEventsRequest(job_id=job_id),
                                                   timeout=120))
-        return [c.JobEvent(id=i.decode(), job_id=job_id, kind=f[b"kind"].decode(),
-                           state=int(f[b"state"]), step=int(f[b"step"]),
-                           message=f[b"message"].decode())
+        return [event_proto(job_id, i.decode(), {k.decode(): v.decode() for k, v in f.items()})
                 for i, f in self.redis.xrange(self.keys.events(job_id))]
 
     def progress(self, job_id: str) -> dict[int, dict]:

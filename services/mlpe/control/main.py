@@ -8,8 +8,9 @@ import contextlib
 import signal
 from pathlib import Path
 
-from mlpe.common import logs
+from mlpe.common import logs, prices
 from mlpe.common.settings import Settings, SettingsError
+from mlpe.control import costs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -91,6 +92,30 @@ class KafkaEvents:
         await self._send(ALERTS.name, alert.fingerprint.encode(), alert.SerializeToString(),
                          record["job_id"])
 
+    async def cost(self, cost) -> None:
+        from mlpe.common.topics import COST_EVENTS
+
+        await self._send(COST_EVENTS.name, cost.job_id.encode(), cost.SerializeToString(),
+                         cost.job_id)
+
+    async def budget_alert(self, record: dict, cost, level: int, action: str) -> None:
+        """job_budget, firing at 80 % (warning) and at 100 % (critical) of the budget:
+        one alert each (the threshold is a label), so the second is not a repeat."""
+        from mlpe.common.alerts import CRITICAL, WARNING, build
+        from mlpe.common.topics import ALERTS
+
+        share = "100%" if level == 2 else "80%"
+        alert = build("control", "job_budget", CRITICAL if level == 2 else WARNING, True,
+                      {"job": record["job_id"], "name": record["resolved"]["name"] or "-",
+                       "threshold": share},
+                      cost.total, cost.budget, cost.time_ns, cost.time_ns,
+                      f"job {record['job_id']} spent {share} of its budget",
+                      f"{cost.total:.2f} {cost.currency} of {cost.budget:g} {cost.currency} "
+                      f"(useful {cost.useful:.2f}, failures {cost.failure:.2f}, paused "
+                      f"{cost.paused:.2f}){action}")
+        await self._send(ALERTS.name, alert.fingerprint.encode(), alert.SerializeToString(),
+                         record["job_id"])
+
     async def placement(self, job_id: str, ranks: dict, ended: bool) -> None:
         import socket
         import time
@@ -142,11 +167,22 @@ async def _run(args, settings: Settings) -> int:
         log.error("Redis is not reachable; start it with `mlpe stack up`",
                   url=settings.redis_url, error=str(err))
         return 1
+    try:
+        table = prices.load(settings.prices_path)
+    except prices.PriceError as err:
+        log.error("control not started: the price table is broken", error=str(err))
+        return 2
+    has_gpu, found = costs.detect_gpu()
+    pricer = costs.Pricer(table, settings.control_gpu_type or found, settings.control_pricing,
+                          has_gpu)
+    log.info("job costs", gpu_type=pricer.gpu_type or "unknown", pricing=pricer.pricing,
+             currency=table.currency, prices=str(settings.prices_path))
     store = JobStore(client, JobKeys(settings.control_namespace))
     kafka = KafkaEvents(settings, log)
     supervisor = Supervisor(store, args.jobs_dir or settings.state_dir / "jobs", args.slots,
                             alerts=kafka.alert, placements=kafka.placement,
-                            standbys=args.standby)
+                            standbys=args.standby, pricer=pricer, publish_cost=kafka.cost,
+                            budget_alerts=kafka.budget_alert)
     listen = args.listen or f"0.0.0.0:{settings.control_port}"
     server, port = await serve(store, supervisor, token, listen, credentials,
                                settings.control_script_roots)

@@ -22,6 +22,7 @@ from mlpe.control.store import (
     RUNNING,
     JobStore,
     TransitionError,
+    event_proto,
     state_name,
     to_proto,
 )
@@ -175,10 +176,7 @@ class TrainingControl(control_pb2_grpc.TrainingControlServicer):
                 raise
             for event_id, f in events:
                 after = event_id
-                yield control_pb2.JobEvent(
-                    id=event_id, job_id=request.job_id, time_ns=int(f["time_ns"]),
-                    kind=f["kind"], state=int(f["state"]), step=int(f["step"]),
-                    loss=float(f["loss"]), message=f["message"])
+                yield event_proto(request.job_id, event_id, f)
             if not events:
                 record = await self.store.get(request.job_id)
                 if record["state"] in ENDED:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from mlpe.common.logs import looks_secret, redact
 from mlpe.common.process import pid_alive, signal_group, start_ticks
+from mlpe.control import costs
 from mlpe.control.store import (
     CANCELLED,
     COMPLETED,
@@ -41,6 +42,7 @@ from mlpe.control.store import (
     RUNNING,
     JobStore,
     TransitionError,
+    cost_of,
 )
 
 log = logging.getLogger("mlpe.control")
@@ -54,6 +56,8 @@ STANDBY_DELAY_S = 10.0    # after a launch, before the next standby starts impor
 LAUNCHER_GRACE_S = 1.0    # a dead rank's launcher exits within this, saying which failed
 OUTPUT_TAIL_LINES = 15    # of a failed rank's output, in the job's message
 BUILTIN = {"script": "", "module": "mlpe.worker.main", "args": [], "env": {}}
+COST_EVERY_S = 10.0       # a holding job's cost goes to mlpe.events.cost this often
+BUDGET_WARN = 0.8         # of a job's budget: a warning alert
 
 
 def output_tail(path: Path, secrets: list[str], lines: int = OUTPUT_TAIL_LINES) -> str:
@@ -71,10 +75,16 @@ def output_tail(path: Path, secrets: list[str], lines: int = OUTPUT_TAIL_LINES) 
 class Supervisor:
     def __init__(self, store: JobStore, jobs_root: Path, slots: int, *, alerts=None,
                  placements=None, python: str = sys.executable, env: dict | None = None,
-                 standbys: int = 1):
+                 standbys: int = 1, pricer: costs.Pricer | None = None, publish_cost=None,
+                 budget_alerts=None):
         self.store, self.jobs_root, self.slots = store, Path(jobs_root), slots
         self.alerts = alerts              # async callable(job record, reason) or None
         self.placements = placements      # async callable(job id, ranks, ended) or None
+        self.pricer = pricer              # opens each job's cost ledger; None = no costs
+        self.publish_cost = publish_cost  # async callable(JobCost) or None
+        self.budget_alerts = budget_alerts  # async callable(record, JobCost, level) or None
+        self.cost_sent: dict[str, tuple[float, str]] = {}  # job id -> when and in which
+        # phase its cost was last published
         self.python, self.env = python, env
         self.children: dict[str, subprocess.Popen] = {}
         self.active: dict[str, int] = {}  # job id -> ranks it holds
@@ -152,8 +162,16 @@ class Supervisor:
             fields["started_ns"] = time.time_ns()
         await self.store.update(job_id, **fields)
         record["launch"] = launch
+        if record["cost"] is None and self.pricer is not None:
+            ledger, note = self.pricer.open(spec)
+            record["cost"] = ledger
+            if note:
+                await self.store.event(job_id, "note", state=record["state"], message=note)
         if record["state"] == QUEUED:
-            await self.store.move(job_id, RUNNING, reason)
+            moved = await self.store.move(job_id, RUNNING, reason,
+                                          **({"cost": record["cost"]} if record["cost"] else {}))
+            record.update(state=moved["state"])
+            await self.send_cost(record)
         else:
             await self.store.event(job_id, "launch", state=record["state"], message=reason)
         log.info("job %s: launched attempt %d (pid %d): %s", job_id, attempt, child.pid,
@@ -197,6 +215,7 @@ class Supervisor:
         self.cancelled_at.pop(job_id, None)
         self.noted_no_sdk.discard(job_id)
         self.dead_seen.pop(job_id, None)
+        self.cost_sent.pop(job_id, None)
 
     async def _end_placement(self, job_id: str) -> None:
         if self.placed.pop(job_id, None) is not None and self.placements is not None:
@@ -246,6 +265,8 @@ class Supervisor:
         progress = await self.store.progress(job_id)
         await self.sync_progress(record, progress)
         await self.sync_placement(record)
+        if record["state"] in (RUNNING, PAUSED):
+            await self.watch_cost(record)
         alive = self._launcher_alive(job_id, launch)
         if record["state"] == CANCELLED:
             first = self.cancelled_at.setdefault(job_id, time.monotonic())
@@ -254,11 +275,13 @@ class Supervisor:
             elif not alive:
                 self.forget(job_id)
                 await self._end_placement(job_id)
+                await self.send_cost(record)  # the final figure
             return
         if record["state"] in ENDED:
             await self.kill(job_id, launch)
             self.forget(job_id)
             await self._end_placement(job_id)
+            await self.send_cost(record)
             return
         rank0 = progress.get(0, {})
         if not alive:
@@ -269,9 +292,9 @@ class Supervisor:
                              rank0.get("state") == "completed"):
                 self.forget(job_id)
                 await self._end_placement(job_id)
-                await self.store.move(job_id, COMPLETED,
-                                      f"completed {rank0['step']} steps" if rank0 else
-                                      "the script exited 0")
+                await self.send_cost(await self.store.move(
+                    job_id, COMPLETED, f"completed {rank0['step']} steps" if rank0 else
+                    "the script exited 0"))
             elif failure:
                 how = (f"was killed by {failure['signal']}" if failure["signal"] else
                        f"exited with code {failure['exit_code']}")
@@ -370,9 +393,86 @@ class Supervisor:
                                    step=rank0["checkpoint_step"],
                                    message=f"checkpoint of step {rank0['checkpoint_step']} "
                                    "written")
+        ledger = record["cost"]
+        if ledger is not None and ledger.catch_up_step and \
+                rank0.get("state") in ("running", "completed") and \
+                rank0.get("step", 0) >= ledger.catch_up_step:
+            lost_to = ledger.catch_up_step
+
+            def caught_up(ledger: costs.Ledger) -> None:
+                ledger.catch_up_step = 0
+
+            fresh, now = await self.store.change_cost(job_id, caught_up, **fields)
+            record.update(fields, cost=fresh["cost"], state=fresh["state"])
+            fields = {}
+            await self.store.event(job_id, "recovered", state=record["state"],
+                                   step=rank0["step"], message=f"back at step {lost_to}, "
+                                   "the step reached before the failure", time_ns=now,
+                                   cost=cost_of(record, now))
+            await self.send_cost(record)
         if fields:
             await self.store.update(job_id, **fields)
             record.update(fields)
+
+    async def send_cost(self, record: dict) -> None:
+        """Publish the job's cost now (mlpe.events.cost)."""
+        cost = cost_of(record)
+        if cost is not None and self.publish_cost is not None:
+            self.cost_sent[record["job_id"]] = (time.monotonic(), cost.phase)
+            await self.publish_cost(cost)
+
+    async def watch_cost(self, record: dict) -> None:
+        """Publish the cost every COST_EVERY_S and when its phase changed (a pause or resume
+        through the API); alert at 80 % and 100 % of the budget and at 100 % apply its
+        policy (pause after a checkpoint, stop, or only warn)."""
+        if record["cost"] is None:
+            return
+        job_id = record["job_id"]
+        sent, phase = self.cost_sent.get(job_id, (0.0, ""))
+        if time.monotonic() - sent >= COST_EVERY_S or phase != record["cost"].phase:
+            await self.send_cost(record)
+        budget = record["resolved"].get("budget") or {}
+        amount = budget.get("amount", 0.0)
+        if not amount:
+            return
+        cost = cost_of(record)
+        level = 2 if cost.total >= amount else 1 if cost.total >= BUDGET_WARN * amount else 0
+        if level <= int(record.get("budget_level", 0)):
+            return
+        await self.store.update(job_id, budget_level=level)
+        record["budget_level"] = level
+        policy = budget.get("policy", "pause")
+        if level == 2 and policy == "pause" and not await self.store.progress(job_id):
+            policy = "warn"  # ranks off mlpe.sdk cannot be told to checkpoint and pause
+            action_note = "; not paused: its ranks do not report through mlpe.sdk"
+        else:
+            action_note = ""
+        spent = (f"{cost.total:.4f} {cost.currency} of its budget {amount:g} "
+                 f"{cost.currency} ({cost.total / amount:.0%})")
+        action = action_note
+        if level == 2 and policy == "pause" and record["state"] == RUNNING:
+            action = "; checkpointed and paused (resume it to go on)"
+        elif level == 2 and policy == "stop":
+            action = "; stopped"
+        await self.store.event(job_id, "budget", state=record["state"], step=record["step"],
+                               message=f"spent {spent}{action}", time_ns=cost.time_ns,
+                               cost=cost)
+        log.warning("job %s: spent %s%s", job_id, spent, action)
+        if self.budget_alerts is not None:
+            await self.budget_alerts(record, cost, level, action)
+        if level < 2:
+            return
+        if policy == "pause" and record["state"] == RUNNING:
+            # The checkpoint is requested before the pause so the ranks save, then wait.
+            await self.store.request_checkpoint(job_id)
+            with contextlib.suppress(TransitionError):
+                moved = await self.store.move(job_id, PAUSED, f"paused: spent {spent}")
+                record.update(state=moved["state"], cost=moved["cost"])
+                await self.store.control(job_id, pause=1)
+        elif policy == "stop":
+            with contextlib.suppress(TransitionError):
+                await self.store.move(job_id, CANCELLED, f"stopped: spent {spent}")
+                await self.cancel(record)
 
     async def failure(self, record: dict, reason: str, output: str = "") -> None:
         """Kill what is left of the job; restart it, or fail it when no restarts remain.
@@ -386,12 +486,20 @@ class Supervisor:
         log.warning("job %s: %s", job_id, reason)
         if record["restarts"] < spec["max_restarts"]:
             restarts = record["restarts"] + 1
-            await self.store.update(job_id, restarts=restarts)
-            record["restarts"] = restarts
+
+            def lost(ledger: costs.Ledger) -> None:
+                # Lost: the relaunch and the steps since the last checkpoint, until the
+                # job is back at the step it had reached (jobs off mlpe.sdk report none).
+                if record["step"] > 0:
+                    ledger.catch_up_step = max(ledger.catch_up_step, record["step"])
+
+            fresh, now = await self.store.change_cost(job_id, lost, restarts=restarts)
+            record.update(restarts=restarts, cost=fresh["cost"], state=fresh["state"])
             await self.store.event(job_id, "restart", state=record["state"],
                                    step=record["step"],
                                    message=f"restart {restarts}/{spec['max_restarts']}: "
-                                   f"{reason}{tail}")
+                                   f"{reason}{tail}", time_ns=now, cost=cost_of(record, now))
+            await self.send_cost(record)
             if self.alerts is not None:
                 await self.alerts(record, reason)
             await self.launch(record, f"restart {restarts} from the last good checkpoint")
@@ -399,8 +507,9 @@ class Supervisor:
         self.forget(job_id)
         await self._end_placement(job_id)
         with contextlib.suppress(TransitionError):
-            await self.store.move(job_id, FAILED, f"{reason}; no restarts left "
-                                  f"(max_restarts {spec['max_restarts']}){tail}")
+            await self.send_cost(await self.store.move(
+                job_id, FAILED, f"{reason}; no restarts left (max_restarts "
+                f"{spec['max_restarts']}){tail}"))
         if self.alerts is not None:
             await self.alerts(record, f"{reason}; the job failed")
 

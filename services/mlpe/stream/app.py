@@ -12,6 +12,7 @@ then its agents and timers, whose bodies are the methods below:
   training detectors, state in the table `train-jobs`; `watch_stalls` notices jobs
   that stopped stepping.
 - `kernel_timings`: KernelSummary events -> the `kernel` measurement (kernels.py).
+- `job_costs`: JobCost events from `mlpe control` -> the `cost` measurement (costs.py).
 - `write_closed_windows`: writes the windows that closed and releases their events,
   which are acknowledged only then (acks.py: why a kill -9 loses no window).
 - `follow_placements`: all of mlpe.placement, in every worker, so `aggregate` can give
@@ -42,6 +43,7 @@ from mlpe.common.alerts import fingerprint
 from mlpe.common.settings import Settings
 from mlpe.common.topics import (
     ALERTS,
+    COST_EVENTS,
     DEAD_LETTER,
     GPU_METRICS,
     GPU_SECONDS,
@@ -54,6 +56,7 @@ from mlpe.common.topics import (
 )
 from mlpe.stream import rules
 from mlpe.stream.acks import Consumed, Partition
+from mlpe.stream.costs import cost_line
 from mlpe.stream.decoding import (
     ClockError,
     Limits,
@@ -186,6 +189,7 @@ class StreamApp:
                                       retention=GPU_SECONDS.retention_ms / 1000)
         self.train_topic = _raw_topic(app, TRAIN_EVENTS.name)
         self.kernel_topic = _raw_topic(app, KERNEL_EVENTS.name)
+        self.cost_topic = _raw_topic(app, COST_EVENTS.name)
 
         # Tables: detector state, co-partitioned with the topic that feeds it.
         self.gpu_series = app.Table(  # node/gpu -> baseline and trend state
@@ -202,6 +206,7 @@ class StreamApp:
         self.detect_gpus = app.agent(self.gpu_seconds)(self.detect_gpus)
         self.train_steps = app.agent(self.train_topic)(self.train_steps)
         self.kernel_timings = app.agent(self.kernel_topic)(self.kernel_timings)
+        self.job_costs = app.agent(self.cost_topic)(self.job_costs)
         app.timer(interval=1.0)(self.watch_stalls)
         app.task(self.write_closed_windows)
         app.task(self.follow_placements)
@@ -524,23 +529,28 @@ class StreamApp:
             self.state.job_saved_ns[job] = now_ns
 
     async def kernel_timings(self, stream) -> None:
-        """KernelSummary events into the `kernel` measurement (kernels.py), written before
-        the event is acknowledged (a replay rewrites the same points)."""
+        """KernelSummary events into the `kernel` measurement (kernels.py)."""
+        await self.write_events(stream, kernel_lines, "kernel_summaries")
+
+    async def job_costs(self, stream) -> None:
+        """JobCost events from `mlpe control` into the `cost` measurement (costs.py)."""
+        await self.write_events(stream, lambda raw: [cost_line(raw)], "job_costs")
+
+    async def write_events(self, stream, to_lines, counter: str) -> None:
+        """Each event as the points `to_lines` makes of it, written before the event is
+        acknowledged (a replay rewrites the same points); one `to_lines` refuses (its
+        ValueError) goes to the dead-letter topic."""
         async for event in stream.events():
             try:
-                await self.take_kernels(event)
+                try:
+                    lines = to_lines(event.value)
+                except ValueError as err:
+                    await self.dead_letter(event, str(err))
+                    continue
+                await self.writer.write(lines)
+                self.state.counters[counter] = self.state.counters.get(counter, 0) + 1
             except Exception as err:  # noqa: BLE001 - one bad message must not stop the agent
                 await self.failed(event.message, err)
-
-    async def take_kernels(self, event) -> None:
-        try:
-            lines = kernel_lines(event.value)
-        except ValueError as err:
-            await self.dead_letter(event, str(err))
-            return
-        await self.writer.write(lines)
-        counters = self.state.counters
-        counters["kernel_summaries"] = counters.get("kernel_summaries", 0) + 1
 
     # Timers and tasks.
 

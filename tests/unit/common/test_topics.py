@@ -8,7 +8,8 @@ def test_design_topics_declared_once():
     assert len(names) == len(set(names))
     assert set(names) == {
         "mlpe.metrics.gpu", "mlpe.metrics.host", "mlpe.events.train",
-        "mlpe.events.kernel", "mlpe.alerts", "mlpe.deadletter", "mlpe.inventory", "mlpe.placement",
+        "mlpe.events.kernel", "mlpe.events.cost", "mlpe.alerts", "mlpe.deadletter",
+        "mlpe.inventory", "mlpe.placement",
     }
     for topic in ALL_TOPICS:
         assert topic.partitions >= 1

@@ -81,9 +81,10 @@ def read_job_events(bootstrap: str, mark: dict, job_id: str, n_steps: int, n_ker
     return asyncio.run(go())
 
 
-def read_alerts(bootstrap: str, mark: dict, job_id: str, rule: str,
-                count: int = 1) -> list[alerts_pb2.Alert]:
-    """The `rule` alerts about `job_id` on mlpe.alerts after `mark` (waits for `count`).
+def read_alerts(bootstrap: str, mark: dict, job_id: str, rule: str, count: int = 1,
+                label: tuple[str, str] | None = None) -> list[alerts_pb2.Alert]:
+    """The `rule` alerts about `job_id` (or with `label`, a (key, value)) on mlpe.alerts
+    after `mark` (waits for `count`).
     Only that rule: a stream worker of another test may watch the job's steps too, and
     rightly alert on, say, the throughput a restart cost."""
     async def go():
@@ -98,7 +99,9 @@ def read_alerts(bootstrap: str, mark: dict, job_id: str, rule: str,
                 while len(found) < count:
                     for records in (await consumer.getmany(timeout_ms=500)).values():
                         found += [a for a in parsed(alerts_pb2.Alert, records)
-                                  if a.labels.get("job") == job_id and a.rule == rule]
+                                  if a.rule == rule and (a.labels.get(label[0]) == label[1]
+                                                         if label else
+                                                         a.labels.get("job") == job_id)]
         finally:
             await consumer.stop()
         return found

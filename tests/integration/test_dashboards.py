@@ -20,14 +20,16 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from influxdb_client import InfluxDBClient
 
-from mlpe.agent.agent import Agent
+from mlpe.agent.agent import Agent, inventory_records
 from mlpe.agent.scenario import parse
 from mlpe.agent.shipper import Shipper
 from mlpe.agent.sources.host import HostMetrics
 from mlpe.agent.sources.sim import SimulatedGpus
 from mlpe.agent.sources.train_sim import SimulatedTraining
 from mlpe.agent.spool import Spool
+from mlpe.common import prices
 from mlpe.common.kafka import wait_stream_ready
+from mlpe.common.settings import load as load_settings
 from mlpe.control.costs import Ledger
 from tests.helpers import DEPLOY, mlpe_env, start_mlpe
 
@@ -187,9 +189,11 @@ def filled(stack_endpoints, tmp_path_factory) -> Filled:
         start = datetime.now(UTC)
         sim = SimulatedGpus(scenario, 100, node_prefix=f"{prefix}-")
         training = SimulatedTraining(scenario, 100, node_prefix=f"{prefix}-")
+        nodes = sim.node_inventories()
         agent = Agent([(sim, 100), (HostMetrics(f"{prefix}-00"), 10)],
                       Shipper(e.kafka_bootstrap, Spool(tmp / "spool")), hz=100,
-                      training=training, job_id=training.job_id)
+                      training=training, job_id=training.job_id,
+                      inventory=inventory_records(list(nodes), nodes.__getitem__))
         asyncio.run(agent.run(duration_s=SECONDS))
         publish_kernel_summaries(e.kafka_bootstrap, tmp / "kernel-spool", job)
         publish_job_costs(e.kafka_bootstrap, job)
@@ -198,7 +202,7 @@ def filled(stack_endpoints, tmp_path_factory) -> Filled:
         # Ready when the last seconds of every kind are written (the stream closes a window
         # after its lateness allowance) and the Xid alert is stored.
         wanted = {"gpu": GPUS * 2, "host": 1, "train": 8, "alert": 1, "kernel": KERNEL_RANKS,
-                  "cost": 1}
+                  "cost": 1, "gpu_cost": GPUS * 2}
         deadline = time.monotonic() + 90
         while True:
             assert stream.poll() is None, (tmp / "stream.log").read_text()[-3000:]
@@ -207,10 +211,13 @@ def filled(stack_endpoints, tmp_path_factory) -> Filled:
             rows = data.query(f'''
                 union(tables: [
                     from(bucket: "{e.bucket_of("1s")}") |> range(start: {since}),
+                    from(bucket: "{e.bucket_of("10s")}") |> range(start: {since})
+                      |> filter(fn: (r) => r._measurement == "gpu_cost"),
                     from(bucket: "{e.influx_bucket}") |> range(start: {since})])
                   |> filter(fn: (r) => (r.node =~ /^{prefix}-/ or r.job == "{job}") and
                                        (r._field == "samples" or r._field == "summary" or
-                                        r._field == "calls" or r._field == "total"))
+                                        r._field == "calls" or r._field == "total" or
+                                        r._field == "cost"))
                   |> group(columns: ["_measurement", "node", "gpu", "rank"])
                   |> last()''')
             have = {m: len([r for r in rows if r["_measurement"] == m]) for m in wanted}
@@ -304,7 +311,28 @@ def test_fleet_overview(filled):
         assert any(f"Xid 79 on GPU 3 on {filled.node('01')}" in t for t in texts), texts
         assert any(f"GPU 1 on {filled.node('00')} throttled: hw thermal" in t for t in texts)
 
+    price = prices.load(load_settings({}).prices_path).per_gpu_hour("h100-sxm")
+
+    def fleet_cost(rows):
+        by_field = series(rows, "_field")
+        assert set(by_field) == {("cost",), ("idle_cost",)}
+        assert sum(numbers(by_field[("cost",)])) >= 2 * GPUS * 10 * price / 3600  # a window
+
+    def cost_by_node(rows):
+        mine = {r["node"]: r for r in rows if r["node"] in ours}
+        assert set(mine) == ours
+        for r in mine.values():
+            assert (r["gpu_type"], r["currency"]) == ("h100-sxm", "USD")
+            assert r["gpu_hours"] >= GPUS * 10 / 3600 and \
+                0 <= r["idle_gpu_hours"] <= r["gpu_hours"]
+            assert r["cost"] == pytest.approx(r["gpu_hours"] * price)
+            assert r["idle_cost"] == pytest.approx(r["idle_gpu_hours"] * price)
+        costs = numbers(rows, "cost")
+        assert costs == sorted(costs, reverse=True)
+
     check_all_panels_checked(results, {
+        "Fleet GPU cost per display interval: every GPU and the idle ones": fleet_cost,
+        "GPU cost by node over the range: total, idle, GPU-hours": cost_by_node,
         "GPUs reporting": lambda rows: numbers(rows)[0] >= 2 * GPUS or pytest.fail(rows),
         "Nodes reporting": lambda rows: numbers(rows)[0] >= 2 or pytest.fail(rows),
         "Alerts firing": lambda rows: numbers(rows)[0] >= 1 or pytest.fail(rows),  # the Xid

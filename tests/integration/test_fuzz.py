@@ -1,10 +1,10 @@
 """Hostile input on the real topics while valid data flows: thousands of generated and
 mutated messages (random bytes, truncations, bit flips, fields at their edges, hostile
-strings) to the metric, training, kernel, cost and GPU-seconds topics of `mlpe stream` and to the
-alerts `mlpe notify` reads. Afterwards every service still runs and still processes,
-every message that cannot be valid is in mlpe.deadletter with a reason, the valid
-fleet's windows are all in InfluxDB, and InfluxDB holds no measurement, tag or field
-that valid data would not make."""
+strings) to the metric, training, kernel, cost, inventory and GPU-seconds topics of
+`mlpe stream` and to the alerts `mlpe notify` reads. Afterwards every service still runs
+and still processes, every message that cannot be valid is in mlpe.deadletter with a
+reason, the valid fleet's windows are all in InfluxDB, and InfluxDB holds no measurement,
+tag or field that valid data would not make."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from mlpe.common.topics import (
     DEAD_LETTER,
     GPU_METRICS,
     GPU_SECONDS,
+    INVENTORY,
     KERNEL_EVENTS,
     TRAIN_EVENTS,
     of_app,
@@ -220,6 +221,16 @@ def hostile_costs(now_ns: int) -> list[bytes]:
     return out
 
 
+def hostile_inventories(fuzz: Fuzz) -> list[bytes]:
+    """A few only: the inventory topic is compacted and read whole by every stream worker
+    at start (the test deletes them after: tombstones)."""
+    out = [fuzz.random_bytes() + b"\xff" for _ in range(3)]
+    out += [pb.NodeInventory(node_id=t).SerializeToString() for t in ("", "a b", "x,y=1")]
+    out.append(pb.NodeInventory(node_id="fuzz-node", gpus=[
+        pb.GpuInfo(index=i, name="NVIDIA H100 80GB HBM3") for i in range(65)]).SerializeToString())
+    return out  # random bytes that happen to parse have no valid node_id: refused too
+
+
 def generate(fuzz: Fuzz, app_id: str, count: int) -> None:
     now_ns = time.time_ns()
     seconds_topic = of_app(GPU_SECONDS, app_id).name
@@ -240,6 +251,8 @@ def generate(fuzz: Fuzz, app_id: str, count: int) -> None:
         fuzz.add(KERNEL_EVENTS.name, raw, True)
     for raw in hostile_costs(now_ns):
         fuzz.add(COST_EVENTS.name, raw, True)
+    for raw in hostile_inventories(fuzz):
+        fuzz.add(INVENTORY.name, raw, True)
     for text in HOSTILE:  # alerts that parse: delivered escaped, or refused, never a crash
         fuzz.add(ALERTS.name, alerts_pb2.Alert(
             fingerprint=f"fz-{text[:20]}", rule=text, summary=text * 50, explanation=text,
@@ -292,7 +305,7 @@ FIELD = re.compile(r"[a-z0-9_]+_(min|mean|max|p95|last)|samples|state|summary|ex
                    r"fingerprint|value|threshold|calls|(total|p50|p99|max)_ms|gbps|"
                    r"(first|last)_step|v|"
                    r"gpus|gpu_hours|total|useful|failure|paused|(useful|failure|paused)_s|"
-                   r"price_per_gpu_hour|budget")
+                   r"price_per_gpu_hour|budget|seconds|idle_seconds|cost|idle_cost")
 # Tags valid data makes: windows', alerts' (their labels: node, gpu, job, field),
 # stream_dropped's, kernel timings' and job costs'.
 TAGS = {"node", "gpu", "job", "window", "rank", "rule", "severity", "field", "reason", "op",
@@ -300,7 +313,8 @@ TAGS = {"node", "gpu", "job", "window", "rank", "rule", "severity", "field", "re
         "_field", "_measurement", "_value", "_time"}
 # What mlpe writes, and "probe": tests/integration/test_influxdb.py writes that one
 # straight to the bucket, maybe at the same time (pytest workers side by side).
-MEASUREMENTS = {"gpu", "host", "train", "alert", "stream_dropped", "kernel", "cost", "probe"}
+MEASUREMENTS = {"gpu", "host", "train", "alert", "stream_dropped", "kernel", "cost",
+                "gpu_cost", "probe"}
 
 
 def influx_schema(e) -> tuple[set[str], set[str], set[str], set[str]]:
@@ -363,6 +377,9 @@ async def test_hostile_messages_cost_no_service_and_no_valid_data(stream_env, un
             devices, problems = complete_interior(found, prefix)
             assert devices == 4 and problems == []
         finally:
+            for topic, key, _, _ in fuzz.sent:  # compacted away: no later start reads them
+                if topic == INVENTORY.name:
+                    await producer.send(topic, None, key=key)
             await producer.stop()
             stop(stream)
     measurements, tags, fields, nodes = influx_schema(stream_env)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import uuid
 
 import grpc
 import pytest
@@ -52,7 +53,8 @@ def submit(control, **fields) -> c.Job:
     return control.submit(c.JobSpec(
         entrypoint=c.Entrypoint(script=str(EXAMPLE), args=["--steps", "100000", "--device",
                                                            "cpu"]),
-        device="cuda", world_size=2, checkpoint=c.CheckpointPolicy(every_steps=5), **fields))
+        device="cuda", checkpoint=c.CheckpointPolicy(every_steps=5),
+        **{"world_size": 2, **fields}))
 
 
 def call(control, rpc: str, job_id: str) -> c.Job:
@@ -182,3 +184,35 @@ def test_a_stop_budget_cancels_and_bad_budgets_are_refused(control):
             submit(control, budget=budget)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert says in err.value.details()
+
+
+def test_a_label_budget_adds_up_its_jobs_alerts_and_stops_them(stack_endpoints, tmp_path):
+    team = f"t{uuid.uuid4().hex[:8]}"
+    (tmp_path / "prices.yaml").write_text(PRICES)
+    (tmp_path / "budgets.yaml").write_text(
+        f"budgets:\n  - {{label: team={team}, amount: 1.2, policy: stop}}\n")
+    control = LocalController(
+        stack_endpoints.redis_url, stack_endpoints.kafka_bootstrap, tmp_path, slots=3,
+        extra_env={"MLPE_CONTROL_SCRIPT_ROOTS": str(EXAMPLE.parent),
+                   "MLPE_PRICES": str(tmp_path / "prices.yaml"),
+                   "MLPE_BUDGETS": str(tmp_path / "budgets.yaml"),
+                   "MLPE_CONTROL_GPU_TYPE": "h100"})
+    control.start()
+    try:
+        mark = end_offsets(stack_endpoints.kafka_bootstrap, (ALERTS,))
+        ours = [submit(control, world_size=1, labels={"team": team}) for _ in range(2)]
+        other = submit(control, world_size=1, labels={"team": "someone-else"})
+        for job in ours:  # 0.1 USD per GPU-second each: 1.2 USD in about 6 s together
+            control.wait("the label budget's stop", lambda j=job: control.job(
+                j.job_id).state == c.JOB_STATE_CANCELLED, timeout=180)
+            assert control.job(job.job_id).message.startswith(
+                "stopped: spent ") and f"of the team={team} budget 1.2 USD" in \
+                control.job(job.job_id).message
+        alerts = read_alerts(stack_endpoints.kafka_bootstrap, mark, "", "label_budget",
+                             count=2, label=("label", f"team={team}"))
+        assert {a.labels["threshold"]: a.severity for a in alerts} == \
+            {"80%": WARNING, "100%": CRITICAL}
+        assert all(j.job_id in alerts[-1].explanation for j in ours)
+        assert control.job(other.job_id).state == c.JOB_STATE_RUNNING  # not its label
+    finally:
+        control.stop()

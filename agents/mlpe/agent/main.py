@@ -176,10 +176,7 @@ def build(args, settings: Settings):
         job_id = job_id or default_job
         if not args.no_train_events:
             training = simulated_job
-        gpus = sim.inventory()
-        for node in dict.fromkeys(d.node_id for d in sim.devices):
-            inventory[node] = pb.NodeInventory(node_id=node, hostname=socket.gethostname(),
-                                               source="sim", gpus=gpus)
+        inventory.update(sim.node_inventories())
     if "nvml" in names:
         from mlpe.agent.sources.nvml import NvmlGpus
 

@@ -132,7 +132,14 @@ class Entrypoint(_message.Message):
     def __init__(self, script: _Optional[str] = ..., module: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., nproc_per_node: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "model", "data", "steps", "global_batch", "micro_batch", "precision", "recompute", "optimizer", "checkpoint", "world_size", "priority", "max_restarts", "hang_timeout_s", "device", "seed", "kernel_report_steps", "entrypoint", "parallelism", "budget")
+    __slots__ = ("name", "model", "data", "steps", "global_batch", "micro_batch", "precision", "recompute", "optimizer", "checkpoint", "world_size", "priority", "max_restarts", "hang_timeout_s", "device", "seed", "kernel_report_steps", "entrypoint", "parallelism", "budget", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +160,7 @@ class JobSpec(_message.Message):
     ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
     PARALLELISM_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: ModelSpec
     data: DataSpec
@@ -173,7 +181,8 @@ class JobSpec(_message.Message):
     entrypoint: Entrypoint
     parallelism: ParallelismSpec
     budget: Budget
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., steps: _Optional[int] = ..., global_batch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., precision: _Optional[str] = ..., recompute: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointPolicy, _Mapping]] = ..., world_size: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., hang_timeout_s: _Optional[float] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ..., kernel_report_steps: _Optional[int] = ..., entrypoint: _Optional[_Union[Entrypoint, _Mapping]] = ..., parallelism: _Optional[_Union[ParallelismSpec, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., steps: _Optional[int] = ..., global_batch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., precision: _Optional[str] = ..., recompute: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointPolicy, _Mapping]] = ..., world_size: _Optional[int] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., hang_timeout_s: _Optional[float] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ..., kernel_report_steps: _Optional[int] = ..., entrypoint: _Optional[_Union[Entrypoint, _Mapping]] = ..., parallelism: _Optional[_Union[ParallelismSpec, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Budget(_message.Message):
     __slots__ = ("amount", "policy")

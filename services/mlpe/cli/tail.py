@@ -18,6 +18,7 @@ from mlpe.common.settings import Settings
 from mlpe.common.topics import (
     ALERTS,
     ALL_TOPICS,
+    COST_EVENTS,
     DEAD_LETTER,
     GPU_METRICS,
     HOST_METRICS,
@@ -26,11 +27,12 @@ from mlpe.common.topics import (
     PLACEMENT,
     TRAIN_EVENTS,
 )
-from mlpe.v1 import alerts_pb2, deadletter_pb2, metrics_pb2, training_pb2
+from mlpe.v1 import alerts_pb2, control_pb2, deadletter_pb2, metrics_pb2, training_pb2
 
 MESSAGE_TYPES = {
     TRAIN_EVENTS.name: training_pb2.TrainStep,
     KERNEL_EVENTS.name: training_pb2.KernelSummary,
+    COST_EVENTS.name: control_pb2.JobCost,
     ALERTS.name: alerts_pb2.Alert,
     DEAD_LETTER.name: deadletter_pb2.DeadLetter,
     INVENTORY.name: metrics_pb2.NodeInventory,

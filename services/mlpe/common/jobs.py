@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 from google.protobuf import json_format
 
@@ -82,6 +83,8 @@ SCHEDULES = ("cosine", "constant")
 MAX_STEPS = 10_000_000
 BUDGET_POLICIES = ("pause", "stop", "warn")  # what a job's budget does at 100 %
 MAX_BUDGET = 1e9
+LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")  # key and value
+MAX_LABELS = 16
 
 
 def _model(m: control_pb2.ModelSpec, recompute: str, problems: list[str]) -> dict:
@@ -284,6 +287,13 @@ def resolve(spec: control_pb2.JobSpec) -> tuple[dict, list[str]]:
         problems.append(f"kernel_report_steps: must be ≥ 0, got {spec.kernel_report_steps}")
     if len(spec.name) > 200:
         problems.append("name: at most 200 characters")
+    if len(spec.labels) > MAX_LABELS:
+        problems.append(f"labels: at most {MAX_LABELS}, got {len(spec.labels)}")
+    for key, value in sorted(spec.labels.items()):
+        if not (LABEL.fullmatch(key) and LABEL.fullmatch(value)):
+            problems.append(f"labels: {key[:40]!r}: {value[:40]!r}: keys and values are "
+                            "1-63 letters, digits and ._/- starting and ending with a letter "
+                            "or digit")
     budget = {"amount": spec.budget.amount, "policy": spec.budget.policy or "pause"}
     if not (math.isfinite(budget["amount"]) and 0 <= budget["amount"] <= MAX_BUDGET):
         problems.append(f"budget.amount: between 0 (none) and {MAX_BUDGET:,.0f}, got "
@@ -299,7 +309,8 @@ def resolve(spec: control_pb2.JobSpec) -> tuple[dict, list[str]]:
                 "priority": spec.priority, "max_restarts": spec.max_restarts,
                 "hang_timeout_s": hang, "device": device, "seed": spec.seed,
                 "kernel_report_steps": spec.kernel_report_steps, "entrypoint": entrypoint,
-                "hf": hf, "parallelism": parallelism, "budget": budget}
+                "hf": hf, "parallelism": parallelism, "budget": budget,
+                "labels": dict(spec.labels)}
     return resolved, problems
 
 
@@ -331,6 +342,11 @@ class JobKeys:
     def queue(self) -> str:
         """sorted set: queued job ids, lowest score runs first"""
         return f"{self.namespace}:queue"
+
+    @property
+    def label_budgets(self) -> str:
+        """hash: label budget (key=value) -> the alert level it reached (1: 80 %, 2: 100 %)"""
+        return f"{self.namespace}:label-budgets"
 
     @property
     def audit(self) -> str:

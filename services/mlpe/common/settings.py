@@ -216,7 +216,9 @@ class Settings:
 
     control_script_roots: tuple[Path, ...]  # script jobs may only run code under these
     control_gpu_type: str     # the GPU type jobs are priced at ("" = the GPU NVML finds)
-    control_pricing: str      # on_demand or spot: the price jobs are costed at
+    pricing: str              # on_demand or spot: the price jobs and the fleet cost at
+    idle_util_pct: float      # a GPU 10 s window under this mean utilization is idle
+    budgets_path: Path | None  # budgets per job label for mlpe control (None = none)
     optimizer_port: int       # mlpe optimizer's gRPC port
 
     notify_routes: str        # routes YAML ("" = everything to the default route)
@@ -353,7 +355,9 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         control_tls_ca=_optional_path(env, "MLPE_CONTROL_TLS_CA"),
         control_script_roots=_roots(env, "MLPE_CONTROL_SCRIPT_ROOTS", str(Path.home())),
         control_gpu_type=_gpu_type(env, "MLPE_CONTROL_GPU_TYPE"),
-        control_pricing=_choice(env, "MLPE_CONTROL_PRICING", "on_demand", ("on_demand", "spot")),
+        pricing=_choice(env, "MLPE_PRICING", "on_demand", ("on_demand", "spot")),
+        idle_util_pct=_float(env, "MLPE_IDLE_UTIL_PCT", 5.0, 0.0, 100.0),
+        budgets_path=_optional_path(env, "MLPE_BUDGETS"),
         optimizer_port=_port(env, "MLPE_OPTIMIZER_PORT", 50051),
         notify_routes=env.get("MLPE_NOTIFY_ROUTES", "").strip(),
         notify_group_id=_text(env, "MLPE_NOTIFY_GROUP_ID", "mlpe-notify"),

@@ -73,6 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--hang-timeout", type=float, help="seconds without a step = hung (120)")
     s.add_argument("--seed", type=int)
     s.add_argument("--kernel-report-steps", type=int, help="kernel timings every N steps")
+    s.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="a label for the job, e.g. team=vision (repeatable): label budgets "
+                   "($MLPE_BUDGETS) add up the cost of every job with theirs")
     s.add_argument("--budget", type=float, metavar="AMOUNT",
                    help="what the job may cost, in the price table's currency: alerts at 80 "
                    "%% and 100 %%, and at 100 %% --budget-policy")
@@ -161,6 +164,11 @@ def build_spec(args):
                        ("keep", "keep")):
         if getattr(args, arg) is not None:
             setattr(spec.checkpoint, field, getattr(args, arg))
+    for pair in args.label:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--label {pair!r}: expected KEY=VALUE")
+        spec.labels[key] = value
     if args.budget is not None:
         spec.budget.amount = args.budget
     if args.budget_policy is not None:

@@ -15,7 +15,7 @@ the recovery), so the split adds up exactly to the job's event log:
 GPUs: the job's world size when it runs on CUDA (device "cuda", or "auto" on a machine
 with a GPU), 0 on the CPU. The price is fixed at the job's first launch, from the price
 table (MLPE_PRICES) for the controller's GPU type (MLPE_CONTROL_GPU_TYPE, else the GPU
-NVML finds) and MLPE_CONTROL_PRICING.
+NVML finds) and MLPE_PRICING.
 """
 
 from __future__ import annotations

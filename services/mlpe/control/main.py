@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mlpe.common import logs, prices
 from mlpe.common.settings import Settings, SettingsError
-from mlpe.control import costs
+from mlpe.control import budgets, costs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -116,6 +116,27 @@ class KafkaEvents:
         await self._send(ALERTS.name, alert.fingerprint.encode(), alert.SerializeToString(),
                          record["job_id"])
 
+    async def label_budget_alert(self, budget, total: float, currency: str, level: int,
+                                 jobs: list[str]) -> None:
+        """label_budget, at 80 % (warning) and 100 % (critical) of a label's budget."""
+        import time
+
+        from mlpe.common.alerts import CRITICAL, WARNING, build
+        from mlpe.common.topics import ALERTS
+
+        share = "100%" if level == 2 else "80%"
+        now = time.time_ns()
+        shown = ", ".join(jobs[:10]) + (f" and {len(jobs) - 10} more" if len(jobs) > 10 else "")
+        action = {"pause": "; its running jobs are checkpointed and paused",
+                  "stop": "; its jobs are stopped"}.get(budget.policy, "") if level == 2 else ""
+        alert = build("control", "label_budget", CRITICAL if level == 2 else WARNING, True,
+                      {"label": budget.label, "threshold": share}, total, budget.amount,
+                      now, now, f"label {budget.label} spent {share} of its budget",
+                      f"{total:.2f} {currency} of {budget.amount:g} {currency} over "
+                      f"{len(jobs)} job(s): {shown}{action}")
+        await self._send(ALERTS.name, alert.fingerprint.encode(), alert.SerializeToString(),
+                         budget.label)
+
     async def placement(self, job_id: str, ranks: dict, ended: bool) -> None:
         import socket
         import time
@@ -172,8 +193,13 @@ async def _run(args, settings: Settings) -> int:
     except prices.PriceError as err:
         log.error("control not started: the price table is broken", error=str(err))
         return 2
+    try:
+        label_budgets = budgets.load(settings.budgets_path) if settings.budgets_path else []
+    except budgets.BudgetError as err:
+        log.error("control not started: the budgets file is broken", error=str(err))
+        return 2
     has_gpu, found = costs.detect_gpu()
-    pricer = costs.Pricer(table, settings.control_gpu_type or found, settings.control_pricing,
+    pricer = costs.Pricer(table, settings.control_gpu_type or found, settings.pricing,
                           has_gpu)
     log.info("job costs", gpu_type=pricer.gpu_type or "unknown", pricing=pricer.pricing,
              currency=table.currency, prices=str(settings.prices_path))
@@ -182,7 +208,8 @@ async def _run(args, settings: Settings) -> int:
     supervisor = Supervisor(store, args.jobs_dir or settings.state_dir / "jobs", args.slots,
                             alerts=kafka.alert, placements=kafka.placement,
                             standbys=args.standby, pricer=pricer, publish_cost=kafka.cost,
-                            budget_alerts=kafka.budget_alert)
+                            budget_alerts=kafka.budget_alert, label_budgets=label_budgets,
+                            label_alerts=kafka.label_budget_alert)
     listen = args.listen or f"0.0.0.0:{settings.control_port}"
     server, port = await serve(store, supervisor, token, listen, credentials,
                                settings.control_script_roots)

@@ -71,7 +71,8 @@ class JobStore:
             return None
         record = {k.decode(): v for k, v in raw.items()}
         for name in ("state", "step", "checkpoint_step", "restarts", "submitted_ns",
-                     "started_ns", "ended_ns", "seq", "budget_level"):
+                     "started_ns", "ended_ns", "seq", "budget_level",
+                     "label_budget_acted"):
             record[name] = int(record.get(name, 0))
         for name in ("loss", "tokens_per_s"):
             record[name] = float(record.get(name, 0))
@@ -142,6 +143,12 @@ class JobStore:
         rank = await self.r.zrank(self.keys.queue, job_id)
         return 0 if rank is None else rank + 1
 
+    async def label_budget_level(self, label: str) -> int:
+        return int(await self.r.hget(self.keys.label_budgets, label) or 0)
+
+    async def set_label_budget_level(self, label: str, level: int) -> None:
+        await self.r.hset(self.keys.label_budgets, label, level)
+
     # -- workers' side --------------------------------------------------------------------
     async def progress(self, job_id: str) -> dict[int, dict]:
         raw = await self.r.hgetall(self.keys.ranks(job_id))
@@ -155,6 +162,14 @@ class JobStore:
 
     async def request_checkpoint(self, job_id: str) -> int:
         return await self.r.hincrby(self.keys.control(job_id), "checkpoint", 1)
+
+    async def checkpoint_then_pause(self, job_id: str) -> None:
+        """A checkpoint request and the pause in one transaction: a rank that read the one
+        without the other would save, step once more and pause a step past its save."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hincrby(self.keys.control(job_id), "checkpoint", 1)
+            pipe.hset(self.keys.control(job_id), "pause", 1)
+            await pipe.execute()
 
     # -- logs -----------------------------------------------------------------------------
     async def event(self, job_id: str, kind: str, *, state: int = 0, step: int = 0,

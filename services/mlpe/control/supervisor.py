@@ -76,13 +76,16 @@ class Supervisor:
     def __init__(self, store: JobStore, jobs_root: Path, slots: int, *, alerts=None,
                  placements=None, python: str = sys.executable, env: dict | None = None,
                  standbys: int = 1, pricer: costs.Pricer | None = None, publish_cost=None,
-                 budget_alerts=None):
+                 budget_alerts=None, label_budgets=(), label_alerts=None):
         self.store, self.jobs_root, self.slots = store, Path(jobs_root), slots
         self.alerts = alerts              # async callable(job record, reason) or None
         self.placements = placements      # async callable(job id, ranks, ended) or None
         self.pricer = pricer              # opens each job's cost ledger; None = no costs
         self.publish_cost = publish_cost  # async callable(JobCost) or None
-        self.budget_alerts = budget_alerts  # async callable(record, JobCost, level) or None
+        self.budget_alerts = budget_alerts  # async callable(record, JobCost, level, action)
+        self.label_budgets = tuple(label_budgets)  # LabelBudgets (MLPE_BUDGETS)
+        self.label_alerts = label_alerts  # async callable(budget, total, currency, level, jobs)
+        self.label_budgets_due = 0.0
         self.cost_sent: dict[str, tuple[float, str]] = {}  # job id -> when and in which
         # phase its cost was last published
         self.python, self.env = python, env
@@ -247,6 +250,7 @@ class Supervisor:
                 self.forget(job_id)
                 continue
             await self.watch(record)
+        await self.watch_label_budgets()
         await self.schedule()
         self.keep_standby()
 
@@ -436,43 +440,82 @@ class Supervisor:
         if not amount:
             return
         cost = cost_of(record)
-        level = 2 if cost.total >= amount else 1 if cost.total >= BUDGET_WARN * amount else 0
-        if level <= int(record.get("budget_level", 0)):
+        level, reached = budget_level(cost.total, amount), int(record.get("budget_level", 0))
+        if level <= reached:
             return
         await self.store.update(job_id, budget_level=level)
         record["budget_level"] = level
-        policy = budget.get("policy", "pause")
-        if level == 2 and policy == "pause" and not await self.store.progress(job_id):
-            policy = "warn"  # ranks off mlpe.sdk cannot be told to checkpoint and pause
-            action_note = "; not paused: its ranks do not report through mlpe.sdk"
-        else:
-            action_note = ""
         spent = (f"{cost.total:.4f} {cost.currency} of its budget {amount:g} "
                  f"{cost.currency} ({cost.total / amount:.0%})")
-        action = action_note
-        if level == 2 and policy == "pause" and record["state"] == RUNNING:
-            action = "; checkpointed and paused (resume it to go on)"
-        elif level == 2 and policy == "stop":
-            action = "; stopped"
-        await self.store.event(job_id, "budget", state=record["state"], step=record["step"],
-                               message=f"spent {spent}{action}", time_ns=cost.time_ns,
-                               cost=cost)
-        log.warning("job %s: spent %s%s", job_id, spent, action)
-        if self.budget_alerts is not None:
-            await self.budget_alerts(record, cost, level, action)
-        if level < 2:
-            return
+        policy = budget.get("policy", "pause") if level == 2 else "warn"
+        for crossed in range(reached + 1, level + 1):  # both, when one look crossed both
+            action = "" if crossed < level else \
+                await self.act_on_budget(record, policy, spent, dry_run=True)
+            await self.store.event(job_id, "budget", state=record["state"], step=record["step"],
+                                   message=f"spent {spent}{action}", time_ns=cost.time_ns,
+                                   cost=cost)
+            log.warning("job %s: spent %s%s", job_id, spent, action)
+            if self.budget_alerts is not None:
+                await self.budget_alerts(record, cost, crossed, action)
+        await self.act_on_budget(record, policy, spent)
+
+    async def act_on_budget(self, record: dict, policy: str, spent: str,
+                            dry_run: bool = False) -> str:
+        """Apply a spent budget's policy to the job (pause after a checkpoint, or stop;
+        warn does nothing); returns what was done, for the message. `dry_run`: only say."""
+        job_id = record["job_id"]
         if policy == "pause" and record["state"] == RUNNING:
-            # The checkpoint is requested before the pause so the ranks save, then wait.
-            await self.store.request_checkpoint(job_id)
-            with contextlib.suppress(TransitionError):
-                moved = await self.store.move(job_id, PAUSED, f"paused: spent {spent}")
-                record.update(state=moved["state"], cost=moved["cost"])
-                await self.store.control(job_id, pause=1)
-        elif policy == "stop":
-            with contextlib.suppress(TransitionError):
-                await self.store.move(job_id, CANCELLED, f"stopped: spent {spent}")
-                await self.cancel(record)
+            if not await self.store.progress(job_id):
+                return "; not paused: its ranks do not report through mlpe.sdk"
+            if not dry_run:
+                with contextlib.suppress(TransitionError):
+                    moved = await self.store.move(job_id, PAUSED, f"paused: spent {spent}")
+                    record.update(state=moved["state"], cost=moved["cost"])
+                    await self.store.checkpoint_then_pause(job_id)  # the ranks save, then wait
+            return "; checkpointed and paused (resume it to go on)"
+        if policy == "stop" and record["state"] in (RUNNING, PAUSED, QUEUED):
+            if not dry_run:
+                with contextlib.suppress(TransitionError):
+                    await self.store.move(job_id, CANCELLED, f"stopped: spent {spent}")
+                    await self.cancel(record)
+            return "; stopped"
+        return ""
+
+    async def watch_label_budgets(self) -> None:
+        """Every COST_EVERY_S: each label budget (MLPE_BUDGETS) against the cost of all the
+        jobs with its label. Alerts at 80 % and 100 % (once each); from 100 % on, its policy
+        applies to each of those jobs once (a job resumed by hand runs on)."""
+        if not self.label_budgets or time.monotonic() < self.label_budgets_due:
+            return
+        self.label_budgets_due = time.monotonic() + COST_EVERY_S
+        records = [r for job_id in await self.store.ids(limit=10_000)
+                   if (r := await self.store.get(job_id)) is not None]
+        for budget in self.label_budgets:
+            mine = [r for r in records if budget.covers(r)]
+            costs = [c for r in mine if (c := cost_of(r)) is not None]
+            total = sum(c.total for c in costs)
+            currency = costs[0].currency if costs else ""
+            level = budget_level(total, budget.amount)
+            spent = (f"{total:.4f} {currency} of the {budget.label} budget "
+                     f"{budget.amount:g} {currency} ({total / budget.amount:.0%})")
+            reached = await self.store.label_budget_level(budget.label)
+            if level > reached:
+                await self.store.set_label_budget_level(budget.label, level)
+                log.warning("label %s: spent %s", budget.label, spent)
+                for crossed in range(reached + 1, level + 1):
+                    if self.label_alerts is not None:
+                        await self.label_alerts(budget, total, currency, crossed,
+                                                [r["job_id"] for r in mine])
+            if level < 2 or budget.policy == "warn":
+                continue
+            for record in mine:
+                if record["state"] in ENDED or record.get("label_budget_acted"):
+                    continue
+                action = await self.act_on_budget(record, budget.policy, spent)
+                await self.store.update(record["job_id"], label_budget_acted=1)
+                await self.store.event(record["job_id"], "budget", state=record["state"],
+                                       step=record["step"], message=f"spent {spent}{action}",
+                                       cost=cost_of(record))
 
     async def failure(self, record: dict, reason: str, output: str = "") -> None:
         """Kill what is left of the job; restart it, or fail it when no restarts remain.
@@ -530,6 +573,11 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 child.stdin.close()
         self.standbys.clear()
+
+
+def budget_level(total: float, amount: float) -> int:
+    """0 under BUDGET_WARN of `amount`, 1 from it, 2 from all of it."""
+    return 2 if total >= amount else 1 if total >= BUDGET_WARN * amount else 0
 
 
 def default_slots() -> int:

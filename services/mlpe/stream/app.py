@@ -38,7 +38,7 @@ from faust.exceptions import NotReady
 from faust.types import TP
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from mlpe.common import batches
+from mlpe.common import batches, prices
 from mlpe.common.alerts import fingerprint
 from mlpe.common.settings import Settings
 from mlpe.common.topics import (
@@ -48,6 +48,7 @@ from mlpe.common.topics import (
     GPU_METRICS,
     GPU_SECONDS,
     HOST_METRICS,
+    INVENTORY,
     KERNEL_EVENTS,
     PLACEMENT,
     TRAIN_EVENTS,
@@ -63,12 +64,14 @@ from mlpe.stream.decoding import (
     StepRow,
     gpu_second_reports,
     parse_batch,
+    parse_inventory,
     parse_placement,
     parse_report,
     parse_step,
 )
 from mlpe.stream.detectors import baseline, peers, training, trend
 from mlpe.stream.detectors import events as events_detector
+from mlpe.stream.fleet_cost import gpu_cost_lines, inventory_types
 from mlpe.stream.influx import InfluxWriter, alert_line
 from mlpe.stream.kernels import kernel_lines
 from mlpe.stream.state import StreamState
@@ -152,6 +155,7 @@ class StreamApp:
         self.settings = settings
         self.state = StreamState.create(settings.stream_lateness_s) if state is None else state
         self.rules = rules.load(settings.rules_path) if settings.rules_path else []
+        self.prices = prices.load(settings.prices_path)
         self.writer = InfluxWriter(settings)
         self.limits = Limits.of(settings)
         self.metrics_consumer: AIOKafkaConsumer | None = None
@@ -599,6 +603,8 @@ class StreamApp:
         for job, report in gpu_second_reports(closed):  # detectors first: they are the hurry
             await self.gpu_seconds.send(key=job.encode(), value=json.dumps(report).encode())
         lines = [line for c in closed for line in c.lines]
+        lines += gpu_cost_lines(closed, state.gpu_types, self.prices, self.settings.pricing,
+                                self.settings.idle_util_pct)
         await self.writer.write(lines + notes)  # retries until written
         state.counters["windows_written"] += len(lines)
         now_ns = time.time_ns()
@@ -629,8 +635,9 @@ class StreamApp:
             await asyncio.sleep(PLACEMENT_RETRY_S)
 
     async def read_placements(self, loaded: asyncio.Event) -> None:
-        """One consumer session over mlpe.placement; sets `loaded` once at its end."""
-        consumer = AIOKafkaConsumer(PLACEMENT.name,
+        """One consumer session over mlpe.placement and mlpe.inventory (the GPU models the
+        fleet's gpu_cost points are priced by); sets `loaded` once at their end."""
+        consumer = AIOKafkaConsumer(PLACEMENT.name, INVENTORY.name,
                                     bootstrap_servers=self.settings.kafka_bootstrap,
                                     group_id=None, enable_auto_commit=False,
                                     auto_offset_reset="earliest")
@@ -639,7 +646,10 @@ class StreamApp:
             while not self.app.should_stop:
                 for records in (await consumer.getmany(timeout_ms=1000)).values():
                     for record in records:
-                        await self.take_placement(record)
+                        if record.topic == INVENTORY.name:
+                            await self.take_inventory(record)
+                        else:
+                            await self.take_placement(record)
                 if not loaded.is_set() and await self.read_to_end(consumer):
                     log.info("%s read: %d nodes with placed pids", PLACEMENT.name,
                              len(self.state.placements.pids))
@@ -668,6 +678,19 @@ class StreamApp:
             return
         self.state.placements.apply(placement)
         self.state.counters["placements"] += 1
+
+    async def take_inventory(self, record) -> None:
+        """One record of mlpe.inventory: the node's GPU types, for gpu_cost."""
+        node = (record.key or b"").decode(errors="replace")
+        if record.value is None:  # a tombstone: the node is gone
+            self.state.gpu_types.pop(node, None)
+            return
+        try:
+            inventory = parse_inventory(record.value, self.limits)
+        except ValueError as err:
+            await self.refuse(record, str(err))
+            return
+        self.state.gpu_types[inventory.node_id] = inventory_types(inventory)
 
     async def expect_placements(self, app, assigned, **kwargs) -> None:
         """Sent before the new partitions' records are fetched: from now on `aggregate`

@@ -209,6 +209,25 @@ def parse_placement(key: bytes | None, raw: bytes) -> training_pb2.JobPlacement:
     return msg
 
 
+def parse_inventory(raw: bytes, limits: Limits = Limits()) -> metrics_pb2.NodeInventory:
+    """A NodeInventory, checked (its node id a plain name, its GPUs within the limit);
+    raises ValueError."""
+    try:
+        msg = metrics_pb2.NodeInventory.FromString(raw)
+    except Exception as err:  # noqa: BLE001 - protobuf raises DecodeError or RuntimeError
+        raise ValueError(f"not a NodeInventory: {err}") from None
+    problem = identifier_problem("node_id", msg.node_id)
+    if problem:
+        raise ValueError(f"NodeInventory: {problem}")
+    if len(msg.gpus) > limits.max_devices:
+        raise ValueError(f"NodeInventory: {len(msg.gpus)} GPUs, more than "
+                         f"MLPE_STREAM_MAX_DEVICES={limits.max_devices}")
+    if any(not 0 <= g.index < limits.max_devices for g in msg.gpus):
+        raise ValueError(f"NodeInventory: GPU indices {[g.index for g in msg.gpus]} are "
+                         f"not all in 0..{limits.max_devices - 1}")
+    return msg
+
+
 class StepRow:
     """One TrainStep as a one-sample batch of a "device" (job, rank) for WindowSet."""
     FIELDS = ("loss", "tokens_per_s", "step_time_s", "grad_norm", "mem_allocated_gib")

@@ -59,6 +59,14 @@ def run(args, settings: Settings) -> int:
             print(f"mlpe stream: {err}", file=sys.stderr)
             return 2
 
+    from mlpe.common import prices
+
+    try:
+        prices.load(settings.prices_path)  # the fleet's gpu_cost points need it
+    except prices.PriceError as err:
+        print(f"mlpe stream: {err}", file=sys.stderr)
+        return 2
+
     ensure_internal_topic(settings)
     from mlpe.stream.app import StreamApp
 

@@ -50,6 +50,8 @@ class StreamState:
     close_delays: deque[float] = field(default_factory=_delays)  # 1 s window end -> written
     arrival_delays: deque[float] = field(default_factory=_delays)  # last sample -> consumed
     placements: Placements = field(default_factory=Placements)  # mlpe.placement, all of it
+    gpu_types: dict[str, dict[int, str]] = field(default_factory=dict)  # node -> GPU index
+    # -> GPU type, from mlpe.inventory (all of it): what gpu_cost prices a GPU at
     seqs: SeqFilter = field(default_factory=SeqFilter)  # batches seen, by device and seq
     committable: dict[Partition, int] = field(default_factory=dict)  # metrics: acked to here
     clock_ahead: set[str] = field(default_factory=set)  # nodes whose clock alert is firing

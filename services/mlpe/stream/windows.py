@@ -80,6 +80,7 @@ class Closed:
     names: tuple[str, ...] = ()
     samples: int = 0
     jobs: tuple[str, ...] = ()
+    seconds: int = 0  # whole seconds of the window that have samples (gpu_cost's GPU-time)
 
 
 _TAG_ESCAPES = str.maketrans({"\\": "\\\\", ",": "\\,", "=": "\\=", " ": "\\ ",
@@ -233,7 +234,8 @@ class WindowSet:
         return Closed(lines=lines, tokens=window.tokens if final else [],
                       start_ns=window.start_ns, end_ns=window.start_ns + self.width_ns,
                       node=node, kind=kind, devices=means, final=final, source=key,
-                      stats=table, counts=counts, names=names, samples=n, jobs=jobs)
+                      stats=table, counts=counts, names=names, samples=n, jobs=jobs,
+                      seconds=int(np.unique(times // 10**9).size))
 
 
 def window_lines(label: str, key: tuple, names: tuple[str, ...], table: np.ndarray,

@@ -46,7 +46,8 @@ def test_ports_flow_into_addresses():
         ("MLPE_INFLUX_RETENTION_1S", "30m", "at least 1h"),  # InfluxDB's shortest
         ("MLPE_INFLUX_RETENTION_10S", "1.5d", "like 1d, 30d or 365d"),
         ("MLPE_CONTROL_GPU_TYPE", "b300", "a GPU type, one of a100-40gb, a100-80gb"),
-        ("MLPE_CONTROL_PRICING", "reserved", "on_demand, spot"),
+        ("MLPE_PRICING", "reserved", "on_demand, spot"),
+        ("MLPE_IDLE_UTIL_PCT", "101", "a number from 0 to 100"),
     ],
 )
 def test_malformed_variable_is_named_with_expected_form(name, value, expected):

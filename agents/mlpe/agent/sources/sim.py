@@ -7,6 +7,7 @@ index k (time k/hz), not wall time, so a seed gives the same series every run.
 
 from __future__ import annotations
 
+import socket
 import uuid
 
 import numpy as np
@@ -87,6 +88,13 @@ class SimulatedGpus:
         if fault.gpu is not None:
             mask &= self.gpu_of == fault.gpu
         return mask
+
+    def node_inventories(self) -> dict[str, pb.NodeInventory]:
+        """Each simulated node's NodeInventory (what mlpe.inventory gets)."""
+        gpus = self.inventory()
+        return {node: pb.NodeInventory(node_id=node, hostname=socket.gethostname(),
+                                       source="sim", gpus=gpus)
+                for node in dict.fromkeys(d.node_id for d in self.devices)}
 
     def inventory(self) -> list[pb.GpuInfo]:
         per_node = self.s.gpus_per_node

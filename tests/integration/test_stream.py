@@ -4,6 +4,7 @@ and a kill -9 mid-run that leaves no window missing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -370,6 +371,21 @@ async def test_a_node_whose_clock_jumped_ahead_costs_no_other_node_its_data(stre
     producer = AIOKafkaProducer(bootstrap_servers=stream_env.kafka_bootstrap)
     await producer.start()
     try:
+        # Ready = a node's data on that partition is in InfluxDB: the worker has its
+        # position there ("latest"), so the batches sent next are read, not skipped.
+        warm_prefix = f"w{unique}-"
+        warm = next(f"{warm_prefix}{i}" for i in range(1000)
+                    if partitions_of([f"{warm_prefix}{i}"]) == partitions_of([fine]))
+        for seq in range(30):  # one 2 s batch a try: a batch before the position is lost
+            times = time.time_ns() + np.arange(200, dtype=np.int64) * 10**7
+            await producer.send_and_wait(GPU_METRICS.name, batches.encode(batches.Batch(
+                warm, pb.DEVICE_KIND_GPU, 0, "", 1, seq, seq * 200, times,
+                {pb.GPU_UTIL: np.ones(200)})), key=warm.encode())
+            with contextlib.suppress(AssertionError):
+                await wait_for(lambda: windows(stream_env, warm_prefix), 4, "the warm node")
+                break
+        else:
+            raise AssertionError("the warm node's windows never reached InfluxDB")
         for seq in range(5):
             times = time.time_ns() + 1000 * 10**9 + np.arange(10, dtype=np.int64) * 10**7
             raw = batches.encode(batches.Batch(ahead, pb.DEVICE_KIND_GPU, 0, "", 1, seq,

@@ -57,8 +57,10 @@ async def notify_to_sink(endpoints, unique: str, tmp_path):
         await runner.cleanup()
 
 
-async def run_fault_to_webhook(endpoints, unique, tmp_path, fault: str, seconds: float):
-    """Run one simulated fault through the whole path; return the webhook posts for it."""
+async def run_fault_to_webhook(endpoints, unique, tmp_path, fault: str, seconds: float,
+                               expect: int = 1):
+    """Run one simulated fault through the whole path; return the webhook posts for it
+    (waits for `expect` of them, then 2 s more for any extra)."""
     node = f"x{unique}"
     async with notify_to_sink(endpoints, unique, tmp_path) as (notify, base):
         # Both consumers ready before the first sample: the timeline is the scenario's.
@@ -73,7 +75,7 @@ async def run_fault_to_webhook(endpoints, unique, tmp_path, fault: str, seconds:
             await agent.run(duration_s=seconds)
             mine = []
             deadline = time.monotonic() + 90
-            while time.monotonic() < deadline and not mine:
+            while time.monotonic() < deadline and len(mine) < expect:
                 for proc, name in ((notify, "notify"), (stream, "stream")):
                     assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()[-2000:]
                 mine = [r for r in (await received(base))["received"] if node in r["body"]]
@@ -105,7 +107,7 @@ async def test_power_cap_rule_fires_and_resolves(stream_env, unique, tmp_path): 
     # deploy/rules/default.yaml: power limit below 600 W for 2 s -> warning.
     node, texts = await run_fault_to_webhook(
         stream_env, unique, tmp_path,
-        "{kind: power_cap, node: 0, gpu: 0, at_s: 1, for_s: 5, magnitude: 0.5}", 9)
+        "{kind: power_cap, node: 0, gpu: 0, at_s: 1, for_s: 5, magnitude: 0.5}", 9, expect=2)
     assert texts == [f"[FIRING] GPU 0 on {node}-00 power-capped",
                      f"[RESOLVED] GPU 0 on {node}-00 power-capped"]
 

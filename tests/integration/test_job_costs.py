@@ -131,7 +131,8 @@ def test_a_paused_and_killed_job_costs_what_its_events_say(control, stack_endpoi
     assert cost.gpu_hours == pytest.approx((ended - started) / S * 2 / 3600, rel=1e-9)
     assert cost.total == pytest.approx((ended - started) / S * 2 * 0.1, rel=1e-9)
     assert cost.total == pytest.approx(cost.useful + cost.failure + cost.paused, rel=1e-9)
-    assert events[-1].cost == cost  # the final state event carries the final cost
+    final = next(e for e in events if e.kind == "state" and e.state == c.JOB_STATE_CANCELLED)
+    assert final.cost == cost  # the final state event carries the final cost
 
     status = run_mlpe("jobs", "status", job.job_id, timeout=60, env=mlpe_env(
         MLPE_CONTROL_ADDRESS=f"127.0.0.1:{control.port}"))

@@ -81,12 +81,9 @@ def read_job_events(bootstrap: str, mark: dict, job_id: str, n_steps: int, n_ker
     return asyncio.run(go())
 
 
-def read_alerts(bootstrap: str, mark: dict, job_id: str, rule: str, count: int = 1,
-                label: tuple[str, str] | None = None) -> list[alerts_pb2.Alert]:
-    """The `rule` alerts about `job_id` (or with `label`, a (key, value)) on mlpe.alerts
-    after `mark` (waits for `count`).
-    Only that rule: a stream worker of another test may watch the job's steps too, and
-    rightly alert on, say, the throughput a restart cost."""
+def read_from(bootstrap: str, mark: dict, message_type, keep, until, timeout: float = 30):
+    """The `message_type` messages after `mark` that `keep(message)` accepts, read until
+    `until(found)` (at most `timeout` s)."""
     async def go():
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
         await consumer.start()
@@ -95,17 +92,24 @@ def read_alerts(bootstrap: str, mark: dict, job_id: str, rule: str, count: int =
             consumer.seek(tp, offset)
         found = []
         try:
-            async with asyncio.timeout(30):
-                while len(found) < count:
+            async with asyncio.timeout(timeout):
+                while not until(found):
                     for records in (await consumer.getmany(timeout_ms=500)).values():
-                        found += [a for a in parsed(alerts_pb2.Alert, records)
-                                  if a.rule == rule and (a.labels.get(label[0]) == label[1]
-                                                         if label else
-                                                         a.labels.get("job") == job_id)]
+                        found += [m for m in parsed(message_type, records) if keep(m)]
         finally:
             await consumer.stop()
         return found
     return asyncio.run(go())
+
+
+def read_alerts(bootstrap: str, mark: dict, job_id: str, rule: str, count: int = 1,
+                label: tuple[str, str] | None = None) -> list[alerts_pb2.Alert]:
+    """The `rule` alerts about `job_id` (or with `label`, a (key, value)) on mlpe.alerts
+    after `mark` (waits for `count`). Only that rule: a stream worker of another test may
+    watch the job's steps too, and rightly alert on, say, the throughput a restart cost."""
+    return read_from(bootstrap, mark, alerts_pb2.Alert, lambda a: a.rule == rule and (
+        a.labels.get(label[0]) == label[1] if label else a.labels.get("job") == job_id),
+        lambda found: len(found) >= count)
 
 
 @pytest.fixture

@@ -7,22 +7,20 @@ one; bad budgets refused."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import uuid
 
 import grpc
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from mlpe.common.alerts import CRITICAL, WARNING
 from mlpe.common.topics import ALERTS, COST_EVENTS
 from mlpe.control.local import LocalController
 from mlpe.v1 import control_pb2 as c
-from tests.helpers import REPO_ROOT, mlpe_env, parsed
+from tests.helpers import REPO_ROOT, mlpe_env
 from tests.helpers import mlpe as run_mlpe
-from tests.integration.test_control import end_offsets, read_alerts
+from tests.integration.test_control import end_offsets, read_alerts, read_from
 
 EXAMPLE = REPO_ROOT / "examples" / "train_mlp.py"
 PRICE = 360.0  # per GPU-hour: 0.1 USD per GPU-second
@@ -74,22 +72,7 @@ def wait_event(control, job_id: str, kind: str, timeout: float = 120) -> c.JobEv
 
 def cost_events(bootstrap: str, mark: dict, job_id: str, until) -> list[c.JobCost]:
     """The job's JobCost messages on mlpe.events.cost after `mark`, until `until(them)`."""
-    async def go():
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-        await consumer.start()
-        consumer.assign(list(mark))
-        for tp, offset in mark.items():
-            consumer.seek(tp, offset)
-        found: list[c.JobCost] = []
-        try:
-            async with asyncio.timeout(30):
-                while not until(found):
-                    for records in (await consumer.getmany(timeout_ms=500)).values():
-                        found += [m for m in parsed(c.JobCost, records) if m.job_id == job_id]
-        finally:
-            await consumer.stop()
-        return found
-    return asyncio.run(go())
+    return read_from(bootstrap, mark, c.JobCost, lambda m: m.job_id == job_id, until)
 
 
 def test_a_paused_and_killed_job_costs_what_its_events_say(control, stack_endpoints):

@@ -60,6 +60,7 @@ test: install lint proto-check  ## all tests (pytest workers side by side); star
 	@down=$$($(MLPE) stack status --json | $(BIN)/python -c 'import json, sys; \
 		print(",".join(s["name"] for s in json.load(sys.stdin) if s["state"] != "up"))'); \
 	$(MLPE) stack up || exit 1; \
+	$(MLPE) stack prune || exit 1; \
 	MLPE_TEST_KEEP_STACK=1 $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=30 $(PYTEST_ARGS); rc=$$?; \
 	if [ -n "$$down" ]; then $(MLPE) stack down --only "$$down"; fi; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc

@@ -17,9 +17,9 @@ from mlpe.common.process import free_port, stop_child, stop_children
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = REPO_ROOT / "deploy"
 
-__all__ = ["DEPLOY", "REPO_ROOT", "free_port", "isolated_stack_env", "mlpe", "mlpe_env",
-           "start_mlpe", "stop_child", "stop_children", "stop_gracefully", "stop_leftovers",
-           "tail", "uv"]
+__all__ = ["DEPLOY", "REPO_ROOT", "forget_topics", "free_port", "isolated_stack_env", "mlpe",
+           "mlpe_env", "start_mlpe", "stop_child", "stop_children", "stop_gracefully",
+           "stop_leftovers", "tail", "uv"]
 
 
 def uv() -> Path:
@@ -153,3 +153,22 @@ def parsed(message_type, records) -> list:
         except DecodeError:
             continue
     return out
+
+
+def forget_topics(bootstrap: str, marker: str) -> None:
+    """Delete the Kafka topics whose names hold `marker` (a test's unique suffix): its own
+    and the internal ones of the stream apps it ran. Thousands left behind made every
+    broker start take minutes. A failure here only warns: the test's verdict is in."""
+    import asyncio
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlpe.common.kafka import delete_topics
+
+    try:
+        # A thread of its own: callable from async tests' fixtures too.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, delete_topics(bootstrap, lambda name: marker in name)) \
+                .result()
+    except Exception as err:  # noqa: BLE001 - cleanup; `mlpe stack prune` sweeps up later
+        warnings.warn(f"could not delete the topics of {marker}: {err!r}", stacklevel=2)

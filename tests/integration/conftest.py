@@ -24,6 +24,7 @@ from mlpe.common import settings as settings_module
 from mlpe.common.kafka import create_topics
 from mlpe.stack import retention
 from mlpe.stack.influxdb import InfluxDB, http_json
+from tests.helpers import forget_topics
 
 
 def pytest_collection_modifyitems(items):
@@ -119,6 +120,12 @@ def stack_endpoints() -> Iterator[Endpoints]:
 
 
 @pytest.fixture
-def unique() -> str:
-    """A fresh suffix so tests never see each other's topics, keys or series."""
-    return uuid.uuid4().hex[:12]
+def unique(request) -> Iterator[str]:
+    """A fresh suffix so tests never see each other's topics, keys or series. Afterwards
+    the Kafka topics named with it are deleted (of a test on the stack)."""
+    value = uuid.uuid4().hex[:12]
+    endpoints = request.getfixturevalue("stack_endpoints") \
+        if "stack_endpoints" in request.fixturenames else None
+    yield value
+    if endpoints is not None:
+        forget_topics(endpoints.kafka_bootstrap, value)

@@ -31,7 +31,7 @@ from mlpe.common import prices
 from mlpe.common.kafka import wait_stream_ready
 from mlpe.common.settings import load as load_settings
 from mlpe.control.costs import Ledger
-from tests.helpers import DEPLOY, mlpe_env, start_mlpe
+from tests.helpers import DEPLOY, forget_topics, mlpe_env, start_mlpe
 
 from .test_stream import stop
 
@@ -230,6 +230,7 @@ def filled(stack_endpoints, tmp_path_factory) -> Filled:
             time.sleep(1)
     finally:
         stop(stream)
+        forget_topics(e.kafka_bootstrap, f"test-dash-{unique}")
 
 
 def dashboard(name: str) -> dict:

@@ -8,6 +8,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from mlpe.common.topics import ALL_TOPICS
+from tests.helpers import mlpe, mlpe_env
 
 
 async def test_design_topics_exist_with_declared_partitions(stack_endpoints):
@@ -73,4 +74,42 @@ async def test_create_topics_grows_a_topic_with_fewer_partitions(stack_endpoints
         assert len(described["partitions"]) == 6
         await admin.delete_topics([topic.name])
     finally:
+        await admin.close()
+
+
+async def test_prune_deletes_the_topics_of_finished_apps_only(stack_endpoints, unique):
+    """Internal topics of a stream app whose group has no member go; a running app's and
+    another name's stay. (Prefixes of this test's own: the suite's apps run meanwhile.)"""
+    from mlpe.common.kafka import FAUST_LEADER_SUFFIX, create_topics, prune_finished_apps
+    from mlpe.common.topics import Topic
+
+    bootstrap = stack_endpoints.kafka_bootstrap
+    done, running, other = (f"test-prune-{unique}-{n}" for n in ("done", "running", "other"))
+    names = [f"{app}{suffix}" for app in (done, running, other)
+             for suffix in (FAUST_LEADER_SUFFIX, "-gpu-series-changelog")]
+    await create_topics(bootstrap, [Topic(name, 2, 3_600_000, "none", "bytes") for name in names])
+    member = AIOKafkaConsumer(f"{running}{FAUST_LEADER_SUFFIX}", bootstrap_servers=bootstrap,
+                              group_id=running)
+    await member.start()
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        async with asyncio.timeout(60):
+            while not member.assignment():  # joined: the group is not empty
+                await member.getmany(timeout_ms=200)
+        pruned = await prune_finished_apps(bootstrap, prefixes=(f"test-prune-{unique}-d",
+                                                                 f"test-prune-{unique}-r"))
+        assert pruned == {done: 2}
+        async with asyncio.timeout(60):  # deletion is asynchronous in the broker
+            while any(name.startswith(done) for name in await admin.list_topics()):
+                await asyncio.sleep(0.2)
+        left = {t for t in await admin.list_topics() if unique in t}
+        assert left == {n for n in names if not n.startswith(done)}
+        await member.stop()  # now it is finished too: `mlpe stack prune` takes it
+        cli = mlpe("stack", "prune", "--prefix", f"test-prune-{unique}-r", check=True,
+                    env=mlpe_env(MLPE_KAFKA_BOOTSTRAP=bootstrap))
+        assert cli.stdout.strip() == \
+            f"kafka: deleted 2 topics of 1 finished apps named test-prune-{unique}-r*"
+    finally:
+        await member.stop()
         await admin.close()

@@ -80,7 +80,12 @@ def duration_of(scenario_file: Path) -> float:
 
 
 def bench_detect(args, settings: Settings) -> dict:
-    from mlpe.common.kafka import kafka_reachable, wait_group_stable, wait_stream_ready
+    from mlpe.common.kafka import (
+        forget_app,
+        kafka_reachable,
+        wait_group_stable,
+        wait_stream_ready,
+    )
 
     files = sorted(Path(args.scenarios).glob("*.yaml"))
     if not files:
@@ -157,6 +162,7 @@ def bench_detect(args, settings: Settings) -> dict:
             raise
         finally:
             stop_children(procs, timeout=20)
+            forget_app(settings.kafka_bootstrap, env["MLPE_STREAM_APP_ID"])
         prefixes = {f: f"detect-{f.stem}-{run_id}" for f in files}
         incidents = [i for f in files for i in incidents_of(
             f, prefixes[f], stats[f]["started_ns"] / 1e9, args.grace)]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from mlpe.common.kafka import wait_stream_ready
+from mlpe.common.kafka import forget_app, wait_stream_ready
 from mlpe.common.process import ManagedProcess, stop_children
 from mlpe.common.settings import Settings, environment
 
@@ -133,6 +133,7 @@ def _step(settings: Settings, nodes: int, args, workdir: Path) -> dict:
         for a in agents:
             a.wait()
     stop_children(workers, timeout=30)
+    forget_app(settings.kafka_bootstrap, f"bench-stream-{run_id}")
     stats = [json.loads((workdir / f"a{run_id}{i}.json").read_text())
              for i in range(args.agents)]
     # Steady state only: a window ending after the agents stopped is closed by the idle

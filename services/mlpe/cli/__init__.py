@@ -48,6 +48,7 @@ def cmd_version(args, settings) -> int:
 
 def cmd_stack(args, settings) -> int:
     from mlpe import stack
+    from mlpe.common.kafka import SHORT_LIVED_APPS
 
     # aiokafka logs every refused connection; the CLI reports the outcome itself.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
@@ -63,6 +64,13 @@ def cmd_stack(args, settings) -> int:
     if args.action == "topics":
         created = stack.ensure_topics(settings)
         print(f"kafka: created {', '.join(created)}" if created else "kafka: all topics exist")
+        return 0
+    if args.action == "prune":
+        prefixes = tuple(args.prefix or SHORT_LIVED_APPS)
+        pruned = stack.prune(settings, prefixes)
+        named = " or ".join(f"{p}*" for p in prefixes)
+        print(f"kafka: deleted {sum(pruned.values())} topics of {len(pruned)} finished apps "
+              f"named {named}" if pruned else f"kafka: no finished app named {named} has topics")
         return 0
     if args.action == "buckets":
         from mlpe.common.tokens import influx_token
@@ -98,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     version = sub.add_parser("version", help="print mlpe's version and its components'")
     version.set_defaults(func=cmd_version)
 
+    from mlpe.common.kafka import SHORT_LIVED_APPS
+
     stack = sub.add_parser(
         "stack",
         help="the local Kafka, InfluxDB and Redis (no Docker)",
@@ -107,14 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stack.add_argument(
         "action",
-        choices=("install", "up", "down", "status", "topics", "buckets"),
+        choices=("install", "up", "down", "status", "topics", "buckets", "prune"),
         help="install: fetch/build what is missing; up: install, start and wait until "
         "ready, create topics (harmless if running); down: stop what up started; "
         "status: state, version and address of each (exit 3 if any is down); "
         "topics: create the mlpe topics on the configured Kafka (e.g. docker-compose's); "
         "buckets: the InfluxDB buckets per resolution with their retention and the 1 min "
-        "downsampling task on the configured InfluxDB (up does this too)",
+        "downsampling task on the configured InfluxDB (up does this too); "
+        "prune: delete the internal topics of finished stream apps named test-*, bench-* "
+        "or run-* (no member left in their group; `make test` does this first)",
     )
+    stack.add_argument("--prefix", action="append", metavar="APP_PREFIX",
+                       help="prune: only apps whose id starts with this (repeatable; default "
+                       f"{', '.join(SHORT_LIVED_APPS)})")
     stack.add_argument("--only", metavar="NAMES",
                        help="comma-separated subset of kafka,influxdb,redis")
     stack.add_argument("--json", action="store_true", help="status as JSON")

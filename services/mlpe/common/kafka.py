@@ -4,12 +4,15 @@ wait until a consumer group has settled."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 
 from mlpe.common.topics import ALL_TOPICS
+
+log = logging.getLogger(__name__)
 
 
 def kafka_reachable(bootstrap: str) -> bool:
@@ -92,3 +95,71 @@ def wait_stream_ready(bootstrap: str, app_id: str, members: int, workers,
 
     for group in (app_id, metrics_group(app_id)):
         wait_group_stable(bootstrap, group, members, workers, timeout)
+
+
+# Every Faust app creates this topic of its own; its name gives the app id away.
+FAUST_LEADER_SUFFIX = "-__assignor-__leader"
+SHORT_LIVED_APPS = ("test-", "bench-", "run-")  # app ids of tests, benchmarks, `mlpe run`
+
+
+async def delete_topics(bootstrap: str, wanted) -> list[str]:
+    """Delete every topic whose name `wanted(name)` accepts; returns the names deleted."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        doomed = sorted(t for t in await admin.list_topics() if wanted(t))
+        for start in range(0, len(doomed), 500):  # a bounded request, however many
+            await admin.delete_topics(doomed[start:start + 500])
+        return doomed
+    finally:
+        await admin.close()
+
+
+async def delete_app_topics(bootstrap: str, app_id: str) -> list[str]:
+    """Delete the internal topics (changelogs, repartition, leader) of Faust app `app_id`,
+    once it has stopped for good."""
+    return await delete_topics(bootstrap, lambda name: name.startswith(f"{app_id}-"))
+
+
+def forget_app(bootstrap: str, app_id: str) -> None:
+    """`delete_app_topics` for the end of a benchmark or `mlpe run` (callable inside an
+    event loop too); a failure only warns: `mlpe stack prune` sweeps up later."""
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, delete_app_topics(bootstrap, app_id)).result()
+    except Exception as err:  # noqa: BLE001 - cleanup must not fail the run it ends
+        log.warning("could not delete the topics of %s: %r", app_id, err)
+
+
+async def finished_apps(bootstrap: str, prefixes=SHORT_LIVED_APPS) -> list[str]:
+    """The Faust apps whose ids start with one of `prefixes` and whose consumer group has
+    no member left: their internal topics only cost the broker time at every start."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        apps = sorted(t[: -len(FAUST_LEADER_SUFFIX)] for t in await admin.list_topics()
+                      if t.endswith(FAUST_LEADER_SUFFIX) and t.startswith(tuple(prefixes)))
+        finished = []
+        for app in apps:
+            # One group a request: aiokafka 0.14 misreads a response describing several.
+            (described,) = await admin.describe_consumer_groups([app])
+            _, group, state, *_ = described.groups[0]
+            if state in ("Empty", "Dead"):
+                finished.append(group)
+        return finished
+    finally:
+        await admin.close()
+
+
+async def prune_finished_apps(bootstrap: str, prefixes=SHORT_LIVED_APPS) -> dict[str, int]:
+    """Delete the internal topics of `finished_apps`; returns {app id: topics deleted}."""
+    apps = set(await finished_apps(bootstrap, prefixes))
+
+    def app_of(name: str) -> str | None:  # the app whose id is a dash-ended head of `name`
+        heads = (name[:i] for i, ch in enumerate(name) if ch == "-")
+        return next((head for head in heads if head in apps), None)
+
+    counts = dict.fromkeys(sorted(apps), 0)
+    for name in await delete_topics(bootstrap, lambda name: app_of(name) is not None):
+        counts[app_of(name)] += 1
+    return counts

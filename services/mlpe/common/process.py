@@ -53,6 +53,9 @@ def stop_children(procs, timeout: float = 20.0) -> None:
             proc.wait()
 
 
+LOG_ROTATE_BYTES = 64 << 20
+
+
 class ManagedProcess:
     """The pid file and log of one component under the state directory."""
 
@@ -75,6 +78,8 @@ class ManagedProcess:
     def spawn(self, argv: list[str], *, version: str, env: dict | None = None) -> subprocess.Popen:
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        if self.log.exists() and self.log.stat().st_size > LOG_ROTATE_BYTES:
+            self.log.replace(self.log.with_suffix(".log.1"))  # one old log kept, not forever
         with self.log.open("ab") as log:
             log.write(f"\n=== mlpe stack up: {' '.join(argv)}\n".encode())
             log.flush()

@@ -56,7 +56,7 @@ class MainJob:
         """Every step, in order; 0 when done (a failure raises, after the services' log
         tails on stderr). The services are stopped either way."""
         from mlpe.agent.sources.nvml import nvml_available
-        from mlpe.common.kafka import wait_group_stable, wait_stream_ready
+        from mlpe.common.kafka import forget_app, wait_group_stable, wait_stream_ready
         from mlpe.control.local import LocalController
         from mlpe.run.summary import print_summary
 
@@ -116,6 +116,7 @@ class MainJob:
         finally:
             control.stop()
             stop_children(self.procs.values(), timeout=20)
+            forget_app(s.kafka_bootstrap, self.env["MLPE_STREAM_APP_ID"])
 
     def start_service(self, name: str, *argv: str) -> subprocess.Popen:
         """`mlpe <argv>` as a child, its output in <work>/<name>.log."""

@@ -7,7 +7,7 @@ import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from mlpe.common.kafka import create_topics
+from mlpe.common.kafka import SHORT_LIVED_APPS, create_topics, prune_finished_apps
 from mlpe.common.settings import Settings
 from mlpe.common.topics import configured
 from mlpe.stack.component import StackError, Status
@@ -16,7 +16,7 @@ from mlpe.stack.kafka import Kafka
 from mlpe.stack.redis import Redis
 
 __all__ = ["COMPONENT_NAMES", "StackError", "Status", "down", "ensure_topics", "install",
-           "status", "up"]
+           "prune", "status", "up"]
 
 COMPONENT_NAMES = ("kafka", "influxdb", "redis")
 
@@ -79,6 +79,17 @@ def ensure_topics(settings: Settings) -> list[str]:
         return asyncio.run(create_topics(settings.kafka_bootstrap, configured(settings)))
     except Exception as err:  # noqa: BLE001 - aiokafka raises several kinds
         raise StackError(f"kafka: cannot create topics on {settings.kafka_bootstrap}: "
+                         f"{err or type(err).__name__}") from None
+
+
+def prune(settings: Settings, prefixes: tuple[str, ...] = SHORT_LIVED_APPS) -> dict[str, int]:
+    """Delete the internal Kafka topics of finished test, benchmark and `mlpe run` stream
+    apps (their consumer group has no member); returns {app id: topics deleted}. Left
+    behind, thousands of them made every broker start take minutes."""
+    try:
+        return asyncio.run(prune_finished_apps(settings.kafka_bootstrap, prefixes))
+    except Exception as err:  # noqa: BLE001 - aiokafka raises several kinds
+        raise StackError(f"kafka: cannot prune topics on {settings.kafka_bootstrap}: "
                          f"{err or type(err).__name__}") from None
 
 

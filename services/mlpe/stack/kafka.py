@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -23,6 +24,32 @@ from mlpe.stack.component import StackError, Status, wait_until
 POM = packaged("kafka", "pom.xml")
 LOG4J2 = packaged("kafka", "log4j2.xml")
 MIN_JAVA = 17
+# The broker's lines per partition log at start: loaded from disk, then led.
+LOADED = (b"Completed load of Log(", b"Log loaded for partition")
+START_LIMIT_S = 900.0
+
+
+class LinesSeen:
+    """How many lines containing one of `markers` a growing log has gained since this was
+    made."""
+
+    def __init__(self, log: Path, markers: tuple[bytes, ...]):
+        self.log, self.markers, self.seen = log, markers, 0
+        self.offset = log.stat().st_size if log.exists() else 0
+
+    def count(self) -> int:
+        try:
+            with self.log.open("rb") as f:
+                if os.fstat(f.fileno()).st_size < self.offset:
+                    self.offset = 0  # rotated since: a new file
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return self.seen
+        whole = chunk[: chunk.rfind(b"\n") + 1]  # a half-written line waits for its end
+        self.offset += len(whole)
+        self.seen += sum(whole.count(marker) for marker in self.markers)
+        return self.seen
 
 
 def kafka_version() -> str:
@@ -106,6 +133,8 @@ class Kafka:
             "auto.create.topics.enable": "true",  # Faust's internal topics
             "log.retention.hours": "24",
             "log.retention.check.interval.ms": "60000",
+            # Loading partition logs at start is the slow part of a restart; use every core.
+            "num.recovery.threads.per.data.dir": str(os.cpu_count() or 1),
         }
         self.config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         return self.config
@@ -156,13 +185,20 @@ class Kafka:
             f"-Dkafka.logs.dir={self.s.logs_dir}",
             "-cp", self._classpath(), "kafka.Kafka", str(config),
         ]
+        self._loaded = LinesSeen(self.proc.log, LOADED)
         return self.proc.spawn(argv, version=self.version)
 
     def wait_ready(self, proc: subprocess.Popen | None, timeout: float = 120.0) -> None:
+        """Until the broker answers; while it is still loading partition logs (thousands
+        after many runs) the wait goes on, up to START_LIMIT_S."""
+        loaded = getattr(self, "_loaded", None)
         wait_until(
             lambda: port_open(self.s.kafka_host, self.s.kafka_port) and self._metadata_ok(),
             name=self.name, what="answering metadata requests", timeout=timeout,
-            log=self.proc.log, proc=proc,
+            log=self.proc.log, proc=proc, limit=START_LIMIT_S,
+            progress=loaded.count if loaded else None,
+            report=lambda line: print(line.replace("so far", "partition-log steps so far"),
+                                      flush=True),
         )
         self.create_topics()
 

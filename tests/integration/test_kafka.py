@@ -113,3 +113,38 @@ async def test_prune_deletes_the_topics_of_finished_apps_only(stack_endpoints, u
     finally:
         await member.stop()
         await admin.close()
+
+
+async def test_pin_start_commits_the_ends_of_a_new_group_only(stack_endpoints, unique):
+    from aiokafka import TopicPartition
+
+    from mlpe.common.kafka import create_topics, pin_start
+    from mlpe.common.topics import Topic
+
+    bootstrap, topic = stack_endpoints.kafka_bootstrap, f"test.pin.{unique}"
+    await create_topics(bootstrap, [Topic(topic, 2, 3_600_000, "none", "bytes")])
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for i in range(5):
+            await producer.send_and_wait(topic, b"before", partition=i % 2)
+        group = f"test-pin-{unique}"
+        assert await pin_start(bootstrap, group, [topic, f"test.absent.{unique}"]) == 2
+        await producer.send_and_wait(topic, b"after", partition=0)
+        assert await pin_start(bootstrap, group, [topic]) == 0  # committed already
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        assert await consumer.committed(TopicPartition(topic, 0)) == 3
+        assert await consumer.committed(TopicPartition(topic, 1)) == 2
+        async with asyncio.timeout(60):
+            got = []
+            while not got:
+                got = [r.value for rs in (await consumer.getmany(timeout_ms=500)).values()
+                       for r in rs]
+        assert got == [b"after"]  # from the pinned ends: nothing before them
+    finally:
+        await consumer.stop()

@@ -462,3 +462,46 @@ async def test_a_minute_of_data_becomes_exact_1_min_windows(stream_env, unique, 
     finally:
         await producer.stop()
         stop(stream)
+
+
+async def test_latest_means_the_ends_when_the_worker_started(stream_env, unique, tmp_path):
+    """With MLPE_STREAM_START=latest a new app reads what is sent once its worker has
+    pinned its start, even before its groups form and Faust recovers its tables: left to
+    the consumers' first fetch, "latest" skipped those seconds."""
+    from mlpe.agent.sources.train_sim import SimulatedTraining
+
+    prefix, log = f"p{unique}-", tmp_path / "stream.log"
+    env = mlpe_env(MLPE_STREAM_APP_ID=f"test-stream-{unique}", MLPE_STREAM_START="latest",
+                   MLPE_STATE_DIR=str(tmp_path / "state"), MLPE_LOG_LEVEL="info",
+                   MLPE_INFLUX_TOKEN=os.environ["MLPE_TEST_INFLUX_TOKEN"])
+    stream = start_mlpe("stream", env=env, log=log)
+    try:
+        await wait_for(lambda: "starts at the ends" in log.read_text(), 60,
+                       "the worker to pin its start", stream)
+        scenario = Scenario(seed=3, nodes=1, gpus_per_node=2, warmup_s=0.0)
+        agent = Agent([(SimulatedGpus(scenario, 100, node_prefix=prefix), 100)],
+                      Shipper(stream_env.kafka_bootstrap, Spool(tmp_path / "spool")), hz=100,
+                      training=SimulatedTraining(scenario, 100, node_prefix=prefix))
+        started = time.time()
+        await agent.run(duration_s=4)
+        job, e = f"{prefix}job", stream_env
+
+        def first_window() -> tuple | None:
+            """The earliest 1 s GPU and training windows of the test's node and job."""
+            with e.influx() as client:
+                tables = client.query_api().query(f'''
+                    from(bucket: "{e.bucket_of('1s')}") |> range(start: -1h)
+                      |> filter(fn: (r) => r.window == "1s" and r._field == "samples" and
+                                ((r._measurement == "gpu" and r.node == "{prefix}00") or
+                                 (r._measurement == "train" and r.job == "{job}")))
+                      |> group(columns: ["_measurement"]) |> first()''')
+            found = {t.records[0]["_measurement"]: t.records[0].get_time() for t in tables}
+            return (found["gpu"], found["train"]) if len(found) == 2 else None
+
+        gpu, train = await wait_for(first_window, 90, "the first windows", stream)
+        # The agent's first second (a window that starts mid-way is not written) and
+        # its first steps (0.5 s each) were read, though sent while the worker joined.
+        assert gpu.timestamp() - started <= 2.0, (gpu, started)
+        assert train.timestamp() - started <= 2.5, (train, started)
+    finally:
+        stop(stream)

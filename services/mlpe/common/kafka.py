@@ -163,3 +163,44 @@ async def prune_finished_apps(bootstrap: str, prefixes=SHORT_LIVED_APPS) -> dict
     for name in await delete_topics(bootstrap, lambda name: app_of(name) is not None):
         counts[app_of(name)] += 1
     return counts
+
+
+async def pin_start(bootstrap: str, group: str, topics: list[str]) -> int:
+    """Commit, for `group`, each partition of these topics that has no committed offset
+    yet at its end offset now; returns how many were pinned.
+
+    What "latest" means to a new group, decided now rather than at its members' first
+    fetch — which comes after the group has formed and, for Faust, after table recovery:
+    whatever was sent between the worker's start and that fetch was skipped. A group
+    that already has members refuses the commit; they have their positions, so nothing
+    is lost."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.errors import KafkaError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    await admin.start()
+    try:
+        present = set(await admin.list_topics()) & set(topics)
+        described = await admin.describe_topics(sorted(present)) if present else []
+    finally:
+        await admin.close()
+    parts = [TopicPartition(d["topic"], p["partition"]) for d in described
+             for p in d["partitions"]]  # as they are, whatever the settings say
+    if not parts:
+        return 0
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(parts)
+        ends = await consumer.end_offsets(parts)
+        fresh = {tp: ends[tp] for tp in parts if await consumer.committed(tp) is None}
+        if fresh:
+            try:
+                await consumer.commit(fresh)
+            except KafkaError as err:  # members already: their positions stand
+                log.info("%s: start not pinned (%s); the group runs already", group, err)
+                return 0
+        return len(fresh)
+    finally:
+        await consumer.stop()

@@ -67,7 +67,7 @@ def run(args, settings: Settings) -> int:
         print(f"mlpe stream: {err}", file=sys.stderr)
         return 2
 
-    ensure_internal_topic(settings)
+    prepare_kafka(settings)
     from mlpe.stream.app import StreamApp
 
     stream = StreamApp(settings)
@@ -85,26 +85,55 @@ def run(args, settings: Settings) -> int:
     return 0
 
 
-def ensure_internal_topic(settings: Settings) -> None:
-    """Create the app's `<app id>-gpu-seconds` topic before the worker subscribes. Faust
-    creates it too, but a first subscription that races the creation logs "Ignoring
-    missing topic" and never consumes it: the peer, statistical and trend detectors would
-    then see nothing until the next rebalance (seen in `mlpe run`). mlpe.placement too,
-    should `mlpe stack up` not have made it: every worker reads it (compacted, as declared)."""
+def prepare_kafka(settings: Settings) -> None:
+    """Before the worker subscribes: create the app's `<app id>-gpu-seconds` topic, and
+    with MLPE_STREAM_START=latest pin a new app's start at the topics' ends now.
+
+    Faust creates the topic too, but a first subscription that races the creation logs
+    "Ignoring missing topic" and never consumes it: the peer, statistical and trend
+    detectors would then see nothing until the next rebalance (seen in `mlpe run`).
+    mlpe.placement too, should `mlpe stack up` not have made it: every worker reads it
+    (compacted, as declared). Left to the consumers, "latest" was resolved at their
+    first fetch, after the groups formed and Faust recovered its tables: what agents
+    sent meanwhile was skipped, and `mlpe bench detect` right after a fresh stack missed
+    the faults of its first seconds."""
     import asyncio
     import logging
 
-    from mlpe.common.kafka import create_topics
-    from mlpe.common.topics import GPU_SECONDS, PLACEMENT, of_app
+    from mlpe.common.kafka import create_topics, pin_start
+    from mlpe.common.topics import (
+        COST_EVENTS,
+        GPU_METRICS,
+        GPU_SECONDS,
+        HOST_METRICS,
+        KERNEL_EVENTS,
+        PLACEMENT,
+        TRAIN_EVENTS,
+        metrics_group,
+        of_app,
+    )
 
     topic = of_app(GPU_SECONDS, settings.stream_app_id)
+    app_id, bootstrap = settings.stream_app_id, settings.kafka_bootstrap
+
+    async def prepare() -> None:
+        await create_topics(bootstrap, [topic, PLACEMENT])
+        if settings.stream_start == "latest":
+            faust_read = [TRAIN_EVENTS, KERNEL_EVENTS, COST_EVENTS, topic]
+            pinned = await pin_start(bootstrap, app_id, [t.name for t in faust_read])
+            pinned += await pin_start(bootstrap, metrics_group(app_id),
+                                      [GPU_METRICS.name, HOST_METRICS.name])
+            if pinned:
+                print(f"mlpe stream: {app_id} starts at the ends its {pinned} partitions have "
+                      "now (MLPE_STREAM_START=latest)", file=sys.stderr, flush=True)
+
     kafka_log = logging.getLogger("aiokafka")
     level = kafka_log.level
     kafka_log.setLevel(logging.CRITICAL)  # a refused connection is reported below
     try:
-        asyncio.run(create_topics(settings.kafka_bootstrap, [topic, PLACEMENT]))
+        asyncio.run(prepare())
     except Exception as err:  # noqa: BLE001 - Kafka down: the worker waits for it itself
-        print(f"mlpe stream: could not create {topic.name} yet ({err}); the worker will",
+        print(f"mlpe stream: could not prepare {topic.name} yet ({err}); the worker will",
               file=sys.stderr)
     finally:
         kafka_log.setLevel(level)
